@@ -1,0 +1,1 @@
+"""Data preparation: sensor registry, product readers, simulator, tiling, Zarr patch stores."""

@@ -1,0 +1,1 @@
+"""Downstream heads, datasets, metrics and the benchmark runner."""

@@ -1,0 +1,1 @@
+"""Pretraining: streaming pipeline (data/), models (models/), losses, DeepSpeed engine, configs."""
