@@ -2,7 +2,14 @@ import numpy as np
 import pytest
 
 from data_prep.store import (
-    NO_TIME, SCHEMA_VERSION, BandStats, PatchStore, StoreError, append_patches, chunk_layout, create_store,
+    NO_TIME,
+    SCHEMA_VERSION,
+    BandStats,
+    PatchStore,
+    StoreError,
+    append_patches,
+    chunk_layout,
+    create_store,
     write_stats,
 )
 
@@ -36,7 +43,7 @@ def test_round_trip_and_partial_read(tmp_path, url):
 def test_stats_round_trip_and_missing_stats_error():
     g, _, _ = _store("memory://schema-b.zarr")
     with pytest.raises(StoreError, match="no statistics"):
-        PatchStore("memory://schema-b.zarr").stats
+        _ = PatchStore("memory://schema-b.zarr").stats
     st = BandStats(*(np.arange(40.0) + k for k in range(5)))
     write_stats(g, st)
     np.testing.assert_array_equal(PatchStore("memory://schema-b.zarr").stats.p99, st.p99)
