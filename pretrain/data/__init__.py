@@ -1,0 +1,22 @@
+"""Streaming pipeline from patch stores to training batches (torchdata.nodes), resumable exactly.
+
+``build_loader(DataConfig(sources=[SourceConfig(url, weight, subset)], ...), rank, world_size)``
+returns an iterable of batch dicts with ``state_dict()`` / ``load_state_dict()``.
+"""
+
+from .config import DataConfig, DataError, SourceConfig
+from .loader import SpecLoader, build_loader, build_plan, collate
+from .reader import SampleReader, normalise, touched_elements
+
+__all__ = [
+    "DataConfig",
+    "DataError",
+    "SampleReader",
+    "SourceConfig",
+    "SpecLoader",
+    "build_loader",
+    "build_plan",
+    "collate",
+    "normalise",
+    "touched_elements",
+]

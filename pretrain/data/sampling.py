@@ -1,0 +1,187 @@
+"""Who reads what: per-store rank shards, the per-batch plan (store, window, crops, dropout).
+
+Every random choice is a pure function of the seed and counters, so the pipeline state is a few
+integers and resuming gives exactly the batches an uninterrupted run would have given:
+
+- Subset of a store (``SourceConfig.subset``): the first ``subset`` entries of a permutation seeded
+  by (seed, store); the same subset in every epoch.
+- Epoch ``e`` of a store: a permutation of its patches (or subset) seeded by (seed, store, e), the same
+  on every rank. Rank ``r`` of ``W`` takes the contiguous slice ``[r*m, (r+1)*m)`` with
+  ``m = n // W``; it cuts that into ``m // B`` batches of ``B`` samples. The remainder
+  (``n - W * B * (m // B)`` patches per store and epoch, a different set each epoch) is dropped so every
+  rank has the same number of full batches. Workers only map tasks, so they never overlap.
+- Which store the next batch comes from: :class:`torchdata.nodes.MultiNodeWeightedSampler` over the
+  per-store shard nodes (seeded by seed and rank; ``ALL_DATASETS_EXHAUSTED`` for finite epochs,
+  ``CYCLE_FOREVER`` for an endless stream). A batch holds patches of one store, so it never mixes
+  band counts; each sample still carries its own wavelengths and FWHM.
+- Band window of step ``s`` on rank ``r``: drawn from (seed, r, s) among the starts
+  ``0, stride, 2*stride, ...`` (in good-band indices) that leave a full window; all good bands when
+  the store has no more good bands than the window.
+- Crop corner and sensor dropout of a sample: drawn from (seed, store, epoch, patch index).
+"""
+
+from __future__ import annotations
+
+import zlib
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+from torchdata.nodes import BaseNode
+
+_TAG_SUBSET, _TAG_PERM, _TAG_WINDOW, _TAG_CROP, _TAG_DROP = 11, 12, 13, 14, 15
+
+
+def store_tag(url: str) -> int:
+    """A stable integer for a store URL (seeds its permutations independently of list order)."""
+    return zlib.crc32(url.encode())
+
+
+def _rng(*key: int) -> np.random.Generator:
+    return np.random.default_rng(np.random.SeedSequence([int(k) for k in key]))
+
+
+@dataclass(frozen=True)
+class StoreInfo:
+    """What planning needs to know about one store (read once at build time)."""
+
+    key: str
+    url: str
+    tag: int
+    n_patches: int
+    patch_size: int
+    good_idx: np.ndarray
+    """Indices of the good bands in the store's band axis."""
+    spatial_chunk: int
+
+    @property
+    def n_good(self) -> int:
+        return int(self.good_idx.shape[0])
+
+
+def subset_indices(n: int, subset: int | None, seed: int, tag: int) -> np.ndarray:
+    """The patches a source draws from: all of them, or a seeded subset of exactly ``subset``."""
+    if subset is None:
+        return np.arange(n, dtype=np.int64)
+    return np.sort(_rng(seed, _TAG_SUBSET, tag).permutation(n)[:subset]).astype(np.int64)
+
+
+def rank_shard(base: np.ndarray, seed: int, tag: int, epoch: int, rank: int, world_size: int) -> np.ndarray:
+    """This rank's slice of epoch ``epoch``'s permutation of ``base`` (equal length on every rank)."""
+    perm = base[_rng(seed, _TAG_PERM, tag, epoch).permutation(base.shape[0])]
+    m = base.shape[0] // world_size
+    return perm[rank * m:(rank + 1) * m]
+
+
+def window_for(seed: int, rank: int, step: int, n_good: int, window: int, stride: int) -> tuple[int, int]:
+    """(start, count) of the band window in good-band indices for batch ``step`` on ``rank``."""
+    if n_good <= window:
+        return 0, n_good
+    n_starts = (n_good - window) // stride + 1
+    k = int(_rng(seed, _TAG_WINDOW, rank, step).integers(n_starts))
+    return k * stride, window
+
+
+def crop_for(seed: int, tag: int, epoch: int, index: int, patch_size: int, crop: int, align: int) -> tuple[int, int]:
+    """Top-left (y0, x0) of the crop of one sample; both multiples of ``align``."""
+    n_pos = (patch_size - crop) // align + 1
+    y, x = _rng(seed, _TAG_CROP, tag, epoch, index).integers(n_pos, size=2)
+    return int(y) * align, int(x) * align
+
+
+def dropped(seed: int, tag: int, epoch: int, index: int, p: float) -> bool:
+    """Whether this sample's sensor name is dropped (replaced by unknown)."""
+    return p > 0 and bool(_rng(seed, _TAG_DROP, tag, epoch, index).random() < p)
+
+
+class ShardSource(BaseNode[dict]):
+    """Batches of patch indices of one store for one rank: ``{"key", "epoch", "indices"}``.
+
+    Finite (``epochs`` passes, then StopIteration) or endless (``epochs=None``). State: epoch and
+    position, nothing else.
+    """
+
+    def __init__(self, info: StoreInfo, base: np.ndarray, *, batch_size: int, seed: int, rank: int,
+                 world_size: int, epochs: int | None):
+        super().__init__()
+        self.info, self.base = info, base
+        self.batch_size, self.seed, self.rank, self.world_size, self.epochs = (
+            batch_size, seed, rank, world_size, epochs)
+        self.batches_per_epoch = (base.shape[0] // world_size) // batch_size
+        self._epoch = 0
+        self._pos = 0
+        self._shard: np.ndarray | None = None
+        self._shard_epoch = -1
+
+    def reset(self, initial_state: dict | None = None) -> None:
+        super().reset(initial_state)
+        self._epoch = int(initial_state["epoch"]) if initial_state else 0
+        self._pos = int(initial_state["pos"]) if initial_state else 0
+
+    def _shard_of(self, epoch: int) -> np.ndarray:
+        if self._shard_epoch != epoch:
+            self._shard = rank_shard(self.base, self.seed, self.info.tag, epoch, self.rank, self.world_size)
+            self._shard_epoch = epoch
+        return self._shard  # type: ignore[return-value]
+
+    def next(self) -> dict:
+        if self._pos >= self.batches_per_epoch:
+            self._epoch += 1
+            self._pos = 0
+        if self.epochs is not None and self._epoch >= self.epochs:
+            self._pos = self.batches_per_epoch
+            self._epoch = self.epochs - 1
+            raise StopIteration
+        shard = self._shard_of(self._epoch)
+        b = self.batch_size
+        idx = shard[self._pos * b:(self._pos + 1) * b]
+        self._pos += 1
+        return {"key": self.info.key, "epoch": self._epoch, "indices": idx.tolist()}
+
+    def get_state(self) -> dict[str, Any]:
+        return {"epoch": self._epoch, "pos": self._pos}
+
+
+class PlanNode(BaseNode[list]):
+    """Turns each drawn batch of indices into a list of sample tasks with the batch's band window.
+
+    Each task is a small dict: store key, patch index, epoch, step, crop corner, window (start,
+    count in good bands), dropout flag. State: the step counter and the sampler's state.
+    """
+
+    def __init__(self, source: BaseNode[dict], infos: dict[str, StoreInfo], *, seed: int, rank: int,
+                 band_window: int, band_stride: int, crop: int, crop_align: int, sensor_dropout: float):
+        super().__init__()
+        self.source, self.infos = source, infos
+        self.seed, self.rank = seed, rank
+        self.band_window, self.band_stride = band_window, band_stride
+        self.crop, self.crop_align, self.sensor_dropout = crop, crop_align, sensor_dropout
+        self._step = 0
+
+    def reset(self, initial_state: dict | None = None) -> None:
+        super().reset(initial_state)
+        if initial_state is not None:
+            self._step = int(initial_state["step"])
+            self.source.reset(initial_state["source"])
+        else:
+            self._step = 0
+            self.source.reset()
+
+    def next(self) -> list[dict]:
+        item = next(self.source)
+        info = self.infos[item["key"]]
+        step = self._step
+        self._step += 1
+        w0, wn = window_for(self.seed, self.rank, step, info.n_good, self.band_window, self.band_stride)
+        align = self.crop_align or info.spatial_chunk
+        e = item["epoch"]
+        tasks = []
+        for j, i in enumerate(item["indices"]):
+            y0, x0 = crop_for(self.seed, info.tag, e, i, info.patch_size, self.crop, align)
+            tasks.append({"key": info.key, "index": int(i), "epoch": e, "step": step, "j": j,
+                          "y0": y0, "x0": x0, "w0": w0, "wn": wn,
+                          "drop": dropped(self.seed, info.tag, e, i, self.sensor_dropout)})
+        return tasks
+
+    def get_state(self) -> dict[str, Any]:
+        return {"step": self._step, "source": self.source.state_dict()}
