@@ -1,0 +1,461 @@
+"""Ingest: products -> patches -> one Zarr patch store per sensor and level under a root.
+
+``ingest(inputs, out_root, ...)`` finds products (``data_prep.formats.find_products``), opens them
+(``open_product``: headers only) and hands the granules to :func:`ingest_granules`, which does
+the work and is also what tests and other code call with in-memory :class:`Granule` objects.
+
+Guarantees:
+
+- **Checked before writing.** Every granule is checked (sensor and level in the registry, band
+  tables consistent, matching an existing store) and the output root is checked writable before
+  anything is written; a failure raises :class:`ProductError` / :class:`StoreError` naming the
+  file and field, and no store changes.
+- **Idempotent, resumable per granule.** Granule ids already in a store's manifest are skipped.
+  A granule's patches are written beyond ``n_patches`` and become visible only at its commit (one
+  attribute write: ``n_patches``, manifest, statistics), so an interrupted granule leaves no
+  visible patches, and the next run truncates and rewrites that uncommitted tail.
+- **Failing granules.** A granule that fails while being tiled (all nodata, inf, float16 overflow,
+  a truncated read) is rolled back (store exactly as before it); by default the run stops there
+  with the error (granules committed before it stay committed: a re-run skips them), with
+  ``keep_going=True`` it is recorded in the summary's ``failed`` and the run goes on.
+- **Parallel.** ``workers > 1`` reads and tiles strips in worker processes; the parent alone
+  writes, in order, so memory is bounded by the strips in flight (about ``2 x workers``).
+- **Sharding.** ``shard=(k, n)`` keeps the products whose file name hashes (SHA-1) to ``k`` mod
+  ``n``, stable across machines and runs, so a job array can split an archive. Two processes must
+  never write to the same store at once (the commit is a read-modify-write of the attributes):
+  give each shard its own root (``ROOT/shard-K``) and list the shard stores as loader sources.
+"""
+
+from __future__ import annotations
+
+import collections
+import concurrent.futures as cf
+import hashlib
+import logging
+import multiprocessing
+import os
+import time
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import zarr
+
+from data_prep import store as st
+from data_prep.granule import Granule, ProductError
+from data_prep.registry import RegistryError, get_sensor
+from data_prep.stats import DEFAULT_BINS, PartialStats
+from data_prep.tiling import MIN_PATCH, StripTiles, strip_starts, tile_strip
+
+log = logging.getLogger(__name__)
+
+#: an existing store's band centres may differ from a new granule's by at most this (nm)
+WAVELENGTH_TOLERANCE_NM = 2.0
+
+
+def parse_shard(text: str | tuple[int, int] | None) -> tuple[int, int] | None:
+    """``"k/N"`` (0 <= k < N) -> (k, N)."""
+    if text is None:
+        return None
+    if isinstance(text, tuple):
+        k, n = text
+    else:
+        try:
+            ks, ns = str(text).split("/")
+            k, n = int(ks), int(ns)
+        except ValueError:
+            raise ValueError(f"shard {text!r}: expected k/N with integers, e.g. 0/8") from None
+    if n < 1 or not 0 <= k < n:
+        raise ValueError(f"shard {k}/{n}: expected 0 <= k < N")
+    return int(k), int(n)
+
+
+def in_shard(key: str, shard: tuple[int, int] | None) -> bool:
+    if shard is None:
+        return True
+    h = int.from_bytes(hashlib.sha1(key.encode()).digest()[:8], "big")
+    return h % shard[1] == shard[0]
+
+
+@dataclass
+class _Plan:
+    granule: Granule
+    url: str
+    clip: tuple[float, float]
+    strips: list[int]
+
+
+def _fs(root: str, storage_options: dict | None):
+    import fsspec
+
+    return fsspec.core.url_to_fs(root, **(storage_options or {}))
+
+
+def check_root(out_root: str, storage_options: dict | None = None) -> None:
+    """Make sure ``out_root`` is (or can be made) a writable directory; StoreError otherwise."""
+    try:
+        fs, path = _fs(out_root, storage_options)
+    except (ValueError, ImportError) as e:
+        raise st.StoreError(f"output root {out_root!r}: cannot open: {e}") from None
+    try:
+        if fs.exists(path) and not fs.isdir(path):
+            raise st.StoreError(f"output root {out_root!r} exists and is not a directory")
+        fs.makedirs(path, exist_ok=True)
+    except st.StoreError:
+        raise
+    except OSError as e:
+        raise st.StoreError(f"output root {out_root!r} is not writable: {e}") from None
+    if "://" not in out_root or out_root.startswith("file://"):
+        if not os.access(path, os.W_OK):
+            raise st.StoreError(f"output root {out_root!r} is not writable (permission denied)")
+
+
+def _open_existing(url: str, storage_options: dict | None) -> zarr.Group | None:
+    try:
+        g = st._open_group(url, "r+", storage_options)
+    except (FileNotFoundError, zarr.errors.GroupNotFoundError, zarr.errors.NodeTypeValidationError):
+        return None
+    if dict(g.attrs).get("schema_version") != st.SCHEMA_VERSION:
+        raise st.StoreError(f"{url}: exists but schema_version is {g.attrs.get('schema_version')!r}, "
+                            f"expected {st.SCHEMA_VERSION}")
+    return g
+
+
+def _validate(g: Granule, patch_size: int) -> tuple[float, float]:
+    """Registry and shape checks of one granule; returns the level's clip range."""
+    try:
+        sensor = get_sensor(g.sensor)
+        spec = sensor.level(g.level)
+    except RegistryError as e:
+        raise ProductError(f"{g.path}: field sensor/level: {e}") from None
+    nb, nr, nc = g.shape
+    for name in ("wavelengths_nm", "fwhm_nm", "good_bands"):
+        n = np.asarray(getattr(g, name)).shape
+        if n != (nb,):
+            raise ProductError(f"{g.path}: field {name} has shape {n}, expected ({nb},) for {nb} bands")
+    if nr <= 0 or nc <= 0 or nb <= 0:
+        raise ProductError(f"{g.path}: field shape {g.shape}: expected positive bands, rows, cols")
+    if not np.asarray(g.good_bands, dtype=bool).any():
+        raise ProductError(f"{g.path}: field good_bands: no good band")
+    if not np.isfinite(g.gsd_m) or g.gsd_m <= 0:
+        raise ProductError(f"{g.path}: field gsd_m is {g.gsd_m!r}; expected a positive number of metres")
+    if nr < patch_size and nc < patch_size:
+        log.warning("%s: %dx%d pixels is smaller than one %d-pixel patch; its edge patches are padded",
+                    g.path, nr, nc, patch_size)
+    return spec.clip
+
+
+def _check_compatible(g: Granule, grp: zarr.Group, url: str, patch_size: int) -> None:
+    a = grp.attrs
+    if int(a["patch_size"]) != patch_size:
+        raise st.StoreError(f"{url}: store has patch_size {a['patch_size']}, this run asks for {patch_size} "
+                            f"(use another --out root or the store's patch size)")
+    wl = np.asarray(a["wavelengths_nm"])
+    gwl = np.asarray(g.wavelengths_nm, dtype=np.float64)
+    if wl.shape != gwl.shape:
+        raise ProductError(f"{g.path}: field wavelengths_nm: {gwl.size} bands, but the store {url} has {wl.size}")
+    d = float(np.max(np.abs(wl - gwl)))
+    if d > WAVELENGTH_TOLERANCE_NM:
+        raise ProductError(f"{g.path}: field wavelengths_nm differs from the store {url} by up to {d:.2f} nm "
+                           f"(tolerance {WAVELENGTH_TOLERANCE_NM} nm)")
+
+
+# ---------------------------------------------------------------- worker side
+_SOURCES: list[Any] = []
+_OPENED: dict[int, Granule] = {}
+_TILE_KW: dict[str, Any] = {}
+
+
+def _init_worker(sources: list[Any], tile_kw: dict[str, Any]) -> None:
+    global _SOURCES, _TILE_KW
+    _SOURCES, _TILE_KW = sources, tile_kw
+    _OPENED.clear()
+
+
+def _granule(i: int) -> Granule:
+    g = _OPENED.get(i)
+    if g is None:
+        src = _SOURCES[i]
+        if isinstance(src, Granule):
+            g = src
+        else:
+            from data_prep.formats import open_product
+
+            g = open_product(src)
+        _OPENED.clear()  # one granule open per worker at a time (they come mostly in order)
+        _OPENED[i] = g
+    return g
+
+
+def _work(i: int, r0: int, clip: tuple[float, float]) -> StripTiles:
+    return tile_strip(_granule(i), r0, clip=clip, **_TILE_KW)
+
+
+# ---------------------------------------------------------------- parent side
+class _StoreWriter:
+    """Opens or creates stores lazily; tracks what this run created (removed if left empty by a failure)."""
+
+    def __init__(self, patch_size: int, storage_options: dict | None, hist_bins: int):
+        self.patch_size, self.storage_options, self.hist_bins = patch_size, storage_options, hist_bins
+        self.groups: dict[str, zarr.Group] = {}
+        self.created: set[str] = set()
+
+    def get(self, url: str, g: Granule, clip: tuple[float, float]) -> zarr.Group:
+        grp = self.groups.get(url)
+        if grp is not None:
+            return grp
+        grp = _open_existing(url, self.storage_options)
+        if grp is None:
+            good = np.asarray(g.good_bands, dtype=bool)
+            bc, sc, amp = st.choose_chunks(good, self.patch_size)
+            try:
+                grp = st.create_store(url, sensor=g.sensor, level=g.level, wavelengths_nm=g.wavelengths_nm,
+                                      fwhm_nm=g.fwhm_nm, good_bands=good, patch_size=self.patch_size,
+                                      band_chunk=bc, spatial_chunk=sc, storage_options=self.storage_options,
+                                      hist_range=clip, hist_bins=self.hist_bins)
+            except OSError as e:
+                raise st.StoreError(f"{url}: cannot create the store: {e}") from None
+            grp.attrs["read_amplification"] = round(float(amp), 4)
+            self.created.add(url)
+            log.info("created %s: chunks %s, read amplification %.3f", url, grp["patches"].chunks, amp)
+        self.groups[url] = grp
+        return grp
+
+    def discard_if_empty(self, url: str) -> None:
+        """Remove a store this run created if nothing was committed to it (the root is as it was)."""
+        grp = self.groups.get(url)
+        if url in self.created and grp is not None and int(grp.attrs["n_patches"]) == 0 and not grp.attrs["granules"]:
+            fs, path = _fs(url, self.storage_options)
+            try:
+                fs.rm(path, recursive=True)
+            except OSError as e:  # pragma: no cover - best effort
+                log.warning("could not remove empty store %s: %s", url, e)
+            self.groups.pop(url, None)
+            self.created.discard(url)
+
+
+def ingest_granules(granules: Sequence[Granule], out_root: str, *, patch_size: int = 256, max_invalid: float = 0.2,
+                    workers: int = 1, shard: str | tuple[int, int] | None = None, progress: bool = True,
+                    storage_options: dict | None = None, keep_going: bool = False, sources: Sequence[Any] | None = None,
+                    hist_bins: int = DEFAULT_BINS, row_block: int = 64) -> dict:
+    """Tile ``granules`` and commit them to ``<out_root>/<sensor>_<level>.zarr`` stores.
+
+    ``sources`` (same length as ``granules``) tells worker processes how to reopen each granule
+    (a product path for :func:`data_prep.formats.open_product`); by default the Granule objects
+    themselves are sent (their ``read_rows`` must then pickle). ``shard`` here selects by granule
+    id. Returns the summary described in :func:`ingest`.
+    """
+    t_start = time.perf_counter()
+    if not MIN_PATCH <= patch_size:
+        raise ValueError(f"patch_size {patch_size}: expected at least {MIN_PATCH}")
+    if not 0.0 <= max_invalid <= 1.0:
+        raise ValueError(f"max_invalid {max_invalid}: expected a fraction in [0, 1]")
+    shard_t = parse_shard(shard)
+    out_root = str(out_root).rstrip("/") or "/"
+    granules = list(granules)
+    srcs = list(sources) if sources is not None else list(granules)
+    if len(srcs) != len(granules):
+        raise ValueError("sources must match granules one to one")
+    if sources is None and shard_t is not None:
+        keep_idx = [i for i, g in enumerate(granules) if in_shard(g.granule_id, shard_t)]
+        granules, srcs = [granules[i] for i in keep_idx], [srcs[i] for i in keep_idx]
+
+    # 1. check everything before writing anything
+    clips = [_validate(g, patch_size) for g in granules]
+    check_root(out_root, storage_options)
+    summary: dict[str, Any] = {"root": out_root, "stores": {}, "granules_added": 0, "granules_skipped": 0,
+                               "patches_added": 0, "failed": [], "bytes_read": 0}
+    plans: list[tuple[int, _Plan]] = []
+    seen: set[tuple[str, str]] = set()
+    existing: dict[str, zarr.Group | None] = {}
+    for i, (g, clip) in enumerate(zip(granules, clips, strict=True)):
+        url = st.store_url(out_root, g.sensor, g.level)
+        if url not in existing:
+            existing[url] = _open_existing(url, storage_options)
+        grp = existing[url]
+        s = summary["stores"].setdefault(url, {"sensor": g.sensor, "level": g.level, "granules_added": [],
+                                               "granules_skipped": [], "patches_added": 0})
+        if (url, g.granule_id) in seen or (grp is not None and g.granule_id in grp.attrs["granules"]):
+            s["granules_skipped"].append(g.granule_id)
+            summary["granules_skipped"] += 1
+            continue
+        seen.add((url, g.granule_id))
+        if grp is not None:
+            _check_compatible(g, grp, url, patch_size)
+        plans.append((i, _Plan(g, url, clip, strip_starts(g.n_rows, patch_size))))
+    if not plans:
+        summary["seconds"] = time.perf_counter() - t_start
+        _finish_summary(summary, storage_options)
+        return summary
+
+    # 2. tile (in workers or here) and write (here, serially, in order)
+    tile_kw = {"patch_size": patch_size, "max_invalid": max_invalid, "hist_bins": hist_bins, "row_block": row_block}
+    writer = _StoreWriter(patch_size, storage_options, hist_bins)
+    tasks = [(i, r0, plan.clip) for i, plan in plans for r0 in plan.strips]
+    plan_of = dict(plans)
+    bar = None
+    if progress:
+        from tqdm import tqdm
+
+        bar = tqdm(total=len(tasks), desc="ingest", unit="strip", dynamic_ncols=True)
+    executor = None
+    if workers > 1:
+        # spawn, not fork: the parent runs zarr's event-loop thread, which a fork would copy mid-state
+        executor = cf.ProcessPoolExecutor(max_workers=workers, initializer=_init_worker, initargs=(srcs, tile_kw),
+                                          mp_context=multiprocessing.get_context("spawn"))
+    else:
+        _init_worker(granules, tile_kw)
+    try:
+        results = _ordered_results(tasks, executor, lookahead=max(2, 2 * workers))
+        _consume(results, plan_of, writer, summary, keep_going, bar)
+    finally:
+        if executor is not None:
+            executor.shutdown(wait=True, cancel_futures=True)
+        if bar is not None:
+            bar.close()
+        for url in list(writer.created):
+            writer.discard_if_empty(url)
+    summary["seconds"] = time.perf_counter() - t_start
+    _finish_summary(summary, storage_options)
+    return summary
+
+
+def _ordered_results(tasks: list[tuple[int, int, tuple[float, float]]], executor, lookahead: int):
+    """Yield (task, StripTiles | Exception) in task order, running up to ``lookahead`` ahead."""
+    if executor is None:
+        for t in tasks:
+            try:
+                yield t, _work(*t)
+            except Exception as e:  # noqa: BLE001 - handed to the writer, which decides
+                yield t, e
+        return
+    pending: collections.deque = collections.deque()
+    it = iter(tasks)
+    for t in it:
+        pending.append((t, executor.submit(_work, *t)))
+        if len(pending) >= lookahead:
+            break
+    while pending:
+        t, fut = pending.popleft()
+        try:
+            res: StripTiles | Exception = fut.result()
+        except Exception as e:  # noqa: BLE001
+            res = e
+        nxt = next(it, None)
+        if nxt is not None:
+            pending.append((nxt, executor.submit(_work, *nxt)))
+        yield t, res
+
+
+def _consume(results: Iterable, plan_of: dict[int, _Plan], writer: _StoreWriter, summary: dict, keep_going: bool,
+             bar) -> None:
+    cur: int | None = None
+    failed: set[int] = set()
+    grp = None
+    offset = start = 0
+    meta: dict[str, list[np.ndarray]] = {}
+    partial: PartialStats | None = None
+    valid_pixels = 0
+    done_strips = 0
+
+    def fail(i: int, err: Exception) -> None:
+        plan = plan_of[i]
+        if grp is not None:
+            st.rollback(grp)
+        failed.add(i)
+        writer.discard_if_empty(plan.url)
+        if not keep_going:
+            raise err
+        log.error("skipping %s: %s", plan.granule.path, err)
+        summary["failed"].append({"path": plan.granule.path, "granule_id": plan.granule.granule_id,
+                                  "error": str(err)})
+
+    for (i, r0, _clip), res in results:
+        if bar is not None:
+            bar.update(1)
+        if i in failed:
+            continue
+        plan = plan_of[i]
+        g = plan.granule
+        if i != cur:
+            cur, done_strips, valid_pixels = i, 0, 0
+            meta = {k: [] for k in st.META_FIELDS if k != "granule"}
+            partial = None
+            grp = None
+        try:
+            if isinstance(res, Exception):
+                raise res
+            if grp is None:
+                grp = writer.get(plan.url, g, plan.clip)
+                start = offset = st.begin_granule(grp)
+            if res.count:
+                offset = st.write_patches(grp, offset, res.patches, res.valid)
+            for k in meta:
+                meta[k].append(res.meta[k])
+            partial = res.partial if partial is None else partial.merge(res.partial)
+            valid_pixels += res.valid_pixels
+            summary["bytes_read"] += g.n_bands * (min(r0 + writer.patch_size, g.n_rows) - r0) * g.n_cols * 4
+            done_strips += 1
+            if done_strips == len(plan.strips):
+                if valid_pixels == 0:
+                    raise ProductError(f"{g.path}: all-nodata granule: no valid pixel in {g.n_rows} x {g.n_cols} "
+                                       f"(every pixel is nodata, NaN in a good band, or outside the coverage)")
+                n = offset - start
+                st.commit_granule(grp, granule_id=g.granule_id, source=str(g.path), start=start, count=n,
+                                  meta={k: np.concatenate(v) for k, v in meta.items()}, partial=partial)
+                s = summary["stores"][plan.url]
+                s["granules_added"].append(g.granule_id)
+                s["patches_added"] += n
+                summary["granules_added"] += 1
+                summary["patches_added"] += n
+                if n == 0:
+                    log.warning("%s: every patch is over the invalid threshold; committed with 0 patches", g.path)
+                if bar is not None:
+                    bar.set_postfix(patches=summary["patches_added"])
+                grp = None
+        except (ProductError, st.StoreError, OSError, ValueError) as e:
+            if isinstance(e, OSError):
+                e = st.StoreError(f"{plan.url}: writing {g.path}: {e}")
+            fail(i, e)
+        except BaseException:
+            if grp is not None:
+                st.rollback(grp)
+            raise
+
+
+def _finish_summary(summary: dict, storage_options: dict | None) -> None:
+    for url, s in summary["stores"].items():
+        grp = _open_existing(url, storage_options)
+        s["n_patches"] = int(grp.attrs["n_patches"]) if grp is not None else 0
+        s["n_granules"] = len(grp.attrs["granules"]) if grp is not None else 0
+    secs = summary.get("seconds") or 0.0
+    summary["mb_per_s"] = summary["bytes_read"] / 1e6 / secs if secs > 0 else 0.0
+
+
+def ingest(inputs: Sequence[str | Path] | str | Path, out_root: str | Path, *, patch_size: int = 256,
+           max_invalid: float = 0.2, workers: int = 1, shard: str | tuple[int, int] | None = None,
+           progress: bool = True, storage_options: dict | None = None, keep_going: bool = False) -> dict:
+    """Ingest products (files or folders, expanded with ``find_products``) into stores under ``out_root``.
+
+    Returns a summary: ``{"root", "stores": {url: {"sensor", "level", "granules_added",
+    "granules_skipped", "patches_added", "n_patches", "n_granules"}}, "granules_added",
+    "granules_skipped", "patches_added", "failed": [{"path", "granule_id", "error"}], "bytes_read",
+    "seconds", "mb_per_s"}``. ``shard`` ("k/N") selects products by a hash of their file name.
+    """
+    from data_prep.formats import find_products, open_product
+
+    if isinstance(inputs, (str, Path)):
+        inputs = [inputs]
+    shard_t = parse_shard(shard)
+    paths = [p for p in find_products(list(inputs)) if in_shard(Path(p).name, shard_t)]
+    if not paths and shard_t is None:
+        raise ProductError(f"no products found in {[str(p) for p in inputs]}")
+    granules = []
+    for p in paths:
+        g = open_product(p)
+        granules.append(g)
+    return ingest_granules(granules, str(out_root), patch_size=patch_size, max_invalid=max_invalid, workers=workers,
+                           progress=progress, storage_options=storage_options, keep_going=keep_going,
+                           sources=[str(p) for p in paths])
