@@ -81,14 +81,15 @@ def _open_group(url: str, mode: str, storage_options: dict | None = None) -> zar
 
 
 def read_amplification(chunks: tuple[int, ...], good_bands, patch_size: int, *, window: int = 100,
-                       stride: int = 32, crop: int = 128, align: int = 32) -> float:
+                       stride: int = 32, crop: int = 128, align: int | None = None) -> float:
     """Bytes decoded per byte delivered for the loader's reads, averaged over its draws.
 
     The loader (``pretrain.data``) takes ``window`` contiguous *good* bands starting at multiples of
     ``stride`` in good-band order, reads the raw band range that spans them (bad bands in between
-    are decoded and dropped), and a ``crop`` x ``crop`` crop with corners on an ``align`` grid.
-    Decoded = whole chunks touched; delivered = ``window`` bands x ``crop``^2 (fewer bands if the
-    sensor has fewer good bands, a smaller crop if the patch is smaller).
+    are decoded and dropped), and a ``crop`` x ``crop`` crop with corners on an ``align`` grid
+    (``None``: the spatial chunk, the loader's default). Decoded = whole chunks touched; delivered =
+    ``window`` bands x ``crop``^2 (fewer bands if the sensor has fewer good bands, a smaller crop if
+    the patch is smaller).
     """
     _, cb, cy, cx = chunks
     gi = np.flatnonzero(np.asarray(good_bands, dtype=bool))
@@ -97,7 +98,7 @@ def read_amplification(chunks: tuple[int, ...], good_bands, patch_size: int, *, 
     w = min(window, gi.size)
     starts = [0] if gi.size <= window else [k * stride for k in range((gi.size - window) // stride + 1)]
     crop = min(crop, patch_size)
-    align = max(1, min(align, patch_size))
+    align = max(1, min(cy if align is None else align, patch_size))
 
     def span(lo: int, hi: int, c: int) -> int:
         return (math.ceil(hi / c) - lo // c) * c
@@ -109,41 +110,54 @@ def read_amplification(chunks: tuple[int, ...], good_bands, patch_size: int, *, 
     return band * ys * xs
 
 
-#: band-chunk and spatial-chunk sizes :func:`choose_chunks` considers
+def chunks_per_read(chunks: tuple[int, ...], good_bands, patch_size: int, *, window: int = 100, stride: int = 32,
+                    crop: int = 128) -> float:
+    """Mean number of chunks one loader read touches (crop corners on the spatial-chunk grid)."""
+    _, cb, cy, _ = chunks
+    gi = np.flatnonzero(np.asarray(good_bands, dtype=bool))
+    w = min(window, gi.size)
+    starts = [0] if gi.size <= window else [k * stride for k in range((gi.size - window) // stride + 1)]
+    nb = np.mean([math.ceil((int(gi[s + w - 1]) + 1) / cb) - int(gi[s]) // cb for s in starts])
+    ns = math.ceil(min(crop, patch_size) / cy)
+    return float(nb * ns * ns)
+
+
+#: (band chunk, spatial chunk) pairs :func:`choose_chunks` considers. Spatial chunks stop at 64 so a
+#: 128-pixel crop of a 256-pixel patch keeps at least 3 x 3 chunk-aligned positions.
 CHUNK_CANDIDATES: tuple[tuple[int, int], ...] = ((8, 32), (16, 32), (32, 32), (8, 64), (16, 64), (32, 64))
-#: chunks smaller than this (uncompressed, float16) cost more in per-chunk overhead than they save
-MIN_CHUNK_BYTES = 32 * 1024
+#: the design's budget for bytes decoded per byte delivered
+AMPLIFICATION_BUDGET = 1.5
 
 
-def choose_chunks(good_bands, patch_size: int, *, min_chunk_bytes: int = MIN_CHUNK_BYTES,
+def choose_chunks(good_bands, patch_size: int, *, budget: float = AMPLIFICATION_BUDGET,
                   **loader_kw) -> tuple[int, int, float]:
-    """(band_chunk, spatial_chunk, read amplification) with the least amplification for this sensor.
+    """(band_chunk, spatial_chunk, read amplification) for a sensor's store.
 
-    Among :data:`CHUNK_CANDIDATES` whose chunks hold at least ``min_chunk_bytes`` (or all of the
-    patch's bands and pixels when it is smaller), the one of least :func:`read_amplification`
-    (ties: the larger chunk). With the registry's sensors, 256-pixel patches and the loader's
-    defaults this picks 16 bands x 32 x 32 (32 KiB): amplification 1.12 (EnMAP, DESIS) to 1.36
-    (AVIRIS-NG), against 1.28-1.52 for 32-band chunks. Most of what remains is the bad bands
-    inside a window's raw band range, which the loader decodes and drops.
+    Among :data:`CHUNK_CANDIDATES` whose :func:`read_amplification` for the loader's reads is within
+    ``budget``, the one whose reads touch the fewest chunks (ties: less amplification); if none is
+    within budget, the least amplification. Why fewest chunks: zarr-python spends about 0.5 ms per
+    chunk of a sharded array, more than decoding it, so a 100-band 128 x 128 read of 1 x 16 x 32 x 32
+    chunks (112 of them) took 67 ms on this machine, of 1 x 32 x 64 x 64 chunks (16) 12 ms. With the
+    registry's sensors and 256-pixel patches this gives 32 x 64 x 64 chunks (amplification 1.28-1.41)
+    except AVIRIS-NG, whose 32-band chunks would decode 1.52x: 16 x 64 x 64 there (1.36). What
+    remains is mostly the bad bands inside a window's raw band range, which the loader decodes and
+    drops. ``loader_kw`` go to :func:`read_amplification`.
     """
     good = np.asarray(good_bands, dtype=bool)
     n_bands = int(good.shape[0])
-    best: tuple[float, int, int, int] | None = None
+    scored = []
     for bc, sc in CHUNK_CANDIDATES:
         bc_, sc_ = min(bc, n_bands), min(sc, patch_size)
         if patch_size % sc_:
-            continue
-        nbytes = bc_ * sc_ * sc_ * 2
-        if nbytes < min_chunk_bytes and (bc_ < n_bands or sc_ < patch_size):
-            continue
-        a = read_amplification((1, bc_, sc_, sc_), good, patch_size, **loader_kw)
-        key = (round(a, 6), -nbytes, bc_, sc_)
-        if best is None or key < best:
-            best = key
-    if best is None:  # nothing large enough: take the biggest chunk that fits
-        bc_, sc_ = min(32, n_bands), min(32, patch_size)
-        return bc_, sc_, read_amplification((1, bc_, sc_, sc_), good, patch_size, **loader_kw)
-    return best[2], best[3], best[0]
+            sc_ = patch_size  # e.g. 48 or 100: the whole patch is one spatial chunk
+        ch = (1, bc_, sc_, sc_)
+        amp = read_amplification(ch, good, patch_size, **loader_kw)
+        nchunks = chunks_per_read(ch, good, patch_size)
+        scored.append((amp > budget + 1e-9, nchunks if amp <= budget + 1e-9 else 0.0, round(amp, 6), bc_, sc_))
+    if not scored:
+        raise StoreError(f"patch size {patch_size}: no chunk layout fits (use a multiple of 8)")
+    _, _, amp, bc_, sc_ = min(scored)
+    return bc_, sc_, float(amp)
 
 
 def create_store(url: str, *, sensor: str, level: str, wavelengths_nm, fwhm_nm, good_bands,
