@@ -1,0 +1,103 @@
+"""`python -m data_prep inspect|stats|export-wds|ingest`: output, and bad input -> `error: ...`, exit 2."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from data_prep import store as st
+from data_prep.cli import main
+from data_prep.ingest import ingest_granules
+from data_prep.store import PatchStore
+from tests.data_prep.test_ingest import make_cube, make_granule
+
+
+@pytest.fixture
+def root(tmp_path):
+    r = str(tmp_path / "root")
+    ingest_granules([make_granule(make_cube(rows=64, cols=64, seed=1), "a"),
+                     make_granule(make_cube(rows=32, cols=64, seed=2), "b")], r, patch_size=32, progress=False)
+    l1 = make_cube(rows=32, cols=32, seed=3) * 20
+    ingest_granules([make_granule(l1, "c", level="L1")], r, patch_size=32, progress=False)
+    return r
+
+
+def test_inspect_json_on_root_and_store(root, capsys):
+    assert main(["inspect", root, "--json"]) == 0
+    out = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert out["by_sensor_level"] == {"enmap/L1": 1, "enmap/L2": 6} and out["patches"] == 7
+    l2 = next(d for d in out["stores"] if d["level"] == "L2")
+    assert l2["granules"] == 2 and l2["bands"] == 224 and l2["good_bands"] == int(PatchStore(l2["url"]).good_bands.sum())
+    assert l2["chunks"] == [1, 32, 32, 32] and l2["shards"] == [1, 224, 32, 32]
+    assert l2["bytes_on_disk"] > 0 and l2["objects"] >= 6
+    assert 0 < l2["stats"]["mean_min"] <= l2["stats"]["mean_max"] <= 1.5
+    assert main(["inspect", l2["url"], "--json"]) == 0
+    one = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert [d["url"] for d in one["stores"]] == [l2["url"]]
+
+
+def test_stats_recomputes_from_the_patches(root, capsys):
+    url = st.store_url(root, "enmap", "L2")
+    good = PatchStore(url).attrs["stats"]
+    g = st._open_group(url, "r+")
+    g.attrs["stats"] = {**good, "mean": [0.0] * 224}  # damaged
+    assert main(["stats", url, "--json", "--no-progress"]) == 0
+    res = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert res["max_abs_change"]["mean"] > 0.1 and res["written"]
+    np.testing.assert_allclose(PatchStore(url).stats.mean, good["mean"], rtol=1e-12)
+
+
+def test_export_wds_cli(root, tmp_path, capsys):
+    assert main(["export-wds", st.store_url(root, "enmap", "L2"), "--out", str(tmp_path / "w"), "--no-progress"]) == 0
+    res = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert res["samples"] == 6 and len(res["shards"]) == 1
+
+
+@pytest.mark.parametrize("argv", [["inspect", "{tmp}/nothing"], ["stats", "{tmp}/nothing.zarr"],
+                                  ["export-wds", "{tmp}/nothing.zarr", "--out", "{tmp}/w"]])
+def test_missing_store_is_a_clear_error(tmp_path, capsys, argv):
+    assert main([a.format(tmp=tmp_path) for a in argv]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and "nothing" in err
+
+
+# ---------------------------------------------------------------- ingest from real-format files
+def _products(tmp_path):
+    formats = pytest.importorskip("data_prep.formats")
+    from data_prep.registry import get_sensor
+
+    s = get_sensor("aviris-ng")
+    cube = make_cube(rows=40, cols=40, sensor="aviris-ng") * 10  # radiance-like
+    d = tmp_path / "in"
+    d.mkdir()
+    p = formats.write_product(d, sensor="aviris-ng", level="L1", cube=cube, wavelengths_nm=s.wavelengths_nm,
+                              fwhm_nm=s.fwhm_nm)
+    return d, p, cube
+
+
+def test_ingest_cli_from_files_and_rerun(tmp_path, capsys):
+    d, _, _ = _products(tmp_path)
+    out = str(tmp_path / "root")
+    assert main(["ingest", str(d), "--out", out, "--patch-size", "16", "--json", "--no-progress"]) == 0
+    first = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert first["granules_added"] == 1 and first["patches_added"] >= 1
+    assert main(["ingest", str(d), "--out", out, "--patch-size", "16", "--json", "--no-progress"]) == 0
+    again = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert again["granules_skipped"] == 1 and again["patches_added"] == 0
+
+
+def test_ingest_cli_unwritable_output(tmp_path, capsys):
+    d, _, _ = _products(tmp_path)
+    blocker = tmp_path / "blocker"
+    blocker.write_text("x")
+    assert main(["ingest", str(d), "--out", str(blocker), "--no-progress"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and str(blocker) in err and blocker.read_text() == "x"
+
+
+def test_ingest_cli_missing_input(tmp_path, capsys):
+    pytest.importorskip("data_prep.formats")
+    assert main(["ingest", str(tmp_path / "nope"), "--out", str(tmp_path / "root"), "--no-progress"]) == 2
+    assert "error: " in capsys.readouterr().err and not (tmp_path / "root").exists()
