@@ -45,7 +45,7 @@ import zarr
 
 from data_prep import store as st
 from data_prep.granule import Granule, ProductError
-from data_prep.registry import RegistryError, get_sensor
+from data_prep.registry import WAVELENGTH_RANGE_NM, RegistryError, get_sensor
 from data_prep.stats import DEFAULT_BINS, PartialStats
 from data_prep.tiling import MIN_PATCH, StripTiles, strip_starts, tile_strip
 
@@ -135,6 +135,14 @@ def _validate(g: Granule, patch_size: int) -> tuple[float, float]:
         n = np.asarray(getattr(g, name)).shape
         if n != (nb,):
             raise ProductError(f"{g.path}: field {name} has shape {n}, expected ({nb},) for {nb} bands")
+    wl = np.asarray(g.wavelengths_nm, dtype=np.float64)
+    lo, hi = WAVELENGTH_RANGE_NM
+    if not np.isfinite(wl).all() or wl.min() < lo or wl.max() > hi:
+        raise ProductError(f"{g.path}: field wavelengths_nm spans {np.nanmin(wl):g}-{np.nanmax(wl):g} nm; "
+                           f"expected values in {lo:g}-{hi:g} nm")
+    fw = np.asarray(g.fwhm_nm, dtype=np.float64)
+    if not (np.isfinite(fw) & (fw > 0)).all():
+        raise ProductError(f"{g.path}: field fwhm_nm has non-positive or non-finite values; expected widths in nm")
     if nr <= 0 or nc <= 0 or nb <= 0:
         raise ProductError(f"{g.path}: field shape {g.shape}: expected positive bands, rows, cols")
     if not np.asarray(g.good_bands, dtype=bool).any():

@@ -218,6 +218,15 @@ def test_unknown_sensor_names_file_and_field(populated):
     assert committed_view(url) == before  # checked before anything was written
 
 
+def test_wavelengths_in_micrometres_are_rejected_before_writing(populated):
+    root, url, before, _ = populated
+    g = make_granule(make_cube(), "um")
+    g.wavelengths_nm = g.wavelengths_nm / 1000.0
+    with pytest.raises(ProductError, match=r"um\.tif: field wavelengths_nm spans 0.418.*350-2550 nm"):
+        ingest_granules([g], root, patch_size=32, progress=False)
+    assert committed_view(url) == before
+
+
 def test_all_nodata_granule_is_an_error_and_rolled_back(populated):
     root, url, before, shape = populated
     cube = np.full((224, 64, 64), np.nan, np.float32)
