@@ -162,3 +162,24 @@ def recompute(store, bins: int | None = None, progress: bool = False) -> Partial
     for px, va in it:
         acc.add_patch(px, va)
     return acc
+
+
+def store_partials(url: str, storage_options: dict | None = None) -> PartialStats:
+    """The committed statistics accumulator of a store (what its ``stats`` were finalised from).
+
+    Merging those of several stores of one sensor and level (e.g. the per-shard stores of a job
+    array, ``ingest --shard k/N`` into ``ROOT/shard-k``) gives the statistics of their union:
+    ``reduce(PartialStats.merge, [store_partials(u) for u in urls]).band_stats()``.
+    """
+    from data_prep.store import PatchStore, StoreError
+
+    s = PatchStore(url, storage_options)
+    h = s.attrs.get("stats_hist")
+    slot = int(s.attrs.get("stats_slot", -1))
+    if not h or "stats_acc" not in s.group:
+        raise StoreError(f"{url}: has no statistics accumulator (not written by data_prep.ingest)")
+    if slot < 0:
+        return PartialStats.empty(s.n_bands, h["lo"], h["hi"], h["bins"])
+    a = s.group["stats_acc"]
+    return PartialStats(count=a["count"][slot], mean=a["mean"][slot], m2=a["m2"][slot], hist=a["hist"][slot],
+                        lo=float(h["lo"]), hi=float(h["hi"]))
