@@ -19,11 +19,15 @@ import numpy as np
 #: The simulator's fine spectral grid: 350-2550 nm at 1 nm.
 GRID_NM: np.ndarray = np.arange(350.0, 2551.0, 1.0)
 
-#: Where the real library lives (``SPECFM_SHARED`` overrides the shared folder).
-DEFAULT_LIBRARY = (
-    Path(os.environ.get("SPECFM_SHARED", Path(__file__).resolve().parents[3] / "shared"))
-    / "data" / "real" / "ecostress_library_with_mixtures.hdr"
-)
+LIBRARY_NAME = "ecostress_library_with_mixtures.hdr"
+
+
+def default_library() -> Path:
+    """``$SPECFM_REAL_DATA/<library>`` if set, else ``<repo>/../shared/data/real/<library>``."""
+    real = os.environ.get("SPECFM_REAL_DATA")
+    if real:
+        return Path(real) / LIBRARY_NAME
+    return Path(__file__).resolve().parents[3] / "shared" / "data" / "real" / LIBRARY_NAME
 
 #: Material classes in label order of preference; every class the library allows is used.
 CLASSES: tuple[str, ...] = (
@@ -146,7 +150,7 @@ def _load_cached(path: str) -> SpectralLibrary:
 
 def load_library(path: str | Path | None = None) -> SpectralLibrary:
     """The real ECOSTRESS library on :data:`GRID_NM`, classified (cached per path)."""
-    return _load_cached(str(Path(path) if path else DEFAULT_LIBRARY))
+    return _load_cached(str(Path(path) if path else default_library()))
 
 
 def _sam(a: np.ndarray, b: np.ndarray) -> float:

@@ -120,21 +120,32 @@ def render_cube(model: SensorModel, blocks: Iterator[RasterBlock], rows: int, co
     cube = np.empty((nb, rows, cols), dtype=np.float32) if out is None else out
     labels = np.empty((rows, cols), dtype=np.int16)
     valid = np.empty((rows, cols), dtype=bool)
+    f32 = np.float32
+    matrix = model.matrix.astype(f32)
+    offset = model.offset[:, None].astype(f32)
+    gain = model.gain[:, None].astype(f32)
+    path = model.path[:, None].astype(f32)
+    noise_scale = model.noise_scale[:, None].astype(f32)
+    inv_gain = (1.0 / np.maximum(model.gain[:, None], 1e-6)).astype(f32)
     for blk in blocks:
         k, n, c = blk.eff.shape
-        x = (model.matrix @ blk.eff.reshape(k, n * c)) + model.offset[:, None]
+        x = matrix @ blk.eff.reshape(k, n * c).astype(f32)
+        x += offset
         if rng is not None:
-            if model.level == "L1":
-                rad = x
-            else:
-                rad = model.gain[:, None] * x + model.path[:, None]
-            sigma = model.noise_scale[:, None] * np.sqrt(0.1 + 0.9 * np.maximum(rad, 0.0) / L_REF)
+            rad = x if model.level == "L1" else gain * x + path
+            sigma = np.maximum(rad, f32(0.0))
+            sigma *= f32(0.9 / L_REF)
+            sigma += f32(0.1)
+            np.sqrt(sigma, out=sigma)
+            sigma *= noise_scale
             if model.level == "L2":
-                sigma = np.minimum(sigma / np.maximum(model.gain[:, None], 1e-6), MAX_REFL_NOISE)
-            x = x + sigma * rng.standard_normal(x.shape, dtype=np.float64)
-        x = x.reshape(nb, n, c)
-        x[:, ~blk.valid] = np.nan
-        cube[:, blk.r0:blk.r1] = x
+                sigma *= inv_gain
+                np.minimum(sigma, f32(MAX_REFL_NOISE), out=sigma)
+            sigma *= rng.standard_normal(x.shape, dtype=f32)
+            x += sigma
+        # NaN outside the swath, by a multiplicative mask (much faster than boolean-index assignment)
+        x *= np.where(blk.valid, f32(1.0), f32(np.nan)).reshape(1, n * c)
+        cube[:, blk.r0:blk.r1] = x.reshape(nb, n, c)
         labels[blk.r0:blk.r1] = blk.labels
         valid[blk.r0:blk.r1] = blk.valid
     return cube, labels, valid
