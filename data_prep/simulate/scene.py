@@ -67,7 +67,7 @@ class Scene:
     warp: tuple[Lattice, Lattice]
     texture: Lattice
     illumination: Lattice
-    warp_amp: float = 0.04
+    warp_amp: float = 0.07
     mix_width: float = 0.004
     """Softmax temperature of the region weights, in image widths (the width of the mixed edge band)."""
     illum_amp: float = 0.12
@@ -81,7 +81,7 @@ class Scene:
 
 
 def make_scene(rng: np.random.Generator, material_classes: list[str], *, height: float = 1.0,
-               regions_per_area: int = 12, texture: float = 0.3, nodata_edges: bool = True) -> Scene:
+               regions_per_area: int = 18, texture: float = 0.3, nodata_edges: bool = True) -> Scene:
     """A random scene over materials whose classes are ``material_classes`` (index = label)."""
     n_mat = len(material_classes)
     if n_mat == 0:
