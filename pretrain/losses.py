@@ -1,0 +1,58 @@
+"""Losses: Charbonnier + spectral angle for masked reconstruction (SpecAware), latent loss for JEPA.
+
+Reconstruction tensors are laid out ``[B, C, N, P]`` (bands on dim 1); ``weight [B, N, P]`` selects the
+pixels that count (masked patches x valid pixels).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+
+def charbonnier(pred: torch.Tensor, target: torch.Tensor, weight: torch.Tensor | None = None,
+                eps: float = 1e-3) -> torch.Tensor:
+    """Mean of ``sqrt((pred - target)^2 + eps^2) - eps`` over bands and weighted pixels (0 when equal)."""
+    e = torch.sqrt((pred.float() - target.float()) ** 2 + eps * eps) - eps
+    if weight is None:
+        return e.mean()
+    w = weight.float().unsqueeze(1)
+    return (e * w).sum() / (w.sum() * pred.shape[1]).clamp_min(1.0)
+
+
+def spectral_angle(pred: torch.Tensor, target: torch.Tensor, eps: float = 1e-8) -> torch.Tensor:
+    """Angle (radians) between the spectra along dim 1, per pixel: ``[B, C, ...] -> [B, ...]``.
+
+    Computed as ``2 atan2(|u - v|, |u + v|)`` of the unit spectra (stable near 0 and pi, exactly 0 for equal
+    spectra, independent of each spectrum's scale)."""
+    p, t = pred.float(), target.float()
+    u = p / torch.sqrt((p * p).sum(1, keepdim=True) + eps)
+    v = t / torch.sqrt((t * t).sum(1, keepdim=True) + eps)
+    diff = torch.sqrt(((u - v) ** 2).sum(1) + eps * eps) - eps
+    summ = torch.sqrt(((u + v) ** 2).sum(1) + eps * eps) - eps
+    return 2.0 * torch.atan2(diff.clamp_min(0.0), summ.clamp_min(0.0))
+
+
+def sam_loss(pred: torch.Tensor, target: torch.Tensor, weight: torch.Tensor | None = None) -> torch.Tensor:
+    """Mean spectral angle over weighted pixels."""
+    a = spectral_angle(pred, target)
+    if weight is None:
+        return a.mean()
+    w = weight.float()
+    return (a * w).sum() / w.sum().clamp_min(1.0)
+
+
+def reconstruction_loss(pred: torch.Tensor, target: torch.Tensor, weight: torch.Tensor | None = None,
+                        charbonnier_weight: float = 1.0, sam_weight: float = 1.0,
+                        eps: float = 1e-3) -> dict[str, torch.Tensor]:
+    """``{"loss", "charbonnier", "sam"}``: weighted sum of Charbonnier and spectral-angle terms."""
+    ch = charbonnier(pred, target, weight, eps)
+    sa = sam_loss(pred, target, weight)
+    return {"loss": charbonnier_weight * ch + sam_weight * sa, "charbonnier": ch.detach(), "sam": sa.detach()}
+
+
+def latent_loss(pred: torch.Tensor, target: torch.Tensor, kind: str = "smooth_l1") -> torch.Tensor:
+    """JEPA loss between predicted tokens and (already normalised, detached) target tokens."""
+    if kind == "mse":
+        return F.mse_loss(pred.float(), target.float())
+    return F.smooth_l1_loss(pred.float(), target.float())

@@ -1,0 +1,174 @@
+"""The shared encoder: band conditions (meta + content) -> HyperEmbedding tokens -> ViT.
+
+``encoder(pixels, wavelengths, fwhm, sensor=None, level=None, valid=None, gsd=None) -> [B, N, D]`` for any
+number of bands (fixed within a batch, free between batches; wavelengths may differ per sample).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from torch import nn
+
+from .args import ModelArgs, ModelError
+from .hyper import FixedPatchEmbed, HyperEmbedding
+from .layers import Block, init_weights, pos_embed, run_blocks, to_patches
+from .meta import ContentEncoder, MetaEncoder
+
+
+def default_vocab() -> tuple[list[str], list[str]]:
+    """The registry's sensor vocabulary (``unknown`` first) and the processing levels."""
+    from data_prep.registry import LEVELS, sensor_vocab
+
+    return list(sensor_vocab()), list(LEVELS)
+
+
+class SpectralEncoder(nn.Module):
+    """Any-sensor ViT encoder whose patch embedding is generated per band by hypernetworks."""
+
+    def __init__(self, args: ModelArgs, sensor_names: Sequence[str] | None = None,
+                 level_names: Sequence[str] | None = None, compute_text: bool = True) -> None:
+        super().__init__()
+        self.args = args
+        self.embed_dim = args.dim
+        self.patch_size = args.patch_size
+        self.grad_checkpointing = False
+        if sensor_names is None or level_names is None:
+            sv, lv = default_vocab()
+            sensor_names = sensor_names if sensor_names is not None else sv
+            level_names = level_names if level_names is not None else lv
+        if args.patch_embed == "hyper":
+            self.content = ContentEncoder(args.patch_size, args.content_hidden, args.cond_dim)
+            self.meta = MetaEncoder(args, list(sensor_names), list(level_names), compute_text=compute_text)
+            self.hyper = HyperEmbedding(args.cond_dim, args.patch_size, args.rank, args.dim)
+        else:
+            self.fixed = FixedPatchEmbed(args.fixed_bands, args.patch_size, args.dim)
+        self.blocks = nn.ModuleList(Block(args.dim, args.heads, args.mlp_ratio) for _ in range(args.depth))
+        self.norm = nn.LayerNorm(args.dim)
+        init_weights(self.blocks)
+        init_weights(self.norm)
+
+    # ------------------------------------------------------------------------------------------------------
+    @property
+    def sensor_names(self) -> list[str]:
+        return self.meta.sensor_names if hasattr(self, "meta") else ["unknown"]
+
+    @property
+    def level_names(self) -> list[str]:
+        return self.meta.level_names if hasattr(self, "meta") else ["unknown"]
+
+    def add_sensor(self, name: str, text: str | None = None) -> int:
+        """Embed a new sensor name (any string) with MiniLM and return its index for ``sensor``."""
+        return self.meta.add_sensor(name, text)
+
+    def sensor_index(self, name: str | None) -> int:
+        return self.meta.sensor_index(name) if hasattr(self, "meta") else 0
+
+    def level_index(self, name: str | None) -> int:
+        return self.meta.level_index(name) if hasattr(self, "meta") else 0
+
+    def set_grad_checkpointing(self, enabled: bool = True) -> None:
+        """Recompute each ViT block in backward (activation checkpointing) instead of storing it."""
+        self.grad_checkpointing = bool(enabled)
+
+    # ------------------------------------------------------------------------------------------------------
+    def check_inputs(self, pixels: torch.Tensor, wavelengths: torch.Tensor, fwhm: torch.Tensor) -> None:
+        if pixels.dim() != 4:
+            raise ModelError(f"pixels must be [B,C,H,W], got shape {tuple(pixels.shape)}")
+        b, c, h, w = pixels.shape
+        p = self.patch_size
+        if h % p or w % p:
+            raise ModelError(f"pixels H x W = {h} x {w} must be multiples of the patch size {p}")
+        if tuple(wavelengths.shape) != (b, c) or tuple(fwhm.shape) != (b, c):
+            raise ModelError(f"wavelengths {tuple(wavelengths.shape)} and fwhm {tuple(fwhm.shape)} must be "
+                             f"[B, C] = {(b, c)} to match pixels")
+
+    def condition(self, pixels: torch.Tensor, wavelengths: torch.Tensor, fwhm: torch.Tensor,
+                  sensor: torch.Tensor | None = None, level: torch.Tensor | None = None,
+                  valid: torch.Tensor | None = None, cell_weight: torch.Tensor | None = None) -> torch.Tensor:
+        """The fused per-band condition ``[B, C, cond_dim]`` (None for the fixed baseline)."""
+        if not hasattr(self, "meta"):
+            return None
+        content = self.content(pixels, valid, cell_weight)
+        return self.meta(wavelengths, fwhm, sensor, level, content)
+
+    def embed(self, pixels: torch.Tensor, wavelengths: torch.Tensor, fwhm: torch.Tensor,
+              sensor: torch.Tensor | None = None, level: torch.Tensor | None = None,
+              valid: torch.Tensor | None = None, gsd: torch.Tensor | None = None,
+              offset: tuple[int, int] = (0, 0), cell_weight: torch.Tensor | None = None,
+              ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Tokens with position embedding ``[B,N,D]`` and the band condition ``[B,C,d]``.
+
+        ``offset`` (rows, cols in tokens) places a crop inside a larger grid (JEPA context views)."""
+        self.check_inputs(pixels, wavelengths, fwhm)
+        p = self.patch_size
+        h, w = pixels.shape[2] // p, pixels.shape[3] // p
+        if valid is not None:
+            pixels = pixels * valid.unsqueeze(1).to(pixels.dtype)
+        cond = self.condition(pixels, wavelengths, fwhm, sensor, level, valid, cell_weight)
+        if cond is None:
+            tok = self.fixed(pixels)
+        else:
+            tok = self.hyper(to_patches(pixels, p), cond)
+        scale = None
+        if self.args.gsd_pos and gsd is not None:
+            scale = torch.as_tensor(gsd, device=tok.device).float().reshape(-1) / self.args.ref_gsd
+        return tok + pos_embed(h, w, self.embed_dim, tok.device, offset, scale).to(tok.dtype), cond
+
+    def blocks_forward(self, x: torch.Tensor) -> torch.Tensor:
+        """ViT blocks and the final norm on a token sequence ``[B,n,D]`` (any subset of tokens)."""
+        return self.norm(run_blocks(self.blocks, x, self.grad_checkpointing))
+
+    def forward(self, pixels: torch.Tensor, wavelengths: torch.Tensor, fwhm: torch.Tensor,
+                sensor: torch.Tensor | None = None, level: torch.Tensor | None = None,
+                valid: torch.Tensor | None = None, gsd: torch.Tensor | None = None) -> torch.Tensor:
+        """Patch tokens ``[B, N, D]`` (N = H/p * W/p, row-major), after the final LayerNorm."""
+        x, _ = self.embed(pixels, wavelengths, fwhm, sensor, level, valid, gsd)
+        return self.blocks_forward(x)
+
+    def features(self, pixels: torch.Tensor, wavelengths: torch.Tensor, fwhm: torch.Tensor,
+                 sensor: torch.Tensor | None = None, level: torch.Tensor | None = None,
+                 valid: torch.Tensor | None = None, gsd: torch.Tensor | None = None,
+                 layers: Sequence[int] = (3, 5, 7, 11)) -> list[torch.Tensor]:
+        """Outputs ``[B,N,D]`` of the chosen blocks (0-based; negative counts from the end), for UperNet.
+
+        Each is passed through the final LayerNorm so all levels share one scale."""
+        depth = len(self.blocks)
+        want = sorted({(i + depth) if i < 0 else i for i in layers})
+        if not want or want[0] < 0 or want[-1] >= depth:
+            raise ModelError(f"features layers {tuple(layers)} out of range for depth {depth}")
+        x, _ = self.embed(pixels, wavelengths, fwhm, sensor, level, valid, gsd)
+        out: dict[int, torch.Tensor] = {}
+        for i, blk in enumerate(self.blocks[: want[-1] + 1]):
+            x = run_blocks(nn.ModuleList([blk]), x, self.grad_checkpointing)
+            if i in want:
+                out[i] = self.norm(x)
+        return [out[(i + depth) if i < 0 else i] for i in layers]
+
+    # ------------------------------------------------------------------------------------------------------
+    def embed_flops(self, n_bands: int, image_size: int) -> float:
+        """Forward FLOPs (2 x MACs of matmuls) per sample of conditioning + patch embedding."""
+        a = self.args
+        n = (image_size // a.patch_size) ** 2
+        P = a.patch_size ** 2
+        if a.patch_embed == "fixed":
+            return 2.0 * n * n_bands * P * a.dim
+        d, c = a.cond_dim, n_bands
+        f = c * n * (2 * a.content_hidden) + c * a.content_hidden * d  # content
+        f += c * ((2 * a.n_freq + 1) * d + d + d * d) + 2 * a.text_dim * d  # wavelength, fwhm, text
+        f += c * (d * d + 3 * 2 * d * d + d * d + 2 * 2 * d * d)  # fusion
+        f += a.spectral_depth * (c * (4 * d * d + 2 * 2 * d * d) + 2 * c * c * d)  # spectral transformer
+        f += c * d * (P * a.rank + a.rank * a.dim) + d * a.dim  # hypernetworks
+        f += c * n * P * a.rank + n * c * a.rank * a.dim  # token contraction
+        return 2.0 * f
+
+    def blocks_flops(self, n_tokens: int) -> float:
+        """Forward FLOPs per sample of the ViT blocks on ``n_tokens`` tokens."""
+        a = self.args
+        return 2.0 * a.depth * block_macs(n_tokens, a.dim, a.mlp_ratio)
+
+
+def block_macs(n: int, d: int, mlp_ratio: float) -> float:
+    """Multiply-accumulates of one transformer block on n tokens (qkv, attention, proj, MLP)."""
+    return n * (3 * d * d + d * d + 2 * d * int(d * mlp_ratio)) + 2 * n * n * d

@@ -1,0 +1,100 @@
+"""HyperEmbedding (band-conditioned patch embedding) and HyperLinear (band-conditioned output layer).
+
+For band c of sample b the hypernetworks produce ``V[b,c]`` (p*p x r) and ``U[b,c]`` (r x D); a token is
+``sum_c U[b,c]^T (V[b,c]^T x[b,c,n]) / C + bias``. Contraction order (per sample, N tokens, P = p*p):
+project pixels first, ``[C,N,P] x [C,P,r] -> [N,C*r]`` (C*N*P*r MACs), then one matmul
+``[N,C*r] x [C*r,D]`` (N*C*r*D MACs); the alternative of forming W = V U per band costs C*P*r*D + N*C*P*D,
+and ``[B,C,N,D]`` is never materialised. Parameter counts do not depend on the number of bands.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+
+class HyperEmbedding(nn.Module):
+    """Patch embedding whose weights come from each band's condition vector."""
+
+    def __init__(self, cond_dim: int, patch_size: int, rank: int, dim: int) -> None:
+        super().__init__()
+        self.P, self.r, self.dim = patch_size * patch_size, rank, dim
+        self.norm = nn.LayerNorm(cond_dim)
+        self.to_v = nn.Linear(cond_dim, self.P * rank)
+        self.to_u = nn.Linear(cond_dim, rank * dim)
+        self.to_bias = nn.Linear(cond_dim, dim)
+        self.v_scale = 1.0 / math.sqrt(self.P)
+        self.u_scale = 1.0 / math.sqrt(rank)
+
+    def weights(self, cond: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """V ``[B,C,P,r]``, U ``[B,C,r,D]``, bias ``[B,1,D]`` from cond ``[B,C,d]``."""
+        b, c, _ = cond.shape
+        h = self.norm(cond)
+        v = self.to_v(h).view(b, c, self.P, self.r) * self.v_scale
+        u = self.to_u(h).view(b, c, self.r, self.dim) * self.u_scale
+        bias = self.to_bias(h.mean(1, keepdim=True))
+        return v, u, bias
+
+    def forward(self, patches: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:
+        """patches ``[B,C,N,P]``, cond ``[B,C,d]`` -> tokens ``[B,N,D]``."""
+        b, c, n, _ = patches.shape
+        v, u, bias = self.weights(cond)
+        y = torch.matmul(patches.to(v.dtype), v)  # [B,C,N,r]
+        y = y.transpose(1, 2).reshape(b, n, c * self.r)  # [B,N,C*r]
+        tok = torch.bmm(y, u.reshape(b, c * self.r, self.dim))  # [B,N,D]
+        return tok * (1.0 / c) + bias
+
+
+class HyperLinear(nn.Module):
+    """Output layer: decoded token ``z [B,N,Dd]`` -> every band's p*p pixels, weights from each band's
+    condition: ``out[b,c,n] = B[b,c]^T (A[b,c] z[b,n]) + bias[b,c]`` with A (r x Dd), B (r x P)."""
+
+    def __init__(self, cond_dim: int, patch_size: int, rank: int, dim: int) -> None:
+        super().__init__()
+        self.P, self.r, self.dim = patch_size * patch_size, rank, dim
+        self.norm = nn.LayerNorm(cond_dim)
+        self.to_a = nn.Linear(cond_dim, rank * dim)
+        self.to_b = nn.Linear(cond_dim, rank * self.P)
+        self.to_bias = nn.Linear(cond_dim, self.P)
+        self.a_scale = 1.0 / math.sqrt(dim)
+        self.b_scale = 1.0 / math.sqrt(rank)
+
+    def forward(self, z: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:
+        """z ``[B,N,Dd]``, cond ``[B,C,d]`` -> ``[B,C,N,P]``."""
+        b, n, _ = z.shape
+        c = cond.shape[1]
+        h = self.norm(cond)
+        a = self.to_a(h).view(b, c * self.r, self.dim) * self.a_scale
+        bm = self.to_b(h).view(b, c, self.r, self.P) * self.b_scale
+        t = torch.bmm(z.to(a.dtype), a.transpose(1, 2))  # [B,N,C*r]
+        t = t.view(b, n, c, self.r).transpose(1, 2)  # [B,C,N,r]
+        return torch.matmul(t, bm) + self.to_bias(h).unsqueeze(2)
+
+
+class FixedPatchEmbed(nn.Module):
+    """Baseline: Conv2d patch embedding over exactly ``bands`` bands (same token count as HyperEmbedding)."""
+
+    def __init__(self, bands: int, patch_size: int, dim: int) -> None:
+        super().__init__()
+        self.bands = bands
+        self.proj = nn.Conv2d(bands, dim, patch_size, patch_size)
+
+    def forward(self, pixels: torch.Tensor) -> torch.Tensor:
+        if pixels.shape[1] != self.bands:
+            raise ValueError(f"fixed patch embedding takes {self.bands} bands, got {pixels.shape[1]}")
+        return self.proj(pixels).flatten(2).transpose(1, 2)
+
+
+class FixedLinear(nn.Module):
+    """Baseline output: Linear(Dd -> bands * p*p)."""
+
+    def __init__(self, bands: int, patch_size: int, dim: int) -> None:
+        super().__init__()
+        self.bands, self.P = bands, patch_size * patch_size
+        self.proj = nn.Linear(dim, bands * self.P)
+
+    def forward(self, z: torch.Tensor) -> torch.Tensor:
+        b, n, _ = z.shape
+        return self.proj(z).view(b, n, self.bands, self.P).transpose(1, 2)

@@ -1,0 +1,106 @@
+"""Masked autoencoder around the shared encoder: 0.75 random masking, a lighter decoder, and a HyperLinear
+output that reconstructs every band present from each decoded token (SpecAware)."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from torch import nn
+
+from ..losses import reconstruction_loss
+from .args import ModelArgs
+from .encoder import SpectralEncoder, block_macs
+from .hyper import FixedLinear, HyperLinear
+from .layers import Block, from_patches, init_weights, pos_embed, run_blocks, to_patches
+
+
+def random_mask(b: int, n: int, ratio: float, device: torch.device,
+                generator: torch.Generator | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Exactly ``round(ratio * n)`` masked tokens per sample (at least one kept).
+
+    Returns ``mask [B,N]`` bool (True = masked), ``keep [B,n_keep]`` and ``restore [B,N]`` indices."""
+    n_mask = min(max(int(round(ratio * n)), 0), n - 1)
+    noise = torch.rand(b, n, device=device, generator=generator)
+    shuffle = noise.argsort(1)
+    restore = shuffle.argsort(1)
+    keep = shuffle[:, : n - n_mask]
+    mask = torch.ones(b, n, dtype=torch.bool, device=device)
+    mask.scatter_(1, keep, False)
+    return mask, keep, restore
+
+
+class MAE(nn.Module):
+    """``model(batch) -> {"loss", "pred" [B,C,H,W], "mask" [B,H/p,W/p], "charbonnier", "sam"}``."""
+
+    objective = "mae"
+
+    def __init__(self, args: ModelArgs, sensor_names: Sequence[str] | None = None,
+                 level_names: Sequence[str] | None = None, compute_text: bool = True) -> None:
+        super().__init__()
+        self.args = args
+        self.encoder = SpectralEncoder(args, sensor_names, level_names, compute_text)
+        dd = args.decoder_dim
+        self.decoder_embed = nn.Linear(args.dim, dd)
+        self.mask_token = nn.Parameter(torch.zeros(dd))
+        self.decoder_blocks = nn.ModuleList(Block(dd, args.decoder_heads, args.mlp_ratio)
+                                            for _ in range(args.decoder_depth))
+        self.decoder_norm = nn.LayerNorm(dd)
+        init_weights(self.decoder_blocks)
+        init_weights(self.decoder_embed)
+        nn.init.normal_(self.mask_token, std=0.02)
+        if args.patch_embed == "hyper":
+            self.head = HyperLinear(args.cond_dim, args.patch_size, args.rank, dd)
+        else:
+            self.head = FixedLinear(args.fixed_bands, args.patch_size, dd)
+
+    def set_grad_checkpointing(self, enabled: bool = True) -> None:
+        self.encoder.set_grad_checkpointing(enabled)
+
+    def forward(self, batch: dict, generator: torch.Generator | None = None) -> dict[str, torch.Tensor]:
+        enc, a = self.encoder, self.args
+        pixels = batch["pixels"]
+        valid = batch.get("valid")
+        b, c, hh, ww = pixels.shape
+        p = a.patch_size
+        h, w = hh // p, ww // p
+        n = h * w
+        mask, keep, restore = random_mask(b, n, a.mask_ratio, pixels.device, generator)
+        tokens, cond = enc.embed(pixels, batch["wavelengths"], batch["fwhm"], batch.get("sensor"),
+                                 batch.get("level"), valid, batch.get("gsd"), cell_weight=(~mask).float())
+        d = tokens.shape[-1]
+        x = torch.gather(tokens, 1, keep.unsqueeze(-1).expand(-1, -1, d))
+        x = enc.blocks_forward(x)
+        # decoder: visible tokens + mask tokens back in place
+        x = self.decoder_embed(x)
+        dd = x.shape[-1]
+        full = torch.cat([x, self.mask_token.to(x.dtype).expand(b, n - x.shape[1], dd)], 1)
+        full = torch.gather(full, 1, restore.unsqueeze(-1).expand(-1, -1, dd))
+        full = full + pos_embed(h, w, dd, full.device).to(full.dtype)
+        full = self.decoder_norm(run_blocks(self.decoder_blocks, full, enc.grad_checkpointing))
+        out = self.head(full, cond) if cond is not None else self.head(full)  # [B,C,N,P]
+        target = to_patches(pixels, p)
+        weight = mask.unsqueeze(-1).float()
+        if valid is not None:
+            weight = weight * to_patches(valid.unsqueeze(1).float(), p)[:, 0]
+        losses = reconstruction_loss(out, target, weight, a.charbonnier_weight, a.sam_weight, a.charbonnier_eps)
+        losses["pred"] = from_patches(out.detach(), h, w, p)
+        losses["mask"] = mask.view(b, h, w)
+        return losses
+
+    def flops_per_sample(self, n_bands: int, image_size: int) -> float:
+        """Training FLOPs (forward + backward = 3 x forward matmul FLOPs) per sample at this band count and
+        square image size, counting the visible tokens in the encoder and all tokens in the decoder."""
+        a = self.args
+        n = (image_size // a.patch_size) ** 2
+        n_vis = n - min(max(int(round(a.mask_ratio * n)), 0), n - 1)
+        P = a.patch_size ** 2
+        dd = a.decoder_dim
+        f = self.encoder.embed_flops(n_bands, image_size) + self.encoder.blocks_flops(n_vis)
+        f += 2.0 * (n_vis * a.dim * dd + a.decoder_depth * block_macs(n, dd, a.mlp_ratio))
+        if a.patch_embed == "hyper":
+            f += 2.0 * (n_bands * a.cond_dim * (a.rank * dd + a.rank * P + P)
+                        + n * dd * n_bands * a.rank + n_bands * n * a.rank * P)
+        else:
+            f += 2.0 * n * dd * n_bands * P
+        return 3.0 * f
