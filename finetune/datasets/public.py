@@ -1,0 +1,236 @@
+"""Loaders for public benchmarks in the form they are distributed.
+
+Field and file names follow the public releases where known; every one is a keyword argument (and
+a key of the suite YAML's ``data:`` block), so a differently named copy is read by configuration.
+
+- AeroRIT (RIT, Rangnekar et al. 2020): ``image_hsi_reflectance.tif`` (or ``image_hsi_radiance.tif``),
+  51 bands 400-900 nm every 10 nm, and ``image_labels.tif``. Labels as integers or as an RGB palette.
+- WHU-H2SR and Qingpu-HSI: one hyperspectral scene + label raster (.tif/.mat/ENVI); band table from
+  the ENVI header or given in the config.
+- Bay Area and Santa Barbara (Lopez-Fandino et al., AVIRIS, 224 bands): three MATLAB files per scene
+  (t1, t2, ground truth); ground truth 1 = change, 2 = no change, 0 = unknown. v5 files through
+  scipy, v7.3 (HDF5) through h5py. Variable names auto-detected when a file holds one array.
+- HRSSC scene classification: one folder per class of .tif/.mat patches; ``band_indices`` selects a
+  band subset (e.g. 192 of 224).
+- EMIT + PlanetScope: co-registered L2 pair read through ``data_prep.formats.open_product``.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+from finetune.datasets.base import (
+    ChangeData,
+    ClassificationData,
+    DatasetError,
+    FusionData,
+    SegmentationData,
+    Spectral,
+    clean,
+    map_labels,
+    read_array,
+    select_bands,
+    to_chw,
+)
+
+
+def band_table(spec, n_bands: int, path: str | Path = "", fwhm=None) -> tuple[np.ndarray, np.ndarray]:
+    """Wavelengths and FWHM (nm) from a config value: a list, ``{start, step}``, or ``{sensor: name}``
+    (the registry's table); FWHM from ``fwhm`` (list or scalar) or the spacing of the centres."""
+    if spec is None:
+        raise DatasetError(f"{path}: no band table; give `wavelengths` (list, {{start, step}} or {{sensor: name}})")
+    if isinstance(spec, dict) and "sensor" in spec:
+        from data_prep.registry import get_sensor
+
+        s = get_sensor(spec["sensor"])
+        wl, fw = s.wavelengths_nm.astype(np.float32), s.fwhm_nm.astype(np.float32)
+    elif isinstance(spec, dict):
+        wl = (float(spec["start"]) + float(spec["step"]) * np.arange(n_bands)).astype(np.float32)
+        fw = None
+    else:
+        wl, fw = np.asarray(spec, dtype=np.float32), None
+    if fwhm is not None:
+        fw = np.broadcast_to(np.asarray(fwhm, dtype=np.float32), wl.shape).copy()
+    if fw is None:
+        fw = np.abs(np.gradient(wl)).astype(np.float32) if wl.size > 1 else np.full_like(wl, 10.0)
+    if wl.size != n_bands:
+        raise DatasetError(f"{path}: band table has {wl.size} wavelengths but the image has {n_bands} bands")
+    return wl, fw
+
+
+def _envi_bands(path: Path) -> tuple[np.ndarray | None, np.ndarray | None]:
+    if path.suffix.lower() != ".hdr":
+        return None, None
+    import spectral.io.envi as envi
+
+    meta = envi.read_envi_header(str(path))
+    wl = meta.get("wavelength")
+    fw = meta.get("fwhm")
+    wl = np.asarray(wl, dtype=np.float32) if wl else None
+    if wl is not None and wl.max() < 100:  # micrometres
+        wl = wl * 1000
+    fw = np.asarray(fw, dtype=np.float32) * (1000 if fw and wl is not None and float(fw[0]) < 1 else 1) if fw else None
+    return wl, fw
+
+
+def _palette_to_index(rgb: np.ndarray, palette: list[list[int]], path) -> np.ndarray:
+    """(H, W, 3) colour labels -> index into ``palette``; unknown colours -> value len(palette)."""
+    out = np.full(rgb.shape[:2], len(palette), np.int64)
+    for k, colour in enumerate(palette):
+        out[(rgb[..., :3] == np.asarray(colour)[None, None]).all(-1)] = k
+    return out
+
+
+def load_segmentation(image: str | Path, labels: str | Path, class_names: list[str], *,
+                      label_values: list[int] | None = None, ignore_values: list[int] = (),
+                      palette: list[list[int]] | None = None, image_key: str | None = None,
+                      label_key: str | None = None, wavelengths=None, fwhm=None, n_bands: int | None = None,
+                      band_indices: list[int] | None = None, sensor: str | None = None, level: str | None = None,
+                      train_labels: str | Path | None = None, name: str = "") -> SegmentationData:
+    """One scene + label raster. ``train_labels`` (optional second raster) marks training pixels
+    (non-ignored there); without it the runner splits the scene spatially."""
+    image, labels = Path(image), Path(labels)
+    for p in (image, labels):
+        if not p.exists():
+            raise DatasetError(f"{p} does not exist; expected the scene image and its label raster")
+    cube = to_chw(read_array(image, image_key), n_bands, image)
+    hdr_wl, hdr_fw = _envi_bands(image)
+    wl, fw = band_table(hdr_wl if wavelengths is None and hdr_wl is not None else wavelengths, cube.shape[0],
+                        image, fwhm if fwhm is not None else hdr_fw)
+    raw = read_array(labels, label_key)
+    if palette is not None:
+        if raw.ndim != 3:
+            raise DatasetError(f"{labels}: a palette was given but the labels are not an RGB image (shape {raw.shape})")
+        raw = _palette_to_index(raw, palette, labels)
+        label_values, ignore_values = list(range(len(palette))), [len(palette), *ignore_values]
+    raw = np.squeeze(raw)
+    if raw.shape != cube.shape[1:]:
+        raise DatasetError(f"{labels}: label raster is {raw.shape}, the image {image} is {cube.shape[1:]}; expected equal")
+    lab = map_labels(raw, label_values, class_names, ignore_values, labels)
+    train_mask = None
+    if train_labels is not None:
+        tr = np.squeeze(read_array(train_labels, label_key))
+        train_mask = map_labels(tr, label_values, class_names, ignore_values, train_labels) >= 0
+    cube = select_bands(cube, band_indices, image)
+    if band_indices is not None:
+        wl, fw = wl[band_indices], fw[band_indices]
+    return SegmentationData(clean(cube), lab, list(class_names), Spectral(wl, fw, sensor, level), train_mask,
+                            name or image.stem)
+
+
+AERORIT_CLASSES = ["roads", "buildings", "vegetation", "water", "cars"]
+
+
+def load_aerorit(root: str | Path, *, image: str = "image_hsi_reflectance.tif", labels: str = "image_labels.tif",
+                 class_names: list[str] = AERORIT_CLASSES, **kw) -> SegmentationData:
+    """AeroRIT: 51 bands 400-900 nm every 10 nm (FWHM taken as 10 nm)."""
+    root = Path(root)
+    kw.setdefault("wavelengths", {"start": 400.0, "step": 10.0})
+    kw.setdefault("fwhm", 10.0)
+    kw.setdefault("ignore_values", [255])
+    return load_segmentation(root / image, root / labels, class_names, name="aerorit", **kw)
+
+
+def load_scene_dir(root: str | Path, *, image: str, labels: str, class_names: list[str], name: str = "",
+                   **kw) -> SegmentationData:
+    """WHU-H2SR / Qingpu-HSI and other single-scene sets: files named in the config under ``root``."""
+    root = Path(root)
+    if not root.is_dir():
+        raise DatasetError(f"{root} is not a directory; expected a folder holding {image} and {labels}")
+    return load_segmentation(root / image, root / labels, class_names, name=name or root.name, **kw)
+
+
+def load_change_mat(t1: str | Path, t2: str | Path, gt: str | Path, *, keys: tuple = (None, None, None),
+                    changed_values: list[int] = (1,), unchanged_values: list[int] = (2,),
+                    wavelengths=None, fwhm=None, band_indices: list[int] | None = None,
+                    sensor: str | None = None, level: str | None = None, name: str = "") -> ChangeData:
+    """Bitemporal change detection from MATLAB files (or any :func:`read_array` format)."""
+    paths = [Path(t1), Path(t2), Path(gt)]
+    missing = [str(p) for p in paths if not p.exists()]
+    if missing:
+        raise DatasetError(f"missing {missing}; expected the t1 image, the t2 image and the ground-truth change map")
+    a = to_chw(read_array(paths[0], keys[0]), None, paths[0])
+    b = to_chw(read_array(paths[1], keys[1]), a.shape[0], paths[1])
+    if a.shape != b.shape:
+        raise DatasetError(f"{paths[1]}: shape {b.shape} differs from {paths[0]} {a.shape}; expected co-registered images")
+    raw = np.squeeze(read_array(paths[2], keys[2])).astype(np.int64)
+    if raw.shape != a.shape[1:]:
+        raise DatasetError(f"{paths[2]}: change map is {raw.shape}, the images {a.shape[1:]}; expected equal")
+    change = np.full(raw.shape, -1, np.int64)
+    change[np.isin(raw, list(changed_values))] = 1
+    change[np.isin(raw, list(unchanged_values))] = 0
+    wl, fw = band_table(wavelengths if wavelengths is not None else {"sensor": "aviris-classic"}, a.shape[0],
+                        paths[0], fwhm)
+    if band_indices is not None:
+        a, b = select_bands(a, band_indices, paths[0]), select_bands(b, band_indices, paths[1])
+        wl, fw = wl[band_indices], fw[band_indices]
+    return ChangeData(clean(a), clean(b), change, Spectral(wl, fw, sensor or "aviris-classic", level or "L1"),
+                      name or paths[0].stem)
+
+
+def load_bay_area(root: str | Path, *, t1: str = "Bay_Area_2013.mat", t2: str = "Bay_Area_2015.mat",
+                  gt: str = "bayArea_gtChanges2.mat.mat", keys=("HypeRvieW", "HypeRvieW", "HypeRvieW"), **kw) -> ChangeData:
+    root = Path(root)
+    return load_change_mat(root / t1, root / t2, root / gt, keys=tuple(keys), name="bay_area", **kw)
+
+
+def load_santa_barbara(root: str | Path, *, t1: str = "barbara_2013.mat", t2: str = "barbara_2014.mat",
+                       gt: str = "barbara_gtChanges.mat", keys=("HypeRvieW", "HypeRvieW", "HypeRvieW"), **kw) -> ChangeData:
+    root = Path(root)
+    return load_change_mat(root / t1, root / t2, root / gt, keys=tuple(keys), name="santa_barbara", **kw)
+
+
+def load_scene_folders(root: str | Path, *, band_indices: list[int] | None = None, wavelengths=None, fwhm=None,
+                       key: str | None = None, n_bands: int | None = None, extensions=(".tif", ".tiff", ".mat"),
+                       sensor: str | None = None, level: str | None = None, name: str = "") -> ClassificationData:
+    """HRSSC-style scene classification: ``root/<class name>/<patch>.tif|.mat``, classes sorted by name."""
+    root = Path(root)
+    if not root.is_dir():
+        raise DatasetError(f"{root} is not a directory; expected one sub-folder per class of .tif/.mat patches")
+    classes = sorted(d.name for d in root.iterdir() if d.is_dir())
+    if len(classes) < 2:
+        raise DatasetError(f"{root}: found {len(classes)} class folder(s); expected one sub-folder per class (>= 2)")
+    patches, labels, files = [], [], []
+    n_full = None
+    for k, c in enumerate(classes):
+        fs = sorted(f for f in (root / c).iterdir() if f.suffix.lower() in extensions)
+        if not fs:
+            raise DatasetError(f"{root / c}: no {'/'.join(extensions)} files in class folder {c!r}")
+        for f in fs:
+            cube = to_chw(read_array(f, key), n_bands, f)
+            n_full = n_full or cube.shape[0]
+            patches.append(select_bands(cube, band_indices, f))
+            labels.append(k)
+            files.append(str(f))
+    shapes = {p.shape for p in patches}
+    if len(shapes) != 1:
+        raise DatasetError(f"{root}: patches differ in shape {sorted(shapes)[:4]}; expected one shape")
+    wl, fw = band_table(wavelengths, n_full, root, fwhm)
+    if band_indices is not None:
+        wl, fw = wl[band_indices], fw[band_indices]
+    return ClassificationData(clean(np.stack(patches)), np.asarray(labels, np.int64), classes,
+                              Spectral(wl, fw, sensor, level), name or root.name, files)
+
+
+def load_fusion_pair(hs: str | Path, ms: str | Path, *, ratio: int | None = None, name: str = "") -> FusionData:
+    """A co-registered LR-HS product and HR-MS product (e.g. EMIT L2 + PlanetScope) via open_product."""
+    from data_prep.formats import open_product
+
+    gh, gm = open_product(hs), open_product(ms)
+    ch, vh = gh.read_rows(0, gh.n_rows)
+    cm, vm = gm.read_rows(0, gm.n_rows)
+    if ratio is None:
+        ratio = int(round(gm.n_cols / gh.n_cols))
+    if ratio < 1 or gh.n_rows * ratio > gm.n_rows or gh.n_cols * ratio > gm.n_cols:
+        raise DatasetError(f"{ms}: {gm.n_rows}x{gm.n_cols} pixels cannot cover {hs} ({gh.n_rows}x{gh.n_cols}) "
+                           f"at ratio {ratio}; expected a co-registered pair with the MS grid ratio x finer")
+    good = np.asarray(gh.good_bands, bool)
+    ch = ch[good]
+    cm = cm[:, :gh.n_rows * ratio, :gh.n_cols * ratio]
+    return FusionData(clean(ch), clean(cm),
+                      Spectral(gh.wavelengths_nm[good].astype(np.float32), gh.fwhm_nm[good].astype(np.float32),
+                               gh.sensor, gh.level),
+                      Spectral(gm.wavelengths_nm.astype(np.float32), gm.fwhm_nm.astype(np.float32), gm.sensor, gm.level),
+                      int(ratio), name or Path(hs).stem)

@@ -1,0 +1,182 @@
+"""The user-facing encoder: ``finetune.load_encoder(path)``.
+
+Wraps the encoder exported by ``pretrain.models.export.save_encoder`` (``encoder.safetensors`` +
+``model_args.json``; no DeepSpeed, no pickle) so that callers pass sensor and level *names*::
+
+    enc = finetune.load_encoder("runs/demo/export/stage3")
+    tokens = enc(pixels, wavelengths, fwhm, sensor="emit", level="L2")   # [B, N, D]
+    enc.freeze()      # linear probing; enc.unfreeze() for full fine-tuning
+
+``pixels`` is ``[B, C, H, W]`` (any C; H and W multiples of ``enc.patch_size``), ``wavelengths`` and
+``fwhm`` are ``[B, C]`` or ``[C]`` in nm. ``sensor`` / ``level`` are a name, a list of B names, or
+None; None or a name the export's vocabulary does not hold means "unknown" (index 0).
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from data_prep.registry import LEVELS, sensor_vocab
+
+EXPORT_FILES = ("encoder.safetensors", "model_args.json")
+
+
+class ExportError(ValueError):
+    """An encoder export is missing, incomplete or does not match the model code."""
+
+
+Names = str | Sequence[str | None] | None
+
+
+class Encoder(nn.Module):
+    """A pretrained encoder taking sensor/level names. See the module docstring."""
+
+    def __init__(self, inner: nn.Module, args: dict | None = None, source: str = "") -> None:
+        super().__init__()
+        self.inner = inner
+        self.args = dict(args or {})
+        self.source = source
+        vocab = self.args.get("sensor_vocab")
+        self.sensor_vocab: tuple[str, ...] = tuple(vocab) if vocab else sensor_vocab()
+        levels = self.args.get("levels")
+        self.levels: tuple[str, ...] = tuple(levels) if levels else LEVELS
+
+    @property
+    def embed_dim(self) -> int:
+        return int(self.inner.embed_dim)
+
+    @property
+    def patch_size(self) -> int:
+        return int(self.inner.patch_size)
+
+    @property
+    def depth(self) -> int:
+        """Number of transformer blocks (for choosing ``features`` layers)."""
+        for name in ("depth", "n_layers", "num_layers"):
+            if hasattr(self.inner, name):
+                return int(getattr(self.inner, name))
+        blocks = getattr(self.inner, "blocks", None)
+        if blocks is not None:
+            return len(blocks)
+        raise AttributeError("the encoder exposes no depth/blocks")
+
+    def freeze(self) -> Encoder:
+        """Stop gradients into every encoder parameter and put it in eval mode (linear probing)."""
+        for p in self.parameters():
+            p.requires_grad_(False)
+        self.eval()
+        self._frozen = True
+        return self
+
+    def unfreeze(self) -> Encoder:
+        """Make every encoder parameter trainable again (full fine-tuning)."""
+        for p in self.parameters():
+            p.requires_grad_(True)
+        self._frozen = False
+        return self
+
+    @property
+    def frozen(self) -> bool:
+        return bool(getattr(self, "_frozen", False))
+
+    def train(self, mode: bool = True) -> Encoder:
+        # A frozen encoder stays in eval mode even when the head around it trains.
+        return super().train(mode and not self.frozen)
+
+    def _indices(self, names: Names, vocab: Sequence[str], batch: int, device: torch.device) -> torch.Tensor | None:
+        if names is None:
+            return None
+        if isinstance(names, str):
+            names = [names] * batch
+        names = list(names)
+        if len(names) != batch:
+            raise ValueError(f"got {len(names)} names for a batch of {batch}")
+        idx = [vocab.index(n) if n in vocab else 0 for n in names]
+        return torch.tensor(idx, dtype=torch.int64, device=device)
+
+    def _prepare(self, pixels, wavelengths, fwhm, sensor, level):
+        if pixels.ndim != 4:
+            raise ValueError(f"pixels must be [B, C, H, W], got shape {tuple(pixels.shape)}")
+        b, c, h, w = pixels.shape
+        p = self.patch_size
+        if h % p or w % p:
+            raise ValueError(f"pixels are {h}x{w}; expected multiples of the encoder's patch size {p}")
+        wl = torch.as_tensor(wavelengths, dtype=torch.float32, device=pixels.device)
+        fw = torch.as_tensor(fwhm, dtype=torch.float32, device=pixels.device)
+        if wl.ndim == 1:
+            wl = wl.expand(b, -1)
+        if fw.ndim == 1:
+            fw = fw.expand(b, -1)
+        if wl.shape != (b, c) or fw.shape != (b, c):
+            raise ValueError(f"wavelengths {tuple(wl.shape)} and fwhm {tuple(fw.shape)} must be [B, C] = [{b}, {c}]")
+        s = self._indices(sensor, self.sensor_vocab, b, pixels.device)
+        lv = self._indices(level, self.levels, b, pixels.device)
+        return pixels.float(), wl.contiguous(), fw.contiguous(), s, lv
+
+    def forward(self, pixels: torch.Tensor, wavelengths: torch.Tensor, fwhm: torch.Tensor,
+                sensor: Names = None, level: Names = None) -> torch.Tensor:
+        """Patch tokens ``[B, N, D]``, N = (H / patch) * (W / patch)."""
+        x, wl, fw, s, lv = self._prepare(pixels, wavelengths, fwhm, sensor, level)
+        return self.inner(x, wl, fw, sensor=s, level=lv)
+
+    def features(self, pixels: torch.Tensor, wavelengths: torch.Tensor, fwhm: torch.Tensor,
+                 sensor: Names = None, level: Names = None, layers: Sequence[int] = (0, 1, 2, 3)) -> list[torch.Tensor]:
+        """Tokens ``[B, N, D]`` after each of the given transformer blocks (for UperNet)."""
+        x, wl, fw, s, lv = self._prepare(pixels, wavelengths, fwhm, sensor, level)
+        return list(self.inner.features(x, wl, fw, sensor=s, level=lv, layers=tuple(layers)))
+
+    def grid(self, h: int, w: int) -> tuple[int, int]:
+        """Token grid (rows, cols) of an h x w input."""
+        return h // self.patch_size, w // self.patch_size
+
+    def default_layers(self) -> tuple[int, ...]:
+        """Four block indices spread over the depth (e.g. 3, 5, 7, 11 of 12)."""
+        d = self.depth
+        if d >= 4:
+            return tuple(sorted({max(0, round(d * f) - 1) for f in (0.25, 0.5, 0.75, 1.0)}))
+        return tuple(min(i, d - 1) for i in range(4))
+
+
+def check_export(path: str | Path) -> Path:
+    """The export directory, or an ExportError naming what is missing."""
+    p = Path(path)
+    if p.is_file() and p.name in EXPORT_FILES:
+        p = p.parent
+    if not p.is_dir():
+        raise ExportError(f"encoder export {p} does not exist; expected a directory holding {', '.join(EXPORT_FILES)} "
+                          "(written by pretrain.models.export.save_encoder)")
+    missing = [f for f in EXPORT_FILES if not (p / f).is_file()]
+    if missing:
+        raise ExportError(f"encoder export {p} lacks {', '.join(missing)}; expected {', '.join(EXPORT_FILES)} "
+                          "(written by pretrain.models.export.save_encoder)")
+    try:
+        json.loads((p / "model_args.json").read_text())
+    except json.JSONDecodeError as e:
+        raise ExportError(f"{p / 'model_args.json'} is not valid JSON: {e}") from e
+    return p
+
+
+def load_encoder(path: str | Path, map_location: str = "cpu") -> Encoder:
+    """Load an exported encoder (safetensors + model_args.json) as an :class:`Encoder`."""
+    p = check_export(path)
+    from pretrain.models.export import load_encoder as _load
+
+    args = json.loads((p / "model_args.json").read_text())
+    try:
+        inner = _load(p, map_location=map_location)
+    except ExportError:
+        raise
+    except (RuntimeError, KeyError, ValueError, TypeError) as e:
+        raise ExportError(f"encoder export {p} does not match the model code (model_args.json: "
+                          f"{args.get('name', '?')}): {e}") from e
+    return Encoder(inner, args, source=str(p))
+
+
+def wrap_encoder(inner: nn.Module, args: dict | None = None) -> Encoder:
+    """Wrap an in-memory ``pretrain.models`` encoder (e.g. ``model.encoder``) in the name-taking API."""
+    return inner if isinstance(inner, Encoder) else Encoder(inner, args)
