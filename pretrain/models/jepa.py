@@ -1,0 +1,133 @@
+"""JEPA objective (after SpectralEarth-FM): a context encoder (the shared encoder) sees a local view, an EMA
+target encoder sees the global view, and a predictor maps context tokens to the target's tokens.
+
+Global view: all of the batch's bands, the full crop. Local view: a random contiguous band sub-window and
+a smaller random crop aligned to the token grid (the same window and crop for the whole batch, so shapes
+stay fixed; a new draw every step). The predictor gets the context tokens plus one query per global token
+position and predicts every global token; the loss (smooth L1 or MSE) is against the target tokens after a
+parameter-free LayerNorm. The target encoder has no gradients and moves only by :meth:`update_target`.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+from collections.abc import Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..losses import latent_loss
+from .args import ModelArgs
+from .encoder import SpectralEncoder, block_macs
+from .layers import Block, init_weights, pos_embed, run_blocks
+
+
+def _randint(lo: int, hi: int, g: torch.Generator | None) -> int:
+    return int(torch.randint(lo, hi + 1, (1,), generator=g).item())
+
+
+class JEPA(nn.Module):
+    """``model(batch) -> {"loss", "band_window" [2], "crop" [4]}``; ``model.encoder`` is the context encoder."""
+
+    objective = "jepa"
+
+    def __init__(self, args: ModelArgs, sensor_names: Sequence[str] | None = None,
+                 level_names: Sequence[str] | None = None, compute_text: bool = True) -> None:
+        super().__init__()
+        self.args = args
+        self.encoder = SpectralEncoder(args, sensor_names, level_names, compute_text)
+        self.target_encoder = copy.deepcopy(self.encoder)
+        for p in self.target_encoder.parameters():
+            p.requires_grad_(False)
+        pd = args.pred_dim
+        self.pred_embed = nn.Linear(args.dim, pd)
+        self.pred_query = nn.Parameter(torch.zeros(pd))
+        self.pred_blocks = nn.ModuleList(Block(pd, args.pred_heads, args.mlp_ratio) for _ in range(args.pred_depth))
+        self.pred_norm = nn.LayerNorm(pd)
+        self.pred_out = nn.Linear(pd, args.dim)
+        init_weights(self.pred_blocks)
+        init_weights(self.pred_embed)
+        init_weights(self.pred_out)
+        nn.init.normal_(self.pred_query, std=0.02)
+
+    def set_grad_checkpointing(self, enabled: bool = True) -> None:
+        self.encoder.set_grad_checkpointing(enabled)
+
+    def add_sensor(self, name: str, text: str | None = None) -> int:
+        self.target_encoder.add_sensor(name, text)
+        return self.encoder.add_sensor(name, text)
+
+    @torch.no_grad()
+    def update_target(self, momentum: float) -> None:
+        """EMA: ``target = momentum * target + (1 - momentum) * context`` (parameters); buffers copied."""
+        if not 0.0 <= momentum <= 1.0:
+            raise ValueError(f"momentum must be in [0, 1], got {momentum}")
+        tp = list(self.target_encoder.parameters())
+        op = list(self.encoder.parameters())
+        torch._foreach_mul_(tp, momentum)
+        torch._foreach_add_(tp, [p.detach() for p in op], alpha=1.0 - momentum)
+        for bt, bo in zip(self.target_encoder.buffers(), self.encoder.buffers()):
+            bt.copy_(bo)
+
+    @staticmethod
+    def momentum(step: int, total: int, base: float = 0.996, final: float = 1.0) -> float:
+        """Cosine schedule from ``base`` at step 0 to ``final`` at ``total`` (a pure function of the step)."""
+        t = min(max(step / max(total, 1), 0.0), 1.0)
+        return final - (final - base) * (math.cos(math.pi * t) + 1) / 2
+
+    def train(self, mode: bool = True) -> JEPA:
+        super().train(mode)
+        self.target_encoder.eval()
+        return self
+
+    def draw_view(self, c: int, h: int, w: int, g: torch.Generator | None = None) -> tuple[int, int, int, int, int, int]:
+        """(band start, band count, row0, rows, col0, cols) of the local view, in bands and tokens."""
+        a = self.args
+        k = _randint(max(1, math.ceil(a.jepa_band_frac[0] * c)), max(1, math.ceil(a.jepa_band_frac[1] * c)), g)
+        b0 = _randint(0, c - k, g)
+        sh = _randint(max(1, round(a.jepa_crop_frac[0] * h)), max(1, round(a.jepa_crop_frac[1] * h)), g)
+        sw = _randint(max(1, round(a.jepa_crop_frac[0] * w)), max(1, round(a.jepa_crop_frac[1] * w)), g)
+        y0, x0 = _randint(0, h - sh, g), _randint(0, w - sw, g)
+        return b0, k, y0, sh, x0, sw
+
+    def forward(self, batch: dict, generator: torch.Generator | None = None) -> dict[str, torch.Tensor]:
+        p = self.args.patch_size
+        pixels, wl, fw = batch["pixels"], batch["wavelengths"], batch["fwhm"]
+        sensor, level, valid, gsd = batch.get("sensor"), batch.get("level"), batch.get("valid"), batch.get("gsd")
+        b, c, hh, ww = pixels.shape
+        h, w = hh // p, ww // p
+        with torch.no_grad():
+            target = self.target_encoder(pixels, wl, fw, sensor, level, valid, gsd)
+            target = F.layer_norm(target.float(), (target.shape[-1],))
+        b0, k, y0, sh, x0, sw = self.draw_view(c, h, w, generator)
+        ys, xs = slice(y0 * p, (y0 + sh) * p), slice(x0 * p, (x0 + sw) * p)
+        ctx_valid = valid[:, ys, xs] if valid is not None else None
+        ctx, _ = self.encoder.embed(pixels[:, b0:b0 + k, ys, xs], wl[:, b0:b0 + k], fw[:, b0:b0 + k], sensor, level,
+                                    ctx_valid, gsd, offset=(y0, x0))
+        ctx = self.encoder.blocks_forward(ctx)
+        z = self.pred_embed(ctx)
+        pd = z.shape[-1]
+        z = z + pos_embed(sh, sw, pd, z.device, (y0, x0)).to(z.dtype)
+        q = self.pred_query.to(z.dtype) + pos_embed(h, w, pd, z.device).to(z.dtype).expand(b, -1, -1)
+        x = run_blocks(self.pred_blocks, torch.cat([z, q], 1), self.encoder.grad_checkpointing)
+        pred = self.pred_out(self.pred_norm(x[:, z.shape[1]:]))
+        loss = latent_loss(pred, target, self.args.jepa_loss)
+        return {"loss": loss, "band_window": torch.tensor([b0, k]), "crop": torch.tensor([y0, sh, x0, sw])}
+
+    def flops_per_sample(self, n_bands: int, image_size: int) -> float:
+        """Training FLOPs per sample (context encoder + predictor forward and backward, target forward), at
+        the mean local-view size."""
+        a = self.args
+        n = (image_size // a.patch_size) ** 2
+        side = image_size // a.patch_size
+        cf = sum(a.jepa_crop_frac) / 2
+        nc = max(1, round(cf * side)) ** 2
+        kc = max(1, round(sum(a.jepa_band_frac) / 2 * n_bands))
+        enc = self.encoder
+        target = enc.embed_flops(n_bands, image_size) + enc.blocks_flops(n)
+        context = enc.embed_flops(kc, int(round(cf * side)) * a.patch_size) + enc.blocks_flops(nc)
+        pred = 2.0 * (nc * a.dim * a.pred_dim + a.pred_depth * block_macs(nc + n, a.pred_dim, a.mlp_ratio)
+                      + n * a.pred_dim * a.dim)
+        return target + 3.0 * (context + pred)
