@@ -1,0 +1,227 @@
+"""Everything distributed: process group, DeepSpeed config from the typed config, the engine, export.
+
+Model files import nothing from here; the trainer calls these functions.
+"""
+
+from __future__ import annotations
+
+import importlib
+import os
+import socket
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from pretrain.config import ConfigError, TrainConfig
+
+NO_DECAY_MODULES = (nn.LayerNorm, nn.GroupNorm, nn.BatchNorm1d, nn.BatchNorm2d, nn.Embedding, nn.RMSNorm)
+NO_DECAY_NAMES = ("pos_embed", "cls_token", "mask_token", "register_tokens")
+
+
+def import_object(spec: str) -> Callable:
+    """``"package.module:function"`` -> the function (clear error when it does not exist)."""
+    mod_name, _, attr = spec.partition(":")
+    try:
+        mod = importlib.import_module(mod_name)
+    except ImportError as e:
+        raise ConfigError(f"cannot import module {mod_name!r} (from {spec!r}): {e}") from None
+    try:
+        return getattr(mod, attr)
+    except AttributeError:
+        raise ConfigError(f"module {mod_name!r} has no {attr!r} (from {spec!r})") from None
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def init_distributed() -> tuple[int, int, int]:
+    """Join the process group torchrun describes (RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR/PORT).
+
+    Without torchrun's variables the run is one process (world size 1) on a fresh local port: explicit,
+    not a fallback. Backend: nccl with CUDA, gloo otherwise. Returns (rank, world_size, local_rank).
+    """
+    import deepspeed
+
+    if "RANK" not in os.environ:
+        os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", LOCAL_WORLD_SIZE="1",
+                          MASTER_ADDR="127.0.0.1", MASTER_PORT=str(_free_port()))
+    backend = "nccl" if torch.cuda.is_available() else "gloo"
+    if not dist.is_initialized():
+        deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=False, verbose=False)
+    local_rank = int(os.environ.get("LOCAL_RANK", 0))
+    if torch.cuda.is_available():
+        torch.cuda.set_device(local_rank)
+    return dist.get_rank(), dist.get_world_size(), local_rank
+
+
+def device() -> torch.device:
+    return torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
+
+
+def param_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
+    """AdamW groups: weight decay on weight matrices; none on norms, biases, embeddings and 1-d parameters."""
+    decay, no_decay, seen = [], [], set()
+    for mod_name, mod in model.named_modules():
+        for p_name, p in mod.named_parameters(recurse=False):
+            if id(p) in seen or not p.requires_grad:
+                continue
+            seen.add(id(p))
+            full = f"{mod_name}.{p_name}" if mod_name else p_name
+            skip = (isinstance(mod, NO_DECAY_MODULES) or p.ndim < 2 or p_name == "bias"
+                    or "norm" in full.lower() or full.split(".")[-1] in NO_DECAY_NAMES)
+            (no_decay if skip else decay).append(p)
+    return [{"params": decay, "weight_decay": weight_decay, "name": "decay"},
+            {"params": no_decay, "weight_decay": 0.0, "name": "no_decay"}]
+
+
+def deepspeed_config(cfg: TrainConfig, world_size: int) -> dict[str, Any]:
+    """The DeepSpeed config, generated from the typed config in one place."""
+    accum, global_batch = cfg.parallel.resolve(world_size)
+    ds: dict[str, Any] = {
+        "train_batch_size": global_batch,
+        "train_micro_batch_size_per_gpu": cfg.parallel.micro_batch,
+        "gradient_accumulation_steps": accum,
+        "gradient_clipping": cfg.optim.grad_clip,
+        "zero_optimization": {"stage": cfg.parallel.zero_stage},
+        "bf16": {"enabled": cfg.parallel.precision == "bf16"},
+        "steps_per_print": 10**9,
+        "wall_clock_breakdown": False,
+        "zero_allow_untested_optimizer": True,
+    }
+    if cfg.parallel.zero_stage == 3:
+        ds["zero_optimization"].update({"stage3_gather_16bit_weights_on_model_save": False})
+    return ds
+
+
+class _Checkpointed(nn.Module):
+    """Recomputes a block's forward in the backward pass (activation checkpointing)."""
+
+    def __init__(self, block: nn.Module):
+        super().__init__()
+        self.block = block
+
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        if not self.training:
+            return self.block(*args, **kwargs)
+        return torch.utils.checkpoint.checkpoint(self.block, *args, use_reentrant=False, **kwargs)
+
+
+def enable_activation_checkpointing(model: nn.Module) -> int:
+    """Wrap every ``blocks`` ModuleList (encoder and decoder) in the model; returns blocks wrapped.
+
+    The export unwraps them again first (:func:`export_encoder`), so exported parameter names do not change.
+    """
+    n = 0
+    for mod in list(model.modules()):
+        blocks = getattr(mod, "blocks", None)
+        if isinstance(blocks, nn.ModuleList):
+            for i, b in enumerate(blocks):
+                if not isinstance(b, _Checkpointed):
+                    blocks[i] = _Checkpointed(b)
+                    n += 1
+    if n == 0:
+        raise ConfigError("model.activation_checkpointing: the model has no 'blocks' ModuleList to checkpoint")
+    return n
+
+
+def disable_activation_checkpointing(model: nn.Module) -> None:
+    for mod in list(model.modules()):
+        blocks = getattr(mod, "blocks", None)
+        if isinstance(blocks, nn.ModuleList):
+            for i, b in enumerate(blocks):
+                if isinstance(b, _Checkpointed):
+                    blocks[i] = b.block
+
+
+def build_engine(model: nn.Module, cfg: TrainConfig, world_size: int) -> Any:
+    """``deepspeed.initialize`` with a torch AdamW (no fused-op compile) over :func:`param_groups`."""
+    import deepspeed
+
+    if cfg.model.activation_checkpointing:
+        enable_activation_checkpointing(model)
+    opt = torch.optim.AdamW(param_groups(model, cfg.optim.weight_decay), lr=cfg.optim.lr,
+                            betas=tuple(cfg.optim.betas), eps=cfg.optim.eps)
+    engine, _, _, _ = deepspeed.initialize(model=model, optimizer=opt, config=deepspeed_config(cfg, world_size))
+    return engine
+
+
+def set_lr(engine: Any, lr: float) -> None:
+    for g in engine.optimizer.param_groups:
+        g["lr"] = lr
+
+
+def export_encoder(engine: Any, cfg: TrainConfig, out_dir: Path, rank: int) -> None:
+    """Write the consolidated encoder export (collective under ZeRO-3: parameters are gathered first)."""
+    import deepspeed
+
+    exporter = import_object(cfg.model.exporter)
+    model = engine.module
+    if cfg.model.activation_checkpointing:
+        disable_activation_checkpointing(model)
+    if cfg.parallel.zero_stage == 3:
+        with deepspeed.zero.GatheredParameters(list(model.parameters()), modifier_rank=None):
+            if rank == 0:
+                exporter(model, out_dir)
+    elif rank == 0:
+        exporter(model, out_dir)
+    if cfg.model.activation_checkpointing:
+        enable_activation_checkpointing(model)
+    dist.barrier()
+
+
+def load_export_into(model: nn.Module, export_dir: Path) -> None:
+    """Initialise ``model.encoder`` from a previous stage's ``encoder.safetensors`` (strict, clear errors)."""
+    from safetensors.torch import load_file
+
+    f = Path(export_dir) / "encoder.safetensors"
+    if not f.is_file():
+        raise ConfigError(f"export {export_dir} has no encoder.safetensors: the stage it comes from has not "
+                          f"finished (or init_from points at the wrong directory)")
+    sd = load_file(str(f))
+    enc = model.encoder
+    own = enc.state_dict()
+    bad = [f"{k}: export {list(v.shape)} vs model {list(own[k].shape)}" for k, v in sd.items()
+           if k in own and own[k].shape != v.shape]
+    missing, extra = sorted(set(own) - set(sd)), sorted(set(sd) - set(own))
+    if bad or missing or extra:
+        raise ConfigError(f"export {f} does not fit model.name/overrides of this stage: "
+                          f"{'; '.join(bad[:5])} missing={missing[:5]} unexpected={extra[:5]}")
+    enc.load_state_dict(sd, strict=True)
+
+
+def all_reduce_mean(x: float) -> float:
+    t = torch.tensor([x], dtype=torch.float64, device=device() if dist.get_backend() == "nccl" else "cpu")
+    dist.all_reduce(t)
+    return float(t.item()) / dist.get_world_size()
+
+
+def any_rank(flag: bool) -> bool:
+    t = torch.tensor([int(flag)], device=device() if dist.get_backend() == "nccl" else "cpu")
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return bool(t.item())
+
+
+def gather_floats(x: float) -> list[float]:
+    t = torch.tensor([x], dtype=torch.float64, device=device() if dist.get_backend() == "nccl" else "cpu")
+    out = [torch.zeros_like(t) for _ in range(dist.get_world_size())]
+    dist.all_gather(out, t)
+    return [float(o.item()) for o in out]
+
+
+def to_device(batch: dict[str, Any], dev: torch.device, dtype: torch.dtype | None = None) -> dict[str, Any]:
+    """Move tensors to ``dev``; floating tensors to ``dtype`` when given (bf16 runs)."""
+    out = {}
+    for k, v in batch.items():
+        if isinstance(v, torch.Tensor):
+            v = v.to(dev, non_blocking=True)
+            if dtype is not None and v.is_floating_point():
+                v = v.to(dtype)
+        out[k] = v
+    return out
