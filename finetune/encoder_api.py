@@ -43,7 +43,7 @@ class Encoder(nn.Module):
         self.source = source
         vocab = self.args.get("sensor_vocab")
         self.sensor_vocab: tuple[str, ...] = tuple(vocab) if vocab else sensor_vocab()
-        levels = self.args.get("levels")
+        levels = self.args.get("level_vocab") or self.args.get("levels")
         self.levels: tuple[str, ...] = tuple(levels) if levels else LEVELS
 
     @property

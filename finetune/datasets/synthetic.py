@@ -74,14 +74,26 @@ def _materials(root: Path, entry: dict) -> dict:
         return {k: z[k] for k in z.files}
 
 
+def _grouped(mat: dict, group: str) -> tuple[np.ndarray, list[str]]:
+    """Material labels and names; ``group="category"`` merges materials by their category prefix
+    (``vegetation_0243`` -> ``vegetation``)."""
+    raw = mat["labels"].astype(np.int64)
+    names = [str(n) for n in mat["names"]]
+    if group == "material":
+        return raw, names
+    if group != "category":
+        raise DatasetError(f"group is {group!r}; expected 'material' or 'category'")
+    cats = sorted({n.split("_")[0] for n in names})
+    lut = np.asarray([cats.index(n.split("_")[0]) for n in names] + [-1], np.int64)
+    return np.where(raw >= 0, lut[np.clip(raw, 0, len(names))], -1), cats
+
+
 def synthetic_segmentation(manifest: str | Path, *, sensor: str = "emit", level: str = "L2", scene: int = 0,
-                           band_stride: int = 1) -> SegmentationData:
+                           band_stride: int = 1, group: str = "category") -> SegmentationData:
     root, m = load_manifest(manifest)
     e = _one(m, root, "scene", sensor, level)[scene]
     cube, valid, spec = read_product(root, e, band_stride)
-    mat = _materials(root, e)
-    raw = mat["labels"].astype(np.int64)
-    names = [str(n) for n in mat["names"]]
+    raw, names = _grouped(_materials(root, e), group)
     present = np.unique(raw[valid & (raw >= 0)])
     lut = np.full(max(len(names), int(raw.max()) + 1), -1, np.int64)
     lut[present] = np.arange(present.size)
@@ -109,20 +121,25 @@ def synthetic_change(manifest: str | Path, *, sensor: str | None = None, level: 
 
 
 def synthetic_classification(manifest: str | Path, *, sensor: str = "emit", level: str = "L2", tile: int = 16,
-                             band_stride: int = 1, min_per_class: int = 2) -> ClassificationData:
-    """Tiles of every scene product of the sensor/level; class = dominant material (classes with fewer
-    than ``min_per_class`` tiles are dropped)."""
+                             stride: int | None = None, band_stride: int = 1, min_per_class: int = 2,
+                             group: str = "category", roles: tuple[str, ...] = ("scene", "change_t1", "fusion_hs"),
+                             min_valid: float = 0.5) -> ClassificationData:
+    """Tiles (``stride`` apart, default tile // 2) of the sensor/level's products of the given roles; class =
+    dominant material category (or material); classes with fewer than ``min_per_class`` tiles are dropped."""
+    stride = stride or max(1, tile // 2)
     root, m = load_manifest(manifest)
     patches, labels, spec, names = [], [], None, None
-    for e in _one(m, root, "scene", sensor, level):
+    entries = [e for r in roles for e in _entries(m, r, sensor, level)]
+    if not entries:
+        raise DatasetError(f"{root}/manifest.json: no {roles} product of sensor={sensor} level={level}")
+    for e in entries:
         cube, valid, spec = read_product(root, e, band_stride)
-        mat = _materials(root, e)
-        names = [str(n) for n in mat["names"]]
-        lab = mat["labels"].astype(np.int64)
-        for y in range(0, cube.shape[1] - tile + 1, tile):
-            for x in range(0, cube.shape[2] - tile + 1, tile):
+        lab, names = _grouped(_materials(root, e), group)
+        valid = valid & (lab >= 0)
+        for y in range(0, cube.shape[1] - tile + 1, stride):
+            for x in range(0, cube.shape[2] - tile + 1, stride):
                 v = valid[y:y + tile, x:x + tile]
-                if v.mean() < 0.8:
+                if v.mean() < min_valid:
                     continue
                 counts = np.bincount(lab[y:y + tile, x:x + tile][v].clip(0), minlength=len(names))
                 patches.append(cube[:, y:y + tile, x:x + tile])

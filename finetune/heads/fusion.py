@@ -37,6 +37,8 @@ class HyperLinear(nn.Module):
         self.in_features = in_features
         self.hyper = nn.Sequential(nn.Linear(2 * n_freq + 1, hidden), nn.GELU(), nn.Linear(hidden, hidden), nn.GELU(),
                                    nn.Linear(hidden, in_features + 1))
+        nn.init.zeros_(self.hyper[-1].weight)  # the decoder starts as the bilinear upsample
+        nn.init.zeros_(self.hyper[-1].bias)
 
     def forward(self, feat: torch.Tensor, wavelengths: torch.Tensor, fwhm: torch.Tensor) -> torch.Tensor:
         cond = torch.cat([fourier_features(wavelengths, self.n_freq), (fwhm / 100.0)[..., None]], -1)
