@@ -124,6 +124,9 @@ def loc_candidates(stem: str, m: re.Match | None) -> list[str]:
         loc = "LOC" if tok.isupper() else "loc"
         a, b = m.span("tok")
         out.append(stem[:a] + loc + stem[b:])
+        last = stem.rfind(f"_{tok}")  # JPL's AV3 names end in the product token: ..._L1B_RDN_<hash>_RDN -> _LOC
+        if last >= 0 and last + 1 != a:
+            out.append(stem[:last + 1] + loc + stem[last + 1 + len(tok):])
     if stem.endswith("_img"):
         out.append(stem[:-4] + "_loc")
     out.append(stem + "_loc")
@@ -169,6 +172,7 @@ def open_envi(path: str | Path) -> Granule:
     if wl.size != bands:
         raise perr(hdr, "wavelength", f"{wl.size} centres for {bands} bands")
     units = str(h.get("wavelength units", "")).strip().lower()
+    units = "" if units == "unknown" else units
     if units in ("micrometers", "micrometer", "microns", "micron", "um") or (not units and np.nanmax(wl) < 100):
         wl = wl * 1000.0
     fwhm = _floats(h, "fwhm", hdr) if "fwhm" in h else None

@@ -160,3 +160,20 @@ def test_find_products_skips_sidecars(tmp_path):
     assert sorted(find_products([tmp_path])) == sorted([a, b])
     assert find_products([a.with_suffix("")]) == [a]  # the data file given directly -> its header
     assert find_products([b / f"{b.name}-SPECTRAL_IMAGE.tif"]) == [b]
+
+
+@pytest.mark.parametrize(("stem", "sensor", "level", "when", "loc"), [
+    ("ang20170323t202244_rdn_7000-7010", "aviris-ng", "L1", "2017-03-23T20:22:44", "ang20170323t202244_loc_7000-7010"),
+    ("ang20191027t204454_corr_v2x1_img", "aviris-ng", "L2", "2019-10-27T20:44:54", "ang20191027t204454_loc_v2x1_img"),
+    ("AV320231010t173506_005_L1B_RDN_3f4aa1b1_RDN", "aviris-3", "L1", "2023-10-10T17:35:06",
+     "AV320231010t173506_005_L1B_RDN_3f4aa1b1_LOC"),
+    ("AV320231010t173506_005_L2A_RFL", "aviris-3", "L2", "2023-10-10T17:35:06", "AV320231010t173506_005_L2A_LOC"),
+    ("f180601t01p00r06_rfl", "aviris-classic", "L2", "2018-06-01T00:00:00", "f180601t01p00r06_loc"),
+    ("f180601t01p00r06_rdn_e_img", "aviris-classic", "L1", "2018-06-01T00:00:00", "f180601t01p00r06_rdn_e_loc"),
+])
+def test_jpl_names(stem, sensor, level, when, loc):
+    from data_prep.formats.envi import is_sidecar, loc_candidates, parse_name
+
+    s, lev, t, m = parse_name(stem)
+    assert (s, lev, t) == (sensor, level, dt.datetime.fromisoformat(when).replace(tzinfo=dt.UTC))
+    assert loc in loc_candidates(stem, m) and is_sidecar(loc) and not is_sidecar(stem)
