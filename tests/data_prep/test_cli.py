@@ -101,3 +101,33 @@ def test_ingest_cli_missing_input(tmp_path, capsys):
     pytest.importorskip("data_prep.formats")
     assert main(["ingest", str(tmp_path / "nope"), "--out", str(tmp_path / "root"), "--no-progress"]) == 2
     assert "error: " in capsys.readouterr().err and not (tmp_path / "root").exists()
+
+
+def test_ingest_the_real_aviris_ng_cube(real_data, tmp_path, capsys):
+    from data_prep.formats import open_product
+
+    hdr = real_data / "ang20170323t202244_rdn_7000-7010.hdr"
+    out = str(tmp_path / "root")
+    assert main(["ingest", str(hdr), "--out", out, "--patch-size", "8", "--json", "--no-progress"]) == 0
+    assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["patches_added"] == 1  # 10x10: one 8x8 kept
+    s = PatchStore(st.store_url(out, "aviris-ng", "L1"))
+    g = open_product(hdr)
+    cube, valid = g.read_rows(0, 8)
+    np.testing.assert_array_equal(s.read(0)[0], np.clip(cube[:, :, :8], -1.0, 80.0).astype(np.float16))
+    assert s.read(0)[1].all() and s.meta("valid_fraction")[0] == 1.0
+    assert s.meta("lat")[0] == g.lat[4, 4] and s.meta("lon")[0] == g.lon[4, 4]
+    ref = cube[:, :, :8].astype(np.float16).astype(np.float64)
+    np.testing.assert_allclose(s.stats.mean[50], ref[50].mean(), rtol=1e-12)
+    assert s.attrs["granules"]["ang20170323t202244_rdn_7000-7010"]["source"] == str(hdr)
+
+
+def test_ingest_cli_stops_on_a_truncated_product_and_writes_nothing(tmp_path, capsys):
+    d, hdr, _ = _products(tmp_path)
+    data = hdr.with_suffix("")
+    assert data.exists()
+    data.write_bytes(data.read_bytes()[:1000])  # truncated ENVI binary
+    out = tmp_path / "root"
+    assert main(["ingest", str(d), "--out", str(out), "--no-progress"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and hdr.stem in err
+    assert not out.exists()
