@@ -6,6 +6,7 @@ Model files import nothing from here; the trainer calls these functions.
 from __future__ import annotations
 
 import importlib
+import inspect
 import os
 import socket
 from collections.abc import Callable
@@ -145,7 +146,10 @@ def build_engine(model: nn.Module, cfg: TrainConfig, world_size: int) -> Any:
     import deepspeed
 
     if cfg.model.activation_checkpointing:
-        enable_activation_checkpointing(model)
+        if hasattr(model, "set_grad_checkpointing"):
+            model.set_grad_checkpointing(True)
+        else:
+            enable_activation_checkpointing(model)
     opt = torch.optim.AdamW(param_groups(model, cfg.optim.weight_decay), lr=cfg.optim.lr,
                             betas=tuple(cfg.optim.betas), eps=cfg.optim.eps)
     engine, _, _, _ = deepspeed.initialize(model=model, optimizer=opt, config=deepspeed_config(cfg, world_size))
@@ -157,21 +161,23 @@ def set_lr(engine: Any, lr: float) -> None:
         g["lr"] = lr
 
 
-def export_encoder(engine: Any, cfg: TrainConfig, out_dir: Path, rank: int) -> None:
+def export_encoder(engine: Any, cfg: TrainConfig, out_dir: Path, rank: int, extra: dict | None = None) -> None:
     """Write the consolidated encoder export (collective under ZeRO-3: parameters are gathered first)."""
     import deepspeed
 
     exporter = import_object(cfg.model.exporter)
     model = engine.module
-    if cfg.model.activation_checkpointing:
+    wrapped = cfg.model.activation_checkpointing and not hasattr(model, "set_grad_checkpointing")
+    if wrapped:
         disable_activation_checkpointing(model)
+    kw = {"extra": extra} if extra and "extra" in inspect.signature(exporter).parameters else {}
     if cfg.parallel.zero_stage == 3:
         with deepspeed.zero.GatheredParameters(list(model.parameters()), modifier_rank=None):
             if rank == 0:
-                exporter(model, out_dir)
+                exporter(model, out_dir, **kw)
     elif rank == 0:
-        exporter(model, out_dir)
-    if cfg.model.activation_checkpointing:
+        exporter(model, out_dir, **kw)
+    if wrapped:
         enable_activation_checkpointing(model)
     dist.barrier()
 

@@ -7,6 +7,7 @@ import logging
 import os
 import resource
 import sys
+import uuid
 from pathlib import Path
 from typing import Any
 
@@ -40,12 +41,12 @@ def throughput(*, samples: int, seconds: float, tokens_per_sample: int, flops_pe
                world_size: int, peak_tflops: float) -> dict[str, float]:
     """samples/s, tokens/s (over all ranks) and model FLOP utilisation per rank against ``peak_tflops``.
 
-    ``flops_per_sample`` is the forward cost; a training step counts 3x (forward + backward).
+    ``flops_per_sample`` is the training cost of one sample (forward + backward), as the models report it.
     """
     sps = samples / seconds if seconds > 0 else float("nan")
     out = {"samples_per_s": sps, "tokens_per_s": sps * tokens_per_sample}
     if flops_per_sample:
-        out["tflops_per_rank"] = 3.0 * flops_per_sample * sps / world_size / 1e12
+        out["tflops_per_rank"] = flops_per_sample * sps / world_size / 1e12
         out["mfu"] = out["tflops_per_rank"] / peak_tflops
     return out
 
@@ -69,7 +70,7 @@ class RunLogger:
         import wandb
 
         id_file = self.run_dir / "wandb_id.txt"
-        run_id = id_file.read_text().strip() if id_file.exists() else wandb.util.generate_id()
+        run_id = id_file.read_text().strip() if id_file.exists() else uuid.uuid4().hex[:12]
         id_file.write_text(run_id)
         self.wandb = wandb.init(project=self.cfg.project, dir=str(self.run_dir), mode=self.cfg.wandb,
                                 id=run_id, resume="allow", config=config_dict, name=self.run_dir.name)

@@ -119,6 +119,8 @@ class Trainer:
         init = self.init_export(k)
         if init is not None:
             eng.load_export_into(model, init)
+        self.init_checksum = float(sum(p.detach().double().abs().sum() for p in model.encoder.parameters()))
+        self.init_from = str(init) if init is not None else None
         self.shapes = ckpt.param_shapes(model)
         self.model_ref = model
         loader = build_loader(self.cfg.stage_data(stage), self.rank, self.world_size)
@@ -137,6 +139,8 @@ class Trainer:
         cfg, stage = self.cfg, self.cfg.stages[k]
         engine, loader, total = self.build(k)
         st = StageState(stage=k, global_step=global_step)
+        self.logger.log({"event": "stage_start", "stage": stage.name, "init_from": self.init_from,
+                         "encoder_abs_sum": self.init_checksum, "total_steps": total, "global_step": global_step})
         stage_ckpt = cfg.checkpoint_dir / stage.name
         tag = ckpt.latest_complete(stage_ckpt) if cfg.checkpoint.resume else None
         if tag is not None:
@@ -255,7 +259,10 @@ class Trainer:
         if self.rank == 0:
             out.mkdir(parents=True, exist_ok=True)
         dist.barrier()
-        eng.export_encoder(engine, self.cfg, out, self.rank)
+        eng.export_encoder(engine, self.cfg, out, self.rank,
+                          extra={"stage": stage.name, "steps": total, "global_step": st.global_step,
+                                 "samples_seen": st.samples_seen, "model": self.cfg.model.name,
+                                 "git_sha": _read(self.run_dir / "git_sha.txt")})
         if self.rank == 0:
             (out / DONE_FILE).write_text(json.dumps({"stage": stage.name, "steps": total, "global_step":
                                                      st.global_step, "samples_seen": st.samples_seen}))
@@ -278,6 +285,10 @@ class Trainer:
 
 # ---------------------------------------------------------------------- before training
 
+def _read(path: Path) -> str:
+    return path.read_text().strip() if path.is_file() else ""
+
+
 def _missing_stores(cfg: TrainConfig) -> list[str]:
     from data_prep.store import PatchStore, StoreError
 
@@ -296,7 +307,7 @@ def prepare_data(cfg: TrainConfig, rank: int) -> None:
     p = cfg.prepare
     if p.enabled and rank == 0 and _missing_stores(cfg):
         from data_prep.ingest import ingest
-        from data_prep.simulate import simulate_corpus
+        from data_prep.simulate.corpus import simulate_corpus
 
         kw = {"sensors": p.sensors} if p.sensors else {}
         log.info("stores missing: simulating a corpus into %s", p.raw_dir)

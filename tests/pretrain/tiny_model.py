@@ -57,7 +57,7 @@ class TinyMAE(nn.Module):
 
     def flops_per_sample(self, n_bands: int, image_size: int) -> float:
         n = (image_size // self.encoder.patch_size) ** 2
-        return 2.0 * n * n_bands * (self.encoder.patch_size**2) * self.encoder.embed_dim * 2
+        return 6.0 * n * n_bands * (self.encoder.patch_size**2) * self.encoder.embed_dim
 
 
 def build_model(name: str, objective: str = "mae", **overrides) -> TinyMAE:
