@@ -3,18 +3,15 @@
 from __future__ import annotations
 
 import datetime as dt
-import os
-from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
 
-from data_prep.granule import Granule, ProductError
+from data_prep.granule import ProductError
 from data_prep.registry import WAVELENGTH_RANGE_NM, RegistryError, Sensor, get_sensor, load_registry
 
 #: a product's band centres may differ from the registry's by at most this to match a sensor (nm)
 MATCH_TOLERANCE_NM = 5.0
-HYPERSPECTRAL_FORMATS = {"envi", "emit-netcdf", "enmap-geotiff", "desis-geotiff"}
 
 
 def perr(path: str | Path, field: str, msg: str) -> ProductError:
@@ -182,10 +179,6 @@ def parse_time(text: str) -> dt.datetime | None:
     return (t if t.tzinfo else t.replace(tzinfo=dt.UTC)).astimezone(dt.UTC)
 
 
-def fill_value(sensor: Sensor, level: str) -> float:
-    return sensor.level(level).nodata
-
-
 def prepare_cube(cube, sensor: Sensor, wavelengths_nm, fwhm_nm) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Writer side: cube float32 (bands, rows, cols) and band table (registry's by default), checked."""
     cube = np.asarray(cube, dtype=np.float32)
@@ -196,25 +189,3 @@ def prepare_cube(cube, sensor: Sensor, wavelengths_nm, fwhm_nm) -> tuple[np.ndar
     if wl.shape != (cube.shape[0],) or fw.shape != (cube.shape[0],):
         raise ValueError(f"{sensor.name}: cube has {cube.shape[0]} bands but {wl.size} wavelengths / {fw.size} fwhm")
     return cube, wl, fw
-
-
-def write_atomic(final: Path, writer: Callable[[Path], None]) -> Path:
-    """Run ``writer(tmp)`` then rename ``tmp`` to ``final`` (file or folder): nothing half-written is visible."""
-    final = Path(final)
-    tmp = final.with_name(f".{final.name}.part-{os.getpid()}")
-    try:
-        writer(tmp)
-        os.replace(tmp, final)
-    except BaseException:
-        if tmp.is_dir():
-            import shutil
-
-            shutil.rmtree(tmp, ignore_errors=True)
-        elif tmp.exists():
-            tmp.unlink()
-        raise
-    return final
-
-
-def make_granule(**kw) -> Granule:
-    return Granule(**kw)
