@@ -135,6 +135,12 @@ def test_detection_falls_back_to_content(tmp_path):
     ms = write_product(tmp_path, sensor="sentinel-2", level="L2", cube=make_cube("sentinel-2", "L2"), name="tile")
     assert open_product(ms).sensor == "sentinel-2"
     assert s.n_bands == open_product(hdr).n_bands
+    for sensor, fmt in (("enmap", "enmap-geotiff"), ("desis", "desis-geotiff")):
+        d = write_product(tmp_path, sensor=sensor, level="L1", cube=make_cube(sensor, "L1"), name=f"prod_{sensor}",
+                          time=TIME)
+        assert detect_format(d) == fmt  # from the XML root, not the name
+        g = open_product(d)
+        assert (g.sensor, g.level, g.acquisition_time) == (sensor, "L1", TIME)
 
 
 def test_micrometre_wavelengths_become_nm(tmp_path):
