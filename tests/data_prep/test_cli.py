@@ -77,15 +77,21 @@ def _products(tmp_path):
     return d, p, cube
 
 
-def test_ingest_cli_from_files_and_rerun(tmp_path, capsys):
+def test_ingest_cli_from_files_parallel_equals_serial_and_rerun(tmp_path, capsys):
     d, _, _ = _products(tmp_path)
     out = str(tmp_path / "root")
-    assert main(["ingest", str(d), "--out", out, "--patch-size", "16", "--json", "--no-progress"]) == 0
+    assert main(["ingest", str(d), "--out", out, "--patch-size", "16", "--workers", "2", "--json",
+                 "--no-progress"]) == 0
     first = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert first["granules_added"] == 1 and first["patches_added"] >= 1
     assert main(["ingest", str(d), "--out", out, "--patch-size", "16", "--json", "--no-progress"]) == 0
     again = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert again["granules_skipped"] == 1 and again["patches_added"] == 0
+    serial = str(tmp_path / "serial")
+    assert main(["ingest", str(d), "--out", serial, "--patch-size", "16", "--no-progress"]) == 0
+    a, b = PatchStore(st.store_url(out, "aviris-ng", "L1")), PatchStore(st.store_url(serial, "aviris-ng", "L1"))
+    np.testing.assert_array_equal(a.patches[:], b.patches[:])
+    assert a.attrs["stats"] == b.attrs["stats"]
 
 
 def test_ingest_cli_unwritable_output(tmp_path, capsys):
