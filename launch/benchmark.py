@@ -1,0 +1,57 @@
+"""Run a benchmark suite on an encoder export and write report.md / report.json / report.csv + figures.
+
+    python launch/benchmark.py --suite configs/benchmarks/synthetic.yaml --checkpoint runs/demo/export/stage3 --out runs/bench
+    python launch/benchmark.py --suite configs/benchmarks/paper.yaml --checkpoint EXPORT --out DIR --data-root /data/hsi
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from finetune.config import ConfigError, load_suite  # noqa: E402
+from finetune.datasets import DatasetError  # noqa: E402
+from finetune.encoder_api import ExportError, load_encoder  # noqa: E402
+from finetune.runner import run_suite  # noqa: E402
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--suite", required=True, help="suite YAML (configs/benchmarks/<name>.yaml)")
+    ap.add_argument("--checkpoint", required=True, help="encoder export folder (encoder.safetensors + model_args.json)")
+    ap.add_argument("--out", required=True, help="output folder for the reports and figures/")
+    ap.add_argument("--data", default=None, help="manifest.json of an existing simulated corpus (replaces ${corpus}; "
+                                                 "skips the suite's own simulation)")
+    ap.add_argument("--data-root", default=None, help="folder of the public datasets (replaces ${root})")
+    ap.add_argument("--steps", type=int, default=None, help="override train.steps of every task")
+    ap.add_argument("--no-progress", action="store_true")
+    ap.add_argument("overrides", nargs="*", help="suite-level key=value overrides (e.g. simulate.size=32)")
+    return ap.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s")
+    try:
+        suite = load_suite(args.suite, args.overrides)
+        if args.steps is not None:
+            for t in suite.tasks:
+                t.train.steps = args.steps
+        encoder = load_encoder(args.checkpoint)
+        report = run_suite(suite, encoder, args.out, checkpoint=args.checkpoint, data=args.data,
+                           data_root=args.data_root, progress=not args.no_progress)
+    except (ConfigError, DatasetError, ExportError, ValueError, FileNotFoundError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    for name, t in report["tasks"].items():
+        print(f"{name:28s} {t['headline']} = {t['metrics'][t['headline']]:.4f}")
+    print(f"reports in {args.out}: report.md, report.json, report.csv, figures/")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
