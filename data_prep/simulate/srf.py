@@ -32,10 +32,21 @@ def srf_matrix(centres_nm: np.ndarray, fwhm_nm: np.ndarray, grid_nm: np.ndarray 
     return r / s
 
 
+_CACHE: dict[tuple, np.ndarray] = {}
+
+
 def sensor_srf(sensor) -> np.ndarray:
-    """The registry sensor's SRF matrix: Gaussian for hyperspectral, flat-topped for multispectral."""
+    """The registry sensor's SRF matrix: Gaussian for hyperspectral, flat-topped for multispectral.
+
+    Cached per band table (the returned array is read-only).
+    """
     order = 2.0 if sensor.kind == "hyperspectral" else 8.0
-    return srf_matrix(sensor.wavelengths_nm, sensor.fwhm_nm, order=order)
+    key = (sensor.name, order, sensor.wavelengths_nm.tobytes(), sensor.fwhm_nm.tobytes())
+    if key not in _CACHE:
+        m = srf_matrix(sensor.wavelengths_nm, sensor.fwhm_nm, order=order)
+        m.setflags(write=False)
+        _CACHE[key] = m
+    return _CACHE[key]
 
 
 def resample(spectra: np.ndarray, srf: np.ndarray) -> np.ndarray:
