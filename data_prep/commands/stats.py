@@ -15,20 +15,26 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.description = (
         "Rescan every committed patch of STORE (valid pixels only) and rewrite its per-band statistics "
         "(count, exact mean and std, 1st and 99th percentiles from histograms over the clip range) "
-        "and its running accumulator. Prints how far the stored statistics were from the rescan.")
+        "and its running accumulator. Prints how far the stored statistics were from the rescan. "
+        "--from-accumulator instead finalises them from the partial sums merged at each granule's commit.")
     p.add_argument("store", metavar="STORE", help="store path or fsspec URL (ROOT/<sensor>_<level>.zarr)")
+    p.add_argument("--from-accumulator", action="store_true",
+                   help="no rescan: finalise the statistics from the store's merged per-granule partial sums")
     p.add_argument("--dry-run", action="store_true", help="compare only; write nothing")
     p.add_argument("--json", action="store_true", help="print the result as one JSON object")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 
 def run(args: argparse.Namespace) -> int:
-    from data_prep.stats import recompute
+    from data_prep.stats import recompute, store_partials
     from data_prep.store import PatchStore, _open_group
 
     try:
         store = PatchStore(args.store)
-        acc = recompute(store, progress=not args.no_progress)
+        if args.from_accumulator:
+            acc = store_partials(args.store)
+        else:
+            acc = recompute(store, progress=not args.no_progress)
     except (StoreError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -47,6 +47,11 @@ def test_stats_recomputes_from_the_patches(root, capsys):
     res = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert res["max_abs_change"]["mean"] > 0.1 and res["written"]
     np.testing.assert_allclose(PatchStore(url).stats.mean, good["mean"], rtol=1e-12)
+    g.attrs["stats"] = {**good, "std": [0.0] * 224}
+    assert main(["stats", url, "--from-accumulator", "--json"]) == 0
+    res = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert res["max_abs_change"]["std"] > 0.01
+    np.testing.assert_allclose(PatchStore(url).stats.std, good["std"], rtol=1e-12)
 
 
 def test_export_wds_cli(root, tmp_path, capsys):
