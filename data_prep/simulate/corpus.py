@@ -10,7 +10,7 @@ import os
 import shutil
 import tempfile
 import zlib
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -19,7 +19,7 @@ import numpy as np
 from data_prep.registry import get_sensor
 from data_prep.simulate.atmosphere import Atmosphere
 from data_prep.simulate.library import load_library, select_materials
-from data_prep.simulate.render import raster_blocks, render_cube, sensor_model
+from data_prep.simulate.render import RasterBlock, raster_blocks, render_cube, sensor_model
 from data_prep.simulate.scene import Scene, make_scene, swap_regions
 
 log = logging.getLogger(__name__)
@@ -29,6 +29,8 @@ HYPERSPECTRAL = ("aviris-classic", "aviris-ng", "aviris-3", "emit", "enmap", "de
 FUSION_PAIRS = (("emit", "planetscope"), ("enmap", "sentinel-2"))
 CHANGE_SENSORS = ("aviris-ng", "emit")
 MEMMAP_BYTES = 512 * 2**20
+CACHE_BYTES = 256 * 2**20
+"""A scene's rasterisation is reused across the sensors of that scene when it is smaller than this."""
 """Cubes larger than this are built in a memory-mapped temporary file, not in RAM."""
 
 
@@ -85,14 +87,21 @@ def _atmosphere(seed: int, job: Job) -> Atmosphere:
                       water_vapour_cm=float(rng.uniform(0.5, 3.0)), aod550=float(rng.uniform(0.05, 0.3)))
 
 
+def job_blocks(job: Job, n_materials: int) -> Iterator[RasterBlock]:
+    """The job's scene rasterised on its grid, a block of rows at a time."""
+    return raster_blocks(job.scene, n_materials, job.rows, job.cols, ratio=job.ratio,
+                         valid_coarsen=job.valid_coarsen)
+
+
 def render_job(job: Job, spectra: np.ndarray, seed: int, *, noise: bool = True,
-               out: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """(cube, labels, valid) of a job; deterministic in (seed, job)."""
+               out: np.ndarray | None = None, blocks: Iterable[RasterBlock] | None = None
+               ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(cube, labels, valid) of a job; deterministic in (seed, job). ``blocks``: a cached rasterisation."""
     model = sensor_model(get_sensor(job.sensor), job.level, spectra, _atmosphere(seed, job))
-    blocks = raster_blocks(job.scene, spectra.shape[0], job.rows, job.cols, ratio=job.ratio,
-                           valid_coarsen=job.valid_coarsen)
+    if blocks is None:
+        blocks = job_blocks(job, spectra.shape[0])
     rng = _rng(seed, "noise", job.scene_id, job.role, job.sensor, job.level) if noise else None
-    return render_cube(model, blocks, job.rows, job.cols, rng, out=out)
+    return render_cube(model, iter(blocks), job.rows, job.cols, rng, out=out)
 
 
 def _fallback_writer():
@@ -217,6 +226,7 @@ def simulate_corpus(out_dir: str | Path, *, sensors: Sequence[str] = HYPERSPECTR
     write_product, _real = get_writer()
     entries = []
     labels_t1: dict[str, np.ndarray] = {}
+    cache: dict[tuple, list[RasterBlock]] = {}
     tmp = Path(tempfile.mkdtemp(prefix=".sim-tmp-", dir=out))
     try:
         from tqdm import tqdm
@@ -228,7 +238,12 @@ def simulate_corpus(out_dir: str | Path, *, sensors: Sequence[str] = HYPERSPECTR
             if nbytes > MEMMAP_BYTES:
                 buf = np.lib.format.open_memmap(tmp / "cube.npy", mode="w+", dtype=np.float32,
                                                 shape=(sensor.n_bands, job.rows, job.cols))
-            cube, labels, _valid = render_job(job, spectra, seed, out=buf)
+            key = (id(job.scene), job.rows, job.cols, job.ratio, job.valid_coarsen)
+            blocks = cache.get(key)
+            if blocks is None and len(mats) * job.rows * job.cols * 8 < CACHE_BYTES:
+                cache = {key: list(job_blocks(job, len(mats)))}  # keep only the current grid
+                blocks = cache[key]
+            cube, labels, _valid = render_job(job, spectra, seed, out=buf, blocks=blocks)
             lat, lon = geolocation(job.rows, job.cols, job.gsd_m, job.centre, job.heading_deg)
             entry = Path(write_product(out / job.scene_id, sensor=job.sensor, level=job.level, cube=cube,
                                        lat=lat, lon=lon, time=job.time, wavelengths_nm=sensor.wavelengths_nm,

@@ -68,7 +68,7 @@ class RasterBlock:
     r0: int
     r1: int
     eff: np.ndarray
-    """(K, nrows, cols) float64."""
+    """(K, nrows, cols) float32."""
     labels: np.ndarray
     """(nrows, cols) int16, -1 outside the swath."""
     valid: np.ndarray
@@ -103,6 +103,7 @@ def raster_blocks(scene: Scene, n_materials: int, rows: int, cols: int, *, ratio
             cr0, cr1 = r0 // v, -(-r1 // v)
             coarse = swath_valid(scene, -(-rows // v), -(-cols // v), cr0, cr1)
             valid = np.repeat(np.repeat(coarse, v, axis=0), v, axis=1)[r0 - cr0 * v: r1 - cr0 * v, :cols]
+        eff = eff.astype(np.float32)
         region = weights.argmax(axis=0)
         labels = scene.primary[region].astype(np.int16)
         labels[~valid] = -1
@@ -129,7 +130,7 @@ def render_cube(model: SensorModel, blocks: Iterator[RasterBlock], rows: int, co
     inv_gain = (1.0 / np.maximum(model.gain[:, None], 1e-6)).astype(f32)
     for blk in blocks:
         k, n, c = blk.eff.shape
-        x = matrix @ blk.eff.reshape(k, n * c).astype(f32)
+        x = matrix @ blk.eff.reshape(k, n * c).astype(f32, copy=False)
         x += offset
         if rng is not None:
             rad = x if model.level == "L1" else gain * x + path
