@@ -5,7 +5,7 @@ returns an iterable of batch dicts with ``state_dict()`` / ``load_state_dict()``
 """
 
 from .config import DataConfig, DataError, SourceConfig
-from .loader import SpecLoader, build_loader, build_plan, collate
+from .loader import SpecLoader, build_loader, build_plan
 from .reader import SampleReader, normalise, touched_elements
 
 __all__ = [
@@ -16,7 +16,6 @@ __all__ = [
     "SpecLoader",
     "build_loader",
     "build_plan",
-    "collate",
     "normalise",
     "touched_elements",
 ]

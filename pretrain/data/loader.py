@@ -2,9 +2,12 @@
 
 Graph (one per rank)::
 
-    ShardSource per store --> MultiNodeWeightedSampler --> PlanNode --> Unbatcher
-        --> ParallelMapper(SampleReader, threads|processes, in order) --> Batcher(B) --> Collate
+    ShardSource per store --> MultiNodeWeightedSampler --> PlanNode (task list of one batch)
+        --> ParallelMapper(SampleReader, threads|processes, in order) --> Collate (bad-sample count)
         --> Prefetcher [--> PinMemory] --> Loader
+
+Workers map whole batches: each reads its batch's crops and normalises them straight into the
+batch tensor (no per-sample float32 copies, no stacking); ``num_workers`` batches are in flight.
 
 Every node snapshots its source after each item, so the state of a mid-epoch loader is the exact
 position of the last batch handed out; resuming re-reads nothing that was already delivered.
@@ -20,14 +23,12 @@ import numpy as np
 import torch
 from torchdata.nodes import (
     BaseNode,
-    Batcher,
     Loader,
     MultiNodeWeightedSampler,
     ParallelMapper,
     PinMemory,
     Prefetcher,
     StopCriteria,
-    Unbatcher,
 )
 
 from data_prep.store import PatchStore, StoreError
@@ -39,22 +40,8 @@ from .sampling import PlanNode, ShardSource, StoreInfo, store_tag, subset_indice
 log = logging.getLogger(__name__)
 
 
-def collate(samples: list[dict]) -> dict[str, Any]:
-    """Stack samples of one band window into the batch dict of INTERFACES.md."""
-    return {
-        "pixels": torch.stack([s["pixels"] for s in samples]),
-        "wavelengths": torch.stack([s["wavelengths"] for s in samples]),
-        "fwhm": torch.stack([s["fwhm"] for s in samples]),
-        "valid": torch.stack([s["valid"] for s in samples]),
-        "sensor": torch.tensor([s["sensor"] for s in samples], dtype=torch.int64),
-        "level": torch.tensor([s["level"] for s in samples], dtype=torch.int64),
-        "gsd": torch.tensor([s["gsd"] for s in samples], dtype=torch.float32),
-        "meta": {k: [s["meta"][k] for s in samples] for k in samples[0]["meta"]},
-    }
-
-
 class Collate(BaseNode[dict]):
-    """Drops samples whose chunks failed to decode (counted, logged once), stacks the rest.
+    """Counts samples whose chunks failed to decode (the reader left them out) and logs the first.
 
     A batch whose samples all failed is skipped. Raises :class:`DataError` once more than
     ``max(1, max_bad_fraction * attempted)`` samples have failed (``max_bad_fraction == 0``: the first).
@@ -79,25 +66,23 @@ class Collate(BaseNode[dict]):
 
     def next(self) -> dict:
         while True:
-            items = next(self.source)
-            good = [s for s in items if not s.get("bad")]
-            self.seen += len(items)
-            for s in items:
-                if s.get("bad"):
-                    self.bad += 1
-                    msg = f"skipping patch {s['index']} of {s['url']}: {s['error']}"
-                    if not self._logged:
-                        log.warning("%s (further bad samples are counted, not logged)", msg)
-                        self._logged = True
-                    else:
-                        log.debug(msg)
-                    allowed = max(1.0, self.max_bad_fraction * self.seen) if self.max_bad_fraction > 0 else 0.0
-                    if self.bad > allowed:
-                        raise DataError(
-                            f"{self.bad} of {self.seen} samples failed to decode, more than max_bad_fraction="
-                            f"{self.max_bad_fraction} allows; last: {msg}")
-            if good:
-                return collate(good)
+            batch = next(self.source)
+            self.seen += batch.pop("_attempted")
+            for s in batch.pop("_bad", []):
+                self.bad += 1
+                msg = f"skipping patch {s['index']} of {s['url']}: {s['error']}"
+                if not self._logged:
+                    log.warning("%s (further bad samples are counted, not logged)", msg)
+                    self._logged = True
+                else:
+                    log.debug(msg)
+                allowed = max(1.0, self.max_bad_fraction * self.seen) if self.max_bad_fraction > 0 else 0.0
+                if self.bad > allowed:
+                    raise DataError(
+                        f"{self.bad} of {self.seen} samples failed to decode, more than max_bad_fraction="
+                        f"{self.max_bad_fraction} allows; last: {msg}")
+            if batch["pixels"] is not None:
+                return batch
 
     def get_state(self) -> dict[str, Any]:
         return {"seen": self.seen, "bad": self.bad, "source": self.source.state_dict()}
@@ -226,10 +211,9 @@ def build_loader(cfg: DataConfig, rank: int = 0, world_size: int = 1) -> SpecLoa
     plan, infos, num_batches = build_plan(cfg, rank, world_size, _opened=opened)
     tables = opened[1]
     reader = SampleReader(tables, cfg.crop, cfg.storage_options)
-    node: BaseNode = Unbatcher(plan)
-    node = ParallelMapper(node, reader, num_workers=cfg.num_workers, in_order=True, method=cfg.worker_type,
-                          multiprocessing_context="spawn" if cfg.worker_type == "process" else None)
-    node = Batcher(node, batch_size=cfg.batch_size, drop_last=False)
+    node: BaseNode = ParallelMapper(plan, reader, num_workers=cfg.num_workers, in_order=True,
+                                    method=cfg.worker_type,
+                                    multiprocessing_context="spawn" if cfg.worker_type == "process" else None)
     coll = Collate(node, cfg.max_bad_fraction)
     node = Prefetcher(coll, prefetch_factor=cfg.prefetch)
     if cfg.pin_memory and torch.cuda.is_available():

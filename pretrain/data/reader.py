@@ -52,18 +52,30 @@ def tables_from_store(store: PatchStore) -> StoreTables:
     )
 
 
-def normalise(px: np.ndarray, valid: np.ndarray, lo: np.ndarray, hi: np.ndarray, mean: np.ndarray,
-              inv_std: np.ndarray) -> np.ndarray:
-    """float32 ``(C, H, W)``: clip each band to [lo, hi], then (x - mean) / std; 0 where not valid or NaN."""
-    x = px.astype(np.float32)
+def normalise_into(out: torch.Tensor, px: np.ndarray, valid: np.ndarray, lo: np.ndarray, hi: np.ndarray,
+                   mean: np.ndarray, inv_std: np.ndarray) -> None:
+    """Write the normalised crop into ``out`` (float32 ``(C, H, W)``, contiguous) in place.
+
+    Clip each band to [lo, hi] (the store's p01/p99), then (x - mean) / std; 0 where not valid or NaN.
+    The FP16 -> FP32 conversion is torch's (vectorised); the rest are in-place numpy ops on the same memory.
+    """
+    out.copy_(torch.from_numpy(np.ascontiguousarray(px)))
+    x = out.numpy()
     b = (slice(None), None, None)
     np.clip(x, lo[b], hi[b], out=x)
     x -= mean[b]
     x *= inv_std[b]
-    np.nan_to_num(x, copy=False, nan=0.0)
+    torch.nan_to_num_(out, nan=0.0)
     if not valid.all():
         x[:, ~valid] = 0.0
-    return x
+
+
+def normalise(px: np.ndarray, valid: np.ndarray, lo: np.ndarray, hi: np.ndarray, mean: np.ndarray,
+              inv_std: np.ndarray) -> np.ndarray:
+    """float32 ``(C, H, W)`` copy of :func:`normalise_into`."""
+    out = torch.empty(px.shape, dtype=torch.float32)
+    normalise_into(out, px, valid, lo, hi, mean, inv_std)
+    return out.numpy()
 
 
 def touched_elements(chunks: tuple[int, ...], band_lo: int, band_hi: int, y0: int, x0: int, size: int) -> int:
@@ -77,7 +89,11 @@ def touched_elements(chunks: tuple[int, ...], band_lo: int, band_hi: int, y0: in
 
 
 class SampleReader:
-    """Map function: sample task -> sample dict (or a ``{"bad": ...}`` marker if a chunk fails to decode)."""
+    """Map function: the task list of one batch -> the batch dict, read and normalised in place.
+
+    Samples whose chunks fail to decode are left out; the batch then carries ``"_bad"`` (a list of
+    ``{"url", "index", "error"}``) and ``"_attempted"``; ``pixels`` is None when every sample failed.
+    """
 
     def __init__(self, tables: dict[str, StoreTables], crop: int, storage_options: dict | None = None):
         self.tables = tables
@@ -106,30 +122,56 @@ class SampleReader:
                     self._stores[key] = s
         return s
 
-    def __call__(self, task: dict) -> dict:
-        t = self.tables[task["key"]]
-        i = task["index"]
-        sel = t.good_idx[task["w0"]:task["w0"] + task["wn"]]
+    def __call__(self, tasks: list[dict]) -> dict:
+        t = self.tables[tasks[0]["key"]]  # a batch is one store and one window
+        sel = t.good_idx[tasks[0]["w0"]:tasks[0]["w0"] + tasks[0]["wn"]]
         b0, b1 = int(sel[0]), int(sel[-1]) + 1
-        try:
-            px, valid = self.store(task["key"]).read(i, b0, b1, task["y0"], task["x0"], self.crop)
-        except Exception as e:  # noqa: BLE001 - any decode/IO failure makes this one sample bad
-            return {"bad": True, "url": t.url, "index": i, "error": f"{type(e).__name__}: {e}", "task": task}
-        if b1 - b0 != sel.shape[0]:
-            px = px[sel - b0]
-        x = normalise(px, valid, t.lo[sel], t.hi[sel], t.mean[sel], t.inv_std[sel])
-        return {
-            "pixels": torch.from_numpy(x),
-            "valid": torch.from_numpy(np.ascontiguousarray(valid, dtype=bool)),
-            "wavelengths": torch.from_numpy(t.wavelengths[sel]),
-            "fwhm": torch.from_numpy(t.fwhm[sel]),
-            "sensor": 0 if task["drop"] else sensor_index(t.sensor),
-            "level": level_index(t.level),
-            "gsd": float(t.gsd[i]),
-            "meta": {"url": t.url, "index": i, "granule": _granule(t, i), "epoch": task["epoch"],
-                     "step": task["step"], "crop_y": task["y0"], "crop_x": task["x0"],
-                     "band_start": task["w0"]},
+        lo, hi, mean, inv = t.lo[sel], t.hi[sel], t.mean[sel], t.inv_std[sel]
+        c, n = self.crop, len(tasks)
+        pixels = torch.empty((n, sel.shape[0], c, c), dtype=torch.float32)
+        valid = torch.empty((n, c, c), dtype=torch.bool)
+        store = self.store(tasks[0]["key"])
+        ok, bad = [], []
+        for j, task in enumerate(tasks):
+            i = task["index"]
+            try:
+                px, v = store.read(i, b0, b1, task["y0"], task["x0"], c)
+            except Exception as e:  # noqa: BLE001 - any decode/IO failure makes this one sample bad
+                bad.append({"url": t.url, "index": i, "error": f"{type(e).__name__}: {e}"})
+                continue
+            if b1 - b0 != sel.shape[0]:
+                px = px[sel - b0]
+            normalise_into(pixels[j], px, v, lo, hi, mean, inv)
+            valid[j] = torch.from_numpy(np.asarray(v, dtype=bool))
+            ok.append(j)
+        if bad:
+            keep = torch.tensor(ok, dtype=torch.int64)
+            pixels, valid = pixels[keep], valid[keep]
+        good = [tasks[j] for j in ok]
+        m = len(good)
+        batch = {
+            "pixels": pixels if m else None,
+            "wavelengths": torch.from_numpy(t.wavelengths[sel]).expand(m, -1).clone(),
+            "fwhm": torch.from_numpy(t.fwhm[sel]).expand(m, -1).clone(),
+            "valid": valid,
+            "sensor": torch.tensor([0 if k["drop"] else sensor_index(t.sensor) for k in good], dtype=torch.int64),
+            "level": torch.full((m,), level_index(t.level), dtype=torch.int64),
+            "gsd": torch.tensor([float(t.gsd[k["index"]]) for k in good], dtype=torch.float32),
+            "meta": {
+                "url": [t.url] * m,
+                "index": [k["index"] for k in good],
+                "granule": [_granule(t, k["index"]) for k in good],
+                "epoch": [k["epoch"] for k in good],
+                "step": [k["step"] for k in good],
+                "crop_y": [k["y0"] for k in good],
+                "crop_x": [k["x0"] for k in good],
+                "band_start": [k["w0"] for k in good],
+            },
         }
+        if bad:
+            batch["_bad"] = bad
+        batch["_attempted"] = n
+        return batch
 
 
 def _granule(t: StoreTables, i: int) -> str:
