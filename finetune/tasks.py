@@ -70,7 +70,7 @@ def _lr_factor(step: int, total: int) -> float:
     return 0.5 * (1 + math.cos(math.pi * (step - warm) / max(1, total - warm)))
 
 
-def _train(model: nn.Module, encoder: Encoder, cfg: TaskConfig, batch_fn, loss_fn) -> list[float]:
+def train_loop(model: nn.Module, encoder: Encoder, cfg: TaskConfig, batch_fn, loss_fn) -> list[float]:
     """Generic loop: ``batch_fn(rng) -> (inputs tuple, target)``; returns the loss curve."""
     torch.manual_seed(cfg.train.seed)
     rng = np.random.default_rng(cfg.train.seed)
@@ -136,7 +136,7 @@ def run_classification(encoder: Encoder, data: ClassificationData, cfg: TaskConf
         i = rng.choice(tr, size=bs, replace=len(tr) < bs)
         return (xt[i], wl, fw, s, lv), y[i]
 
-    losses = _train(model, encoder, cfg, batch, F.cross_entropy)
+    losses = train_loop(model, encoder, cfg, batch, F.cross_entropy)
     with torch.no_grad():
         pred = torch.cat([model(xt[te[i:i + 64]], wl, fw, s, lv).argmax(1) for i in range(0, len(te), 64)]).numpy()
     m = M.classification_metrics(data.labels[te], pred, data.class_names)
@@ -196,7 +196,7 @@ def run_segmentation(encoder: Encoder, data: SegmentationData, cfg: TaskConfig) 
     def loss_fn(logits, target):
         return F.cross_entropy(logits, target, weight=weights, ignore_index=-1)
 
-    losses = _train(model, encoder, cfg, batch, loss_fn)
+    losses = train_loop(model, encoder, cfg, batch, loss_fn)
     prob = predict_scene(model, torch.from_numpy(img), wl, fw, k, win, cfg.eval.stride, s, lv, cfg.train.batch_size)
     pred = prob.argmax(0).numpy()
     m = M.segmentation_metrics(test_lab, pred, data.class_names, ignore_index=-1)
@@ -232,7 +232,7 @@ def run_change(encoder: Encoder, data: ChangeData, cfg: TaskConfig) -> TaskResul
         return ((extract_patches(ta, r, c, ev.patch), extract_patches(tb, r, c, ev.patch), wl, fw, s, lv),
                 torch.from_numpy(flat[i]))
 
-    losses = _train(model, encoder, cfg, batch, F.cross_entropy)
+    losses = train_loop(model, encoder, cfg, batch, F.cross_entropy)
     preds = []
     with torch.no_grad():
         for i in range(0, len(te), 128):
@@ -300,7 +300,7 @@ def run_fusion(encoder: Encoder, data: FusionData, cfg: TaskConfig) -> TaskResul
             ti.append(ref_n[:, y:y + tile, x:x + tile])
         return (torch.stack(hi), torch.stack(mi), *args), torch.stack(ti)
 
-    losses = _train(model, encoder, cfg, batch, F.l1_loss)
+    losses = train_loop(model, encoder, cfg, batch, F.l1_loss)
     fused = _tile_predict(model, hs_n, ms_n, r, tile, stride, args) * hstd + hmean
     test = slice(w_train, w) if w - w_train >= 8 else slice(0, w)
     truth = ref[:, :, test].numpy()

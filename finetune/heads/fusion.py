@@ -47,6 +47,23 @@ class HyperLinear(nn.Module):
         return torch.einsum("bfhw,bcf->bchw", feat, w) + b[..., None, None]
 
 
+class HyperIn(nn.Module):
+    """Per-band input projection whose weights come from (wavelength, FWHM): ``[B, C, H, W] -> [B, F, H, W]``
+    for any band count (the spectral counterpart of HyperLinear, used for the images' pixel detail)."""
+
+    def __init__(self, out_features: int, hidden: int = 64, n_freq: int = 16) -> None:
+        super().__init__()
+        self.n_freq = n_freq
+        self.hyper = nn.Sequential(nn.Linear(2 * n_freq + 1, hidden), nn.GELU(), nn.Linear(hidden, out_features))
+
+    def forward(self, x: torch.Tensor, wavelengths: torch.Tensor, fwhm: torch.Tensor) -> torch.Tensor:
+        b = x.shape[0]
+        wl = torch.as_tensor(wavelengths, dtype=torch.float32).expand(b, -1)
+        fw = torch.as_tensor(fwhm, dtype=torch.float32).expand(b, -1)
+        w = self.hyper(torch.cat([fourier_features(wl, self.n_freq), (fw / 100.0)[..., None]], -1))
+        return torch.einsum("bchw,bcf->bfhw", x, w) / math.sqrt(x.shape[1])
+
+
 class FusionDecoder(nn.Module):
     def __init__(self, encoder: nn.Module, features: int = 32, ms_bands: int | None = None, hidden: int = 64) -> None:
         super().__init__()
@@ -54,8 +71,10 @@ class FusionDecoder(nn.Module):
         d, p = encoder.embed_dim, encoder.patch_size
         self.fuse = nn.Sequential(nn.Linear(2 * d, d), nn.GELU())
         self.unpatch = nn.Sequential(nn.Conv2d(d, features * p * p, 1), nn.PixelShuffle(p))
-        # MS detail: the MS band count is fixed per task, but stay agnostic by using band mean and std maps.
-        self.detail = nn.Sequential(nn.Conv2d(features + 2, features, 3, padding=1), nn.GELU(),
+        # Pixel detail of both images through wavelength-conditioned input projections (any band count).
+        self.ms_in = HyperIn(features, hidden)
+        self.hs_in = HyperIn(features, hidden)
+        self.detail = nn.Sequential(nn.Conv2d(3 * features, features, 3, padding=1), nn.GELU(),
                                     nn.Conv2d(features, features, 3, padding=1), nn.GELU())
         self.out = HyperLinear(features, hidden)
 
@@ -71,7 +90,7 @@ class FusionDecoder(nn.Module):
         gh, gw = self.encoder.grid(H, W)
         t = self.fuse(torch.cat([th, tm], -1)).transpose(1, 2).reshape(b, -1, gh, gw)
         feat = self.unpatch(t)
-        feat = self.detail(torch.cat([feat, ms.mean(1, keepdim=True), ms.std(1, keepdim=True)], 1))
+        feat = self.detail(torch.cat([feat, self.ms_in(ms, ms_wl, ms_fwhm), self.hs_in(up, hs_wl, hs_fwhm)], 1))
         hs_wl = torch.as_tensor(hs_wl, dtype=torch.float32).expand(b, -1)
         hs_fwhm = torch.as_tensor(hs_fwhm, dtype=torch.float32).expand(b, -1)
         return up + self.out(feat, hs_wl, hs_fwhm)
