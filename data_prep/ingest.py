@@ -308,19 +308,19 @@ def ingest_granules(granules: Sequence[Granule], out_root: str, *, patch_size: i
         from tqdm import tqdm
 
         bar = tqdm(total=len(tasks), desc="ingest", unit="strip", dynamic_ncols=True)
-    executor = None
+    executor: cf.Executor
     if workers > 1:
         # spawn, not fork: the parent runs zarr's event-loop thread, which a fork would copy mid-state
         executor = cf.ProcessPoolExecutor(max_workers=workers, initializer=_init_worker, initargs=(srcs, tile_kw),
                                           mp_context=multiprocessing.get_context("spawn"))
-    else:
+    else:  # one thread tiles the next strip while this one writes (numpy and blosc release the GIL)
         _init_worker(granules, tile_kw)
+        executor = cf.ThreadPoolExecutor(max_workers=1, thread_name_prefix="ingest-tile")
     try:
         results = _ordered_results(tasks, executor, lookahead=max(2, 2 * workers))
         _consume(results, plan_of, writer, summary, keep_going, bar)
     finally:
-        if executor is not None:
-            executor.shutdown(wait=True, cancel_futures=True)
+        executor.shutdown(wait=True, cancel_futures=True)
         if bar is not None:
             bar.close()
         for url in list(writer.created):
@@ -332,13 +332,6 @@ def ingest_granules(granules: Sequence[Granule], out_root: str, *, patch_size: i
 
 def _ordered_results(tasks: list[tuple[int, int, tuple[float, float]]], executor, lookahead: int):
     """Yield (task, StripTiles | Exception) in task order, running up to ``lookahead`` ahead."""
-    if executor is None:
-        for t in tasks:
-            try:
-                yield t, _work(*t)
-            except Exception as e:  # noqa: BLE001 - handed to the writer, which decides
-                yield t, e
-        return
     pending: collections.deque = collections.deque()
     it = iter(tasks)
     for t in it:
