@@ -79,17 +79,17 @@ def _mat_arrays(path: Path) -> dict[str, np.ndarray]:
     try:
         d = scipy.io.loadmat(str(path))
         return {k: np.asarray(v) for k, v in d.items() if not k.startswith("__") and isinstance(v, np.ndarray)}
-    except NotImplementedError:  # v7.3
+    except (NotImplementedError, ValueError) as e:  # v7.3 (HDF5); ValueError: not a v4-v7.2 file
         import h5py
 
+        if not h5py.is_hdf5(str(path)):
+            raise DatasetError(f"{path}: not a readable MATLAB file: {e}") from e
         out = {}
         with h5py.File(path, "r") as f:
             for k, v in f.items():
                 if isinstance(v, h5py.Dataset) and not k.startswith("#"):
                     out[k] = np.asarray(v[()]).transpose(tuple(range(v.ndim))[::-1])
         return out
-    except ValueError as e:
-        raise DatasetError(f"{path}: not a readable MATLAB file: {e}") from e
 
 
 def read_mat(path: str | Path, key: str | None = None) -> np.ndarray:
@@ -132,18 +132,30 @@ def read_array(path: str | Path, key: str | None = None) -> np.ndarray:
     raise DatasetError(f"{path}: unsupported file type {suf!r}; expected .tif, .mat, .npy, .png or an ENVI .hdr")
 
 
-def to_chw(a: np.ndarray, n_bands: int | None = None, path: str | Path = "") -> np.ndarray:
-    """A 3-D cube as (C, H, W) float32. With ``n_bands`` the band axis is the one of that length; else
-    the smallest axis (hyperspectral tiles have fewer bands than pixels per side)."""
+def _tif_layout(path: Path) -> str:
+    import tifffile
+
+    with tifffile.TiffFile(str(path)) as tf:
+        axes = tf.series[0].axes
+    return "hwc" if axes.endswith("S") or axes[-1] not in "XY" else "chw"
+
+
+def read_cube(path: str | Path, key: str | None = None, layout: str = "auto") -> np.ndarray:
+    """An image cube as (C, H, W) float32. ``layout`` "hwc" (MATLAB, ENVI, contiguous TIFF), "chw" (multi-page
+    TIFF), or "auto": the TIFF's own axes, else "hwc" as MATLAB/ENVI/NumPy distributions store it."""
+    path = Path(path)
+    a = read_array(path, key)
     if a.ndim == 2:
-        a = a[None]
+        a = a[None] if layout == "chw" else a[..., None]
     if a.ndim != 3:
         raise DatasetError(f"{path}: expected a 3-D image cube, got shape {a.shape}")
-    if n_bands is not None and n_bands in a.shape:
-        axis = a.shape.index(n_bands) if a.shape[0] != n_bands else 0
-    else:
-        axis = int(np.argmin(a.shape))
-    return np.ascontiguousarray(np.moveaxis(a, axis, 0)).astype(np.float32)
+    if layout == "auto":
+        layout = _tif_layout(path) if path.suffix.lower() in (".tif", ".tiff") else "hwc"
+    if layout not in ("hwc", "chw"):
+        raise DatasetError(f"layout is {layout!r}; expected 'auto', 'hwc' or 'chw'")
+    if layout == "hwc":
+        a = np.moveaxis(a, -1, 0)
+    return np.ascontiguousarray(a).astype(np.float32)
 
 
 def select_bands(cube: np.ndarray, indices: list[int] | None, path: str | Path = "") -> np.ndarray:

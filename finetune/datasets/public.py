@@ -31,8 +31,8 @@ from finetune.datasets.base import (
     clean,
     map_labels,
     read_array,
+    read_cube,
     select_bands,
-    to_chw,
 )
 
 
@@ -86,7 +86,7 @@ def _palette_to_index(rgb: np.ndarray, palette: list[list[int]], path) -> np.nda
 def load_segmentation(image: str | Path, labels: str | Path, class_names: list[str], *,
                       label_values: list[int] | None = None, ignore_values: list[int] = (),
                       palette: list[list[int]] | None = None, image_key: str | None = None,
-                      label_key: str | None = None, wavelengths=None, fwhm=None, n_bands: int | None = None,
+                      label_key: str | None = None, wavelengths=None, fwhm=None, layout: str = "auto",
                       band_indices: list[int] | None = None, sensor: str | None = None, level: str | None = None,
                       train_labels: str | Path | None = None, name: str = "") -> SegmentationData:
     """One scene + label raster. ``train_labels`` (optional second raster) marks training pixels
@@ -95,7 +95,7 @@ def load_segmentation(image: str | Path, labels: str | Path, class_names: list[s
     for p in (image, labels):
         if not p.exists():
             raise DatasetError(f"{p} does not exist; expected the scene image and its label raster")
-    cube = to_chw(read_array(image, image_key), n_bands, image)
+    cube = read_cube(image, image_key, layout)
     hdr_wl, hdr_fw = _envi_bands(image)
     wl, fw = band_table(hdr_wl if wavelengths is None and hdr_wl is not None else wavelengths, cube.shape[0],
                         image, fwhm if fwhm is not None else hdr_fw)
@@ -144,15 +144,15 @@ def load_scene_dir(root: str | Path, *, image: str, labels: str, class_names: li
 
 def load_change_mat(t1: str | Path, t2: str | Path, gt: str | Path, *, keys: tuple = (None, None, None),
                     changed_values: list[int] = (1,), unchanged_values: list[int] = (2,),
-                    wavelengths=None, fwhm=None, band_indices: list[int] | None = None,
+                    wavelengths=None, fwhm=None, band_indices: list[int] | None = None, layout: str = "auto",
                     sensor: str | None = None, level: str | None = None, name: str = "") -> ChangeData:
     """Bitemporal change detection from MATLAB files (or any :func:`read_array` format)."""
     paths = [Path(t1), Path(t2), Path(gt)]
     missing = [str(p) for p in paths if not p.exists()]
     if missing:
         raise DatasetError(f"missing {missing}; expected the t1 image, the t2 image and the ground-truth change map")
-    a = to_chw(read_array(paths[0], keys[0]), None, paths[0])
-    b = to_chw(read_array(paths[1], keys[1]), a.shape[0], paths[1])
+    a = read_cube(paths[0], keys[0], layout)
+    b = read_cube(paths[1], keys[1], layout)
     if a.shape != b.shape:
         raise DatasetError(f"{paths[1]}: shape {b.shape} differs from {paths[0]} {a.shape}; expected co-registered images")
     raw = np.squeeze(read_array(paths[2], keys[2])).astype(np.int64)
@@ -183,7 +183,7 @@ def load_santa_barbara(root: str | Path, *, t1: str = "barbara_2013.mat", t2: st
 
 
 def load_scene_folders(root: str | Path, *, band_indices: list[int] | None = None, wavelengths=None, fwhm=None,
-                       key: str | None = None, n_bands: int | None = None, extensions=(".tif", ".tiff", ".mat"),
+                       key: str | None = None, layout: str = "auto", extensions=(".tif", ".tiff", ".mat"),
                        sensor: str | None = None, level: str | None = None, name: str = "") -> ClassificationData:
     """HRSSC-style scene classification: ``root/<class name>/<patch>.tif|.mat``, classes sorted by name."""
     root = Path(root)
@@ -199,7 +199,7 @@ def load_scene_folders(root: str | Path, *, band_indices: list[int] | None = Non
         if not fs:
             raise DatasetError(f"{root / c}: no {'/'.join(extensions)} files in class folder {c!r}")
         for f in fs:
-            cube = to_chw(read_array(f, key), n_bands, f)
+            cube = read_cube(f, key, layout)
             n_full = n_full or cube.shape[0]
             patches.append(select_bands(cube, band_indices, f))
             labels.append(k)
