@@ -174,8 +174,13 @@ def load_task(path: str | Path, overrides: list[str] = ()) -> TaskConfig:
         raise ConfigError(f"{path}: {e}") from e
 
 
-def load_suite(path: str | Path, overrides: list[str] = ()) -> SuiteConfig:
+def load_suite(path: str | Path, overrides: list[str] = (), task_overrides: list[str] = ()) -> SuiteConfig:
+    """A suite YAML with suite-level ``key=value`` overrides and ``task_overrides`` applied to every task."""
     doc = apply_overrides(load_yaml(path), list(overrides))
+    if task_overrides:
+        for t in doc.get("tasks") or []:
+            if isinstance(t, dict):
+                apply_overrides(t, list(task_overrides))
     try:
         return _build(SuiteConfig, doc, str(path))
     except ConfigError as e:

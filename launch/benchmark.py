@@ -28,6 +28,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                                                  "skips the suite's own simulation)")
     ap.add_argument("--data-root", default=None, help="folder of the public datasets (replaces ${root})")
     ap.add_argument("--steps", type=int, default=None, help="override train.steps of every task")
+    ap.add_argument("--each", action="append", default=[], metavar="KEY=VALUE",
+                    help="override applied to every task, e.g. --each data.band_stride=8 --each eval.test_max=200")
     ap.add_argument("--no-progress", action="store_true")
     ap.add_argument("overrides", nargs="*", help="suite-level key=value overrides (e.g. simulate.size=32)")
     return ap.parse_args(argv)
@@ -37,7 +39,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s")
     try:
-        suite = load_suite(args.suite, args.overrides)
+        suite = load_suite(args.suite, args.overrides, args.each)
         if args.steps is not None:
             for t in suite.tasks:
                 t.train.steps = args.steps

@@ -52,7 +52,14 @@ def load_dataset(spec: dict):
     name = spec.pop("loader", None)
     if name not in LOADERS:
         raise DatasetError(f"unknown dataset loader {name!r}; expected one of {sorted(LOADERS)}")
-    return LOADERS[name](**spec)
+    fn = LOADERS[name]
+    import inspect
+
+    params = inspect.signature(fn).parameters
+    unknown = sorted(set(spec) - set(params))
+    if unknown:
+        raise DatasetError(f"dataset loader {name!r} got unknown key(s) {unknown}; it takes {sorted(params)}")
+    return fn(**spec)
 
 
 __all__ = ["LOADERS", "ChangeData", "ClassificationData", "DatasetError", "FusionData", "SegmentationData",
