@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -39,7 +40,6 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--config", required=True, help="YAML file under configs/pretrain/")
     ap.add_argument("overrides", nargs="*", help="key=value overrides with dotted paths, e.g. stages.0.steps=10")
     args = ap.parse_args(argv)
-    import os
 
     rank_env = os.environ.get("RANK", "0")
     try:
@@ -48,12 +48,20 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error (rank {rank_env}): {e}", file=sys.stderr)
         return 2
 
+    from pretrain.data import DataError
+    from pretrain.trainer import Trainer, preflight, prepare_data
+
+    if not cfg.prepare.enabled:  # fail on bad input before DeepSpeed is even imported
+        try:
+            preflight(cfg, int(os.environ.get("WORLD_SIZE", "1")))
+        except (ConfigError, DataError) as e:
+            print(f"error (rank {rank_env}): {e}", file=sys.stderr, flush=True)
+            return 2
+
     import torch.distributed as dist
 
     from pretrain import engine
-    from pretrain.data import DataError
     from pretrain.logging_utils import setup_console
-    from pretrain.trainer import Trainer, preflight, prepare_data
 
     rank, world, _ = engine.init_distributed()
     setup_console(rank)
@@ -67,7 +75,7 @@ def main(argv: list[str] | None = None) -> int:
             (run_dir / "git_sha.txt").write_text(git_sha() + "\n")
         dist.barrier()
         code = Trainer(cfg, rank, world).run()
-        if rank == 0 and code == 0:
+        if rank == 0 and code == 0 and (run_dir / "export" / cfg.stages[-1].name / "stage_done.json").exists():
             print(f"run: {run_dir.resolve()}\nfigures: {(run_dir / 'figures').resolve()}\n"
                   f"export: {(run_dir / 'export' / cfg.stages[-1].name).resolve()}", flush=True)
         return code

@@ -119,7 +119,8 @@ class Trainer:
         init = self.init_export(k)
         if init is not None:
             eng.load_export_into(model, init)
-        self.init_checksum = float(sum(p.detach().double().abs().sum() for p in model.encoder.parameters()))
+        self.init_checksum = float(sum(v.detach().double().abs().sum() for v in model.encoder.state_dict().values()
+                                         if v.is_floating_point()))
         self.init_from = str(init) if init is not None else None
         self.shapes = ckpt.param_shapes(model)
         self.model_ref = model
@@ -131,6 +132,10 @@ class Trainer:
             if total < 1:
                 raise ConfigError(f"stage {stage.name!r}: {stage.epochs} epoch(s) give {loader.num_batches} batches "
                                   f"per rank, fewer than one optimizer step of {self.accum} micro-batches")
+        stage_ckpt = self.cfg.checkpoint_dir / stage.name
+        self.resume_tag = ckpt.latest_complete(stage_ckpt) if self.cfg.checkpoint.resume else None
+        if self.resume_tag is not None:  # before DeepSpeed: another model shape fails here, clearly
+            ckpt.check_compatible(self.resume_tag, self.shapes)
         engine = eng.build_engine(model, self.cfg, self.world_size)
         return engine, loader, total
 
@@ -142,9 +147,8 @@ class Trainer:
         self.logger.log({"event": "stage_start", "stage": stage.name, "init_from": self.init_from,
                          "encoder_abs_sum": self.init_checksum, "total_steps": total, "global_step": global_step})
         stage_ckpt = cfg.checkpoint_dir / stage.name
-        tag = ckpt.latest_complete(stage_ckpt) if cfg.checkpoint.resume else None
+        tag = self.resume_tag
         if tag is not None:
-            ckpt.check_compatible(tag, self.shapes)
             client, mine = ckpt.load(engine, tag)
             st = StageState(stage=k, step=client["stage_step"], samples_seen=client["samples_seen"],
                             global_step=client["global_step"])
