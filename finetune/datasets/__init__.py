@@ -56,9 +56,12 @@ def load_dataset(spec: dict):
     import inspect
 
     params = inspect.signature(fn).parameters
-    unknown = sorted(set(spec) - set(params))
+    if any(p.kind is p.VAR_KEYWORD for p in params.values()):  # forwards to load_segmentation
+        params = {**params, **inspect.signature(load_segmentation).parameters}
+    unknown = sorted(set(spec) - {k for k, p in params.items() if p.kind is not p.VAR_KEYWORD})
     if unknown:
-        raise DatasetError(f"dataset loader {name!r} got unknown key(s) {unknown}; it takes {sorted(params)}")
+        raise DatasetError(f"dataset loader {name!r} got unknown key(s) {unknown}; it takes "
+                           f"{sorted(k for k, p in params.items() if p.kind is not p.VAR_KEYWORD)}")
     return fn(**spec)
 
 

@@ -1,0 +1,140 @@
+"""What pretraining buys downstream: the synthetic suite with a pretrained encoder beside the same encoder
+randomly initialised (same architecture, same frozen sensor/level text table, same seeds and protocol).
+
+    python bench/downstream.py [--checkpoint EXPORT] [--steps 40] [--json]
+
+The pretrained encoder is ``--checkpoint``, else the demo's last stage export under runs/demo/export/, else a
+debug model pretrained here briefly (MAE on random crops of a simulated corpus). With ``--json`` the last line
+printed is one JSON object: ``{"pretrained": {task: headline}, "random": {task: headline}, ...}``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+
+from finetune.config import load_suite  # noqa: E402
+from finetune.encoder_api import Encoder, load_encoder  # noqa: E402
+from finetune.runner import headline, prepare_corpus, run_suite  # noqa: E402
+
+
+def find_demo_export() -> Path | None:
+    """The last stage (by completion time) under runs/demo/export/ that holds a full export."""
+    root = REPO / "runs" / "demo" / "export"
+    stages = [d for d in root.glob("*") if (d / "encoder.safetensors").is_file() and (d / "model_args.json").is_file()]
+    if not stages:
+        return None
+    return max(stages, key=lambda d: ((d / "stage_done.json").stat().st_mtime if (d / "stage_done.json").exists()
+                                      else (d / "encoder.safetensors").stat().st_mtime, d.name))
+
+
+def pretrain_briefly(out: Path, manifest: str, steps: int = 150) -> Path:
+    """MAE-pretrain a debug model on random 32 x 32 crops of the corpus products; export it."""
+    from finetune.datasets.synthetic import load_manifest, read_product
+    from pretrain.models import build_model
+    from pretrain.models.export import save_encoder
+
+    root, m = load_manifest(manifest)
+    cubes = []
+    for e in m["products"]:
+        if e["sensor"] in ("planetscope", "sentinel-2"):
+            continue
+        cube, valid, spec = read_product(root, e, 1)
+        mean = cube.reshape(cube.shape[0], -1).mean(1)[:, None, None]
+        std = cube.reshape(cube.shape[0], -1).std(1)[:, None, None] + 1e-6
+        cubes.append(((cube - mean) / std, spec))
+    torch.manual_seed(0)
+    model = build_model("debug")
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3, weight_decay=0.05)
+    g = np.random.default_rng(0)
+    from data_prep.registry import level_index, sensor_index
+
+    for _ in range(steps):
+        cube, spec = cubes[g.integers(len(cubes))]
+        c = cube.shape[0]
+        nb = min(60, c)
+        b0 = int(g.integers(0, c - nb + 1))
+        xs = []
+        for _ in range(8):
+            y, x = (int(g.integers(0, s - 32 + 1)) for s in cube.shape[1:])
+            xs.append(cube[b0:b0 + nb, y:y + 32, x:x + 32])
+        batch = {"pixels": torch.from_numpy(np.stack(xs)).float(),
+                 "wavelengths": torch.from_numpy(spec.wavelengths[b0:b0 + nb]).float().expand(8, -1),
+                 "fwhm": torch.from_numpy(spec.fwhm[b0:b0 + nb]).float().expand(8, -1),
+                 "sensor": torch.full((8,), sensor_index(spec.sensor)), "level": torch.full((8,), level_index(spec.level))}
+        loss = model(batch)["loss"]
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    return save_encoder(model, out, extra={"pretrained_by": "bench/downstream.py", "steps": steps})
+
+
+def random_twin(enc: Encoder, seed: int = 0) -> Encoder:
+    """Same architecture and vocabularies, fresh random weights; the frozen text-embedding buffers are copied."""
+    from pretrain.models.args import ModelArgs
+    from pretrain.models.encoder import SpectralEncoder
+
+    inner = enc.inner
+    torch.manual_seed(seed)
+    fresh = SpectralEncoder(ModelArgs.from_dict(enc.args["args"]), inner.sensor_names, inner.level_names,
+                            compute_text=False)
+    bufs = dict(inner.named_buffers())
+    for name, b in fresh.named_buffers():
+        if name in bufs:
+            b.copy_(bufs[name])
+    return Encoder(fresh.eval(), enc.args, source="random init")
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--checkpoint", default=None, help="encoder export (default: the demo's last stage)")
+    ap.add_argument("--suite", default=str(REPO / "configs/benchmarks/synthetic.yaml"))
+    ap.add_argument("--steps", type=int, default=40, help="train.steps of every task")
+    ap.add_argument("--threads", type=int, default=1, help="torch intra-op threads")
+    ap.add_argument("--json", action="store_true", help="print one JSON object as the last line")
+    args = ap.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    suite = load_suite(args.suite)
+    for t in suite.tasks:
+        t.train.steps = args.steps
+    t0 = time.time()
+    with tempfile.TemporaryDirectory() as tmp:
+        tmp = Path(tmp)
+        manifest = prepare_corpus(suite, tmp)
+        ckpt = Path(args.checkpoint) if args.checkpoint else find_demo_export()
+        source = "given" if args.checkpoint else "demo export"
+        if ckpt is None:
+            ckpt = pretrain_briefly(tmp / "export", manifest)
+            source = "pretrained here (debug MAE, 150 steps)"
+        enc = load_encoder(ckpt)
+        rnd = random_twin(enc)
+        results = {}
+        for label, e in (("pretrained", enc), ("random", rnd)):
+            t1 = time.time()
+            rep = run_suite(suite, e, tmp / label, checkpoint=str(ckpt), data=manifest, progress=False)
+            results[label] = headline(rep)
+            print(f"[{label}] {time.time() - t1:.0f} s")
+    metric = {n: t["headline"] for n, t in rep["tasks"].items()}
+    print(f"encoder: {ckpt} ({source}); {args.steps} steps per task")
+    print(f"{'task':22s} {'metric':6s} {'pretrained':>10s} {'random':>10s}")
+    for n in results["pretrained"]:
+        print(f"{n:22s} {metric[n]:6s} {results['pretrained'][n]:10.4f} {results['random'][n]:10.4f}")
+    if args.json:
+        print(json.dumps({"pretrained": results["pretrained"], "random": results["random"], "metric": metric,
+                          "checkpoint": str(ckpt), "source": source, "steps": args.steps,
+                          "seconds": round(time.time() - t0, 1)}))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
