@@ -29,17 +29,40 @@ from tqdm import tqdm
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from data_prep.registry import get_sensor  # noqa: E402
-from data_prep.store import NO_TIME, BandStats, append_patches, create_store, write_stats  # noqa: E402
+from data_prep.store import (  # noqa: E402
+    DEFAULT_BAND_CHUNK,
+    DEFAULT_SPATIAL_CHUNK,
+    NO_TIME,
+    BandStats,
+    append_patches,
+    create_store,
+    write_stats,
+)
+
+try:  # the ingest helper's layout choice; absent in older store.py
+    from data_prep.store import choose_chunks
+except ImportError:  # pragma: no cover
+    choose_chunks = None
 from pretrain.data import DataConfig, SourceConfig, build_loader, touched_elements  # noqa: E402
 
 
-def build_store(url: str, n: int, patch: int, sensor: str, seed: int = 0) -> None:
-    """Smooth spectra mixed from a few endmembers over smooth abundance maps, plus noise (compresses like data)."""
+def build_store(url: str, n: int, patch: int, sensor: str, chunks: tuple[int, int] | None = None,
+                seed: int = 0) -> None:
+    """Smooth spectra mixed from a few endmembers over smooth abundance maps, plus noise (compresses like data).
+
+    ``chunks`` = (band chunk, spatial chunk); None = what ingest chooses (``store.choose_chunks``).
+    """
     s = get_sensor(sensor)
     bands = s.n_bands
     rng = np.random.default_rng(seed)
+    good = s.good_band_mask()
+    if chunks is None:
+        if choose_chunks is None:
+            chunks = (DEFAULT_BAND_CHUNK, DEFAULT_SPATIAL_CHUNK)
+        else:
+            chunks = choose_chunks(good, patch)[:2]
     g = create_store(url, sensor=sensor, level="L2", wavelengths_nm=s.wavelengths_nm, fwhm_nm=s.fwhm_nm,
-                     good_bands=s.good_band_mask(), patch_size=patch)
+                     good_bands=good, patch_size=patch, band_chunk=chunks[0], spatial_chunk=chunks[1])
     wl = s.wavelengths_nm
     yy, xx = np.mgrid[0:patch, 0:patch] / patch
     per = 8
@@ -88,21 +111,26 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--patches", type=int, default=64, help="patches in the store (default 64)")
     ap.add_argument("--patch-size", type=int, default=256)
     ap.add_argument("--sensor", default="emit", help="registry sensor whose bands the store uses (default emit)")
+    ap.add_argument("--chunks", type=int, nargs=2, metavar=("BAND", "SPATIAL"), default=None,
+                    help="band and spatial chunk of the store (default: what ingest chooses for the sensor)")
     ap.add_argument("--batch-size", type=int, default=8)
     ap.add_argument("--crop", type=int, default=128)
     ap.add_argument("--band-window", type=int, default=100)
     ap.add_argument("--batches", type=int, default=24, help="timed batches per worker count")
     ap.add_argument("--workers", type=int, nargs="+", default=[1, 2])
     ap.add_argument("--worker-type", default="thread", choices=["thread", "process"])
+    ap.add_argument("--store", default=None,
+                    help="use (or build once, then keep) the store at this path instead of a temporary one")
     ap.add_argument("--json", action="store_true", help="last printed line is one JSON object of figures")
     args = ap.parse_args(argv)
 
     with tempfile.TemporaryDirectory() as tmp:
-        url = f"{tmp}/{args.sensor}_L2.zarr"
-        t0 = time.perf_counter()
-        build_store(url, args.patches, args.patch_size, args.sensor)
-        print(f"store: {args.patches} x {get_sensor(args.sensor).n_bands} bands x {args.patch_size}^2 "
-              f"built in {time.perf_counter() - t0:.1f} s")
+        url = args.store or f"{tmp}/{args.sensor}_L2.zarr"
+        if not Path(url).exists():
+            t0 = time.perf_counter()
+            build_store(url, args.patches, args.patch_size, args.sensor, args.chunks)
+            print(f"store: {args.patches} x {get_sensor(args.sensor).n_bands} bands x {args.patch_size}^2 "
+                  f"built in {time.perf_counter() - t0:.1f} s")
         sps, mbs, reads = {}, {}, []
         for w in args.workers:
             cfg = DataConfig(sources=[SourceConfig(url)], batch_size=args.batch_size, crop=args.crop,

@@ -65,7 +65,8 @@ def normalise_into(out: torch.Tensor, px: np.ndarray, valid: np.ndarray, lo: np.
     np.clip(x, lo[b], hi[b], out=x)
     x -= mean[b]
     x *= inv_std[b]
-    torch.nan_to_num_(out, nan=0.0)
+    if np.isnan(x.sum()):  # one fast reduction (values are clipped: no overflow); rewrite only if a NaN is there
+        np.nan_to_num(x, copy=False, nan=0.0)
     if not valid.all():
         x[:, ~valid] = 0.0
 

@@ -14,7 +14,7 @@ import zarr
 
 from data_prep.registry import level_index, sensor_index
 from data_prep.store import SCHEMA_VERSION, PatchStore, create_store
-from pretrain.data import DataConfig, DataError, SourceConfig, build_loader
+from pretrain.data import DataConfig, DataError, SourceConfig, build_loader, normalise
 
 from .data_fixtures import make_store
 
@@ -203,3 +203,19 @@ def test_bad_inputs(stores, tmp_path):
         DataConfig.from_dict({"sources": [{"url": a["url"]}], "batch": 3})
     cfg = DataConfig.from_dict({"sources": [{"url": a["url"], "weight": 2}], "crop": 16, "band_window": 24})
     assert cfg.sources[0].weight == 2.0 and isinstance(cfg.sources[0], SourceConfig)
+
+
+def test_normalise_nan_and_invalid_become_zero():
+    rng = np.random.default_rng(0)
+    px = rng.uniform(0, 2, (5, 6, 6)).astype(np.float16)
+    px[2, 1, 1] = np.nan
+    valid = np.ones((6, 6), bool)
+    valid[0, :] = False
+    lo, hi = np.full(5, 0.2, np.float32), np.full(5, 1.5, np.float32)
+    mean, inv = np.full(5, 0.8, np.float32), np.full(5, 2.0, np.float32)
+    out = normalise(px, valid, lo, hi, mean, inv)
+    ref = (np.clip(px.astype(np.float64), 0.2, 1.5) - 0.8) * 2.0
+    ref[2, 1, 1] = 0.0
+    ref[:, 0, :] = 0.0
+    np.testing.assert_allclose(out, ref, atol=1e-6)
+    assert out.dtype == np.float32
