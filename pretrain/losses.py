@@ -16,7 +16,7 @@ def charbonnier(pred: torch.Tensor, target: torch.Tensor, weight: torch.Tensor |
     e = torch.sqrt((pred.float() - target.float()) ** 2 + eps * eps) - eps
     if weight is None:
         return e.mean()
-    w = weight.float().unsqueeze(1)
+    w = weight.float().expand(pred.shape[0], *pred.shape[2:]).unsqueeze(1)
     return (e * w).sum() / (w.sum() * pred.shape[1]).clamp_min(1.0)
 
 
@@ -38,7 +38,7 @@ def sam_loss(pred: torch.Tensor, target: torch.Tensor, weight: torch.Tensor | No
     a = spectral_angle(pred, target)
     if weight is None:
         return a.mean()
-    w = weight.float()
+    w = weight.float().expand_as(a)
     return (a * w).sum() / w.sum().clamp_min(1.0)
 
 

@@ -80,7 +80,7 @@ class MAE(nn.Module):
         full = self.decoder_norm(run_blocks(self.decoder_blocks, full, enc.grad_checkpointing))
         out = self.head(full, cond) if cond is not None else self.head(full)  # [B,C,N,P]
         target = to_patches(pixels, p)
-        weight = mask.unsqueeze(-1).float()
+        weight = mask.unsqueeze(-1).float().expand(-1, -1, p * p)
         if valid is not None:
             weight = weight * to_patches(valid.unsqueeze(1).float(), p)[:, 0]
         losses = reconstruction_loss(out, target, weight, a.charbonnier_weight, a.sam_weight, a.charbonnier_eps)
