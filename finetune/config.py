@@ -31,6 +31,8 @@ class TrainConfig:
     """Learning rate of the encoder when fine-tuning."""
     weight_decay: float = 0.01
     seed: int = 0
+    device: str = "auto"
+    """``auto`` (CUDA when available, else CPU), ``cpu``, ``cuda``, ``cuda:1``..."""
 
     def __post_init__(self) -> None:
         if self.mode not in MODES:

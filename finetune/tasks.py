@@ -70,9 +70,23 @@ def _lr_factor(step: int, total: int) -> float:
     return 0.5 * (1 + math.cos(math.pi * (step - warm) / max(1, total - warm)))
 
 
+def device_of(cfg: TaskConfig) -> torch.device:
+    d = cfg.train.device
+    if d == "auto":
+        d = "cuda" if torch.cuda.is_available() else "cpu"
+    return torch.device(d)
+
+
+def _to(x, dev: torch.device):
+    return x.to(dev) if isinstance(x, torch.Tensor) else x
+
+
 def train_loop(model: nn.Module, encoder: Encoder, cfg: TaskConfig, batch_fn, loss_fn) -> list[float]:
-    """Generic loop: ``batch_fn(rng) -> (inputs tuple, target)``; returns the loss curve."""
+    """Generic loop: ``batch_fn(rng) -> (inputs tuple, target)``; returns the loss curve. The model is moved to
+    the configured device; inputs and targets follow it."""
     torch.manual_seed(cfg.train.seed)
+    dev = device_of(cfg)
+    model.to(dev)
     rng = np.random.default_rng(cfg.train.seed)
     if cfg.train.mode == "linear_probe":
         encoder.freeze()
@@ -86,7 +100,7 @@ def train_loop(model: nn.Module, encoder: Encoder, cfg: TaskConfig, batch_fn, lo
         for g, b in zip(opt.param_groups, base):
             g["lr"] = b * _lr_factor(step, cfg.train.steps)
         inputs, target = batch_fn(rng)
-        loss = loss_fn(model(*inputs), target)
+        loss = loss_fn(model(*(_to(x, dev) for x in inputs)), target.to(dev))
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
@@ -138,7 +152,9 @@ def run_classification(encoder: Encoder, data: ClassificationData, cfg: TaskConf
 
     losses = train_loop(model, encoder, cfg, batch, F.cross_entropy)
     with torch.no_grad():
-        pred = torch.cat([model(xt[te[i:i + 64]], wl, fw, s, lv).argmax(1) for i in range(0, len(te), 64)]).numpy()
+        dev = device_of(cfg)
+        pred = torch.cat([model(xt[te[i:i + 64]].to(dev), wl, fw, s, lv).argmax(1).cpu()
+                          for i in range(0, len(te), 64)]).numpy()
     m = M.classification_metrics(data.labels[te], pred, data.class_names)
     return TaskResult(cfg.name, "classification", {k: m[k] for k in ("OA", "Kappa", "macro_F1")},
                       {"per_class_F1": m["per_class_F1"], "confusion": m["confusion"], "loss": losses[-1:],
@@ -194,7 +210,7 @@ def run_segmentation(encoder: Encoder, data: SegmentationData, cfg: TaskConfig) 
         return (torch.stack(xs), wl, fw, s, lv), torch.stack(ys)
 
     def loss_fn(logits, target):
-        return F.cross_entropy(logits, target, weight=weights, ignore_index=-1)
+        return F.cross_entropy(logits, target, weight=weights.to(logits.device), ignore_index=-1)
 
     losses = train_loop(model, encoder, cfg, batch, loss_fn)
     prob = predict_scene(model, torch.from_numpy(img), wl, fw, k, win, cfg.eval.stride, s, lv, cfg.train.batch_size)
@@ -237,8 +253,9 @@ def run_change(encoder: Encoder, data: ChangeData, cfg: TaskConfig) -> TaskResul
     with torch.no_grad():
         for i in range(0, len(te), 128):
             r, c = np.divmod(te[i:i + 128], w)
-            preds.append(model(extract_patches(ta, r, c, ev.patch), extract_patches(tb, r, c, ev.patch),
-                               wl, fw, s, lv).argmax(1).numpy())
+            dev = device_of(cfg)
+            preds.append(model(extract_patches(ta, r, c, ev.patch).to(dev), extract_patches(tb, r, c, ev.patch).to(dev),
+                               wl, fw, s, lv).argmax(1).cpu().numpy())
     pred = np.concatenate(preds) if preds else np.zeros(0, np.int64)
     m = M.change_metrics(flat[te], pred)
     pred_map = np.full(h * w, -1, np.int64)
@@ -256,12 +273,13 @@ def _tile_predict(model: FusionDecoder, hs_in: torch.Tensor, ms_in: torch.Tensor
     H, W = ms_in.shape[-2:]
     acc = torch.zeros(c, H, W)
     cnt = torch.zeros(1, H, W)
+    dev = next(model.parameters()).device
     with torch.no_grad():
         for y in window_starts(H, tile, stride):
             for x in window_starts(W, tile, stride):
-                h_t = hs_in[None, :, y // r:(y + tile) // r, x // r:(x + tile) // r]
-                m_t = ms_in[None, :, y:y + tile, x:x + tile]
-                acc[:, y:y + tile, x:x + tile] += model(h_t, m_t, *args)[0]
+                h_t = hs_in[None, :, y // r:(y + tile) // r, x // r:(x + tile) // r].to(dev)
+                m_t = ms_in[None, :, y:y + tile, x:x + tile].to(dev)
+                acc[:, y:y + tile, x:x + tile] += model(h_t, m_t, *args)[0].cpu()
                 cnt[:, y:y + tile, x:x + tile] += 1
     return acc / cnt
 

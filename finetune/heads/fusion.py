@@ -58,8 +58,8 @@ class HyperIn(nn.Module):
 
     def forward(self, x: torch.Tensor, wavelengths: torch.Tensor, fwhm: torch.Tensor) -> torch.Tensor:
         b = x.shape[0]
-        wl = torch.as_tensor(wavelengths, dtype=torch.float32).expand(b, -1)
-        fw = torch.as_tensor(fwhm, dtype=torch.float32).expand(b, -1)
+        wl = torch.as_tensor(wavelengths, dtype=torch.float32, device=x.device).expand(b, -1)
+        fw = torch.as_tensor(fwhm, dtype=torch.float32, device=x.device).expand(b, -1)
         w = self.hyper(torch.cat([fourier_features(wl, self.n_freq), (fw / 100.0)[..., None]], -1))
         return torch.einsum("bchw,bcf->bfhw", x, w) / math.sqrt(x.shape[1])
 
@@ -91,8 +91,8 @@ class FusionDecoder(nn.Module):
         t = self.fuse(torch.cat([th, tm], -1)).transpose(1, 2).reshape(b, -1, gh, gw)
         feat = self.unpatch(t)
         feat = self.detail(torch.cat([feat, self.ms_in(ms, ms_wl, ms_fwhm), self.hs_in(up, hs_wl, hs_fwhm)], 1))
-        hs_wl = torch.as_tensor(hs_wl, dtype=torch.float32).expand(b, -1)
-        hs_fwhm = torch.as_tensor(hs_fwhm, dtype=torch.float32).expand(b, -1)
+        hs_wl = torch.as_tensor(hs_wl, dtype=torch.float32, device=ms.device).expand(b, -1)
+        hs_fwhm = torch.as_tensor(hs_fwhm, dtype=torch.float32, device=ms.device).expand(b, -1)
         return up + self.out(feat, hs_wl, hs_fwhm)
 
 

@@ -115,9 +115,10 @@ def predict_scene(model: nn.Module, image: torch.Tensor, wavelengths: torch.Tens
     cnt = torch.zeros(1, H, W)
     origins = [(y, x) for y in window_starts(H, window, stride) for x in window_starts(W, window, stride)]
     model.eval()
+    dev = next((p.device for p in model.parameters()), torch.device("cpu"))
     for i in range(0, len(origins), batch_size):
         chunk = origins[i:i + batch_size]
-        x = torch.stack([img[:, y:y + window, x0:x0 + window] for y, x0 in chunk])
+        x = torch.stack([img[:, y:y + window, x0:x0 + window] for y, x0 in chunk]).to(dev)
         prob = model(x, wavelengths, fwhm, sensor=sensor, level=level).softmax(1).cpu()
         for (y, x0), p in zip(chunk, prob):
             acc[:, y:y + window, x0:x0 + window] += p
