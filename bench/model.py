@@ -1,0 +1,194 @@
+"""MAE step cost with the HyperEmbedding against the same MAE with a fixed Conv2d patch embedding.
+
+For each size (default: debug and base) at 100 bands, 128 x 128, patch 8, batch 2, this prints:
+
+- forward+backward step time of the MAE with HyperEmbedding + HyperLinear output and of the same MAE with a
+  fixed Conv2d patch embedding and a fixed Linear output (same token count, same ViT and decoder), measured
+  in one run, alternating the two models step by step so both see the same machine load (median of reps);
+- the same for the embedding alone (conditioning + token making, forward+backward);
+- peak memory of a step: the growth of resident memory during one step, sampled by a thread (tracemalloc
+  does not see torch's allocator; ``ru_maxrss`` keeps the build's earlier peak);
+- FLOPs per sample (``torch.utils.flop_counter.FlopCounterMode``, forward+backward) of both models, and the
+  forward FLOPs of the hyper embedding alone;
+- parameter counts of the hyper embedding at each size (hypernetworks, meta + content encoders).
+
+``--json`` makes the last printed line one JSON object with ``hyper_over_fixed_step_time`` (base size),
+``hyper_embed_params_base``, ``gflops_per_sample_base`` and the rest of the figures.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import resource
+import statistics
+import sys
+import threading
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from pretrain.models import build_model  # noqa: E402
+
+
+def make_batch(b: int, c: int, size: int, seed: int = 0) -> dict:
+    g = torch.Generator().manual_seed(seed)
+    return {"pixels": torch.randn(b, c, size, size, generator=g),
+            "wavelengths": torch.linspace(420, 2450, c).expand(b, -1).clone(),
+            "fwhm": torch.full((b, c), 8.0), "sensor": torch.tensor([1, 2] * b)[:b],
+            "level": torch.tensor([1, 2] * b)[:b], "valid": torch.ones(b, size, size, dtype=torch.bool)}
+
+
+def build(size: str, embed: str, bands: int) -> torch.nn.Module:
+    torch.manual_seed(0)
+    if embed == "hyper":
+        return build_model(size)
+    return build_model(size, patch_embed="fixed", fixed_bands=bands)
+
+
+def step(model: torch.nn.Module, batch: dict, seed: int) -> None:
+    out = model(batch, generator=torch.Generator().manual_seed(seed))
+    out["loss"].backward()
+    model.zero_grad(set_to_none=True)
+
+
+def embed_step(model: torch.nn.Module, batch: dict) -> None:
+    tok, _ = model.encoder.embed(batch["pixels"], batch["wavelengths"], batch["fwhm"], batch["sensor"],
+                                 batch["level"], batch["valid"])
+    tok.square().mean().backward()
+    model.zero_grad(set_to_none=True)
+
+
+def timed(fn) -> float:
+    t = time.perf_counter()
+    fn()
+    return time.perf_counter() - t
+
+
+def flops(model: torch.nn.Module, bands: int, size: int) -> tuple[float, float]:
+    """(forward+backward FLOPs of one MAE sample, forward FLOPs of the embedding of one sample)."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    batch = make_batch(1, bands, size)
+    fc = FlopCounterMode(display=False)
+    with fc:
+        step(model, batch, 0)
+    total = fc.get_total_flops()
+    fc = FlopCounterMode(display=False)
+    with fc, torch.no_grad():
+        model.encoder.embed(batch["pixels"], batch["wavelengths"], batch["fwhm"], batch["sensor"], batch["level"])
+    return float(total), float(fc.get_total_flops())
+
+
+def rss_bytes() -> int:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * resource.getpagesize()
+
+
+def peak_step_memory(model: torch.nn.Module, batch: dict, seed: int) -> float:
+    """Peak resident-memory growth (MiB) during one step, sampled every 0.5 ms by a thread.
+
+    torch's CPU tensors of any size are malloc'ed and large ones are returned to the OS when freed, so RSS
+    follows live tensors; tracemalloc does not see them and ru_maxrss keeps earlier peaks (e.g. the build)."""
+    gc.collect()
+    base = rss_bytes()
+    peak = [base]
+    stop = threading.Event()
+
+    def sample() -> None:
+        while not stop.is_set():
+            peak[0] = max(peak[0], rss_bytes())
+            time.sleep(0.0005)
+
+    t = threading.Thread(target=sample, daemon=True)
+    t.start()
+    step(model, batch, seed)
+    stop.set()
+    t.join()
+    return (max(peak[0], rss_bytes()) - base) / 2**20
+
+
+def bench_size(size: str, args: argparse.Namespace) -> dict:
+    hyper, fixed = build(size, "hyper", args.bands), build(size, "fixed", args.bands)
+    batch = make_batch(args.batch, args.bands, args.image)
+    for m in (hyper, fixed):  # warm-up
+        step(m, batch, 0)
+    th, tf, eh, ef = [], [], [], []
+    for r in range(args.reps):
+        th.append(timed(lambda r=r: step(hyper, batch, r + 1)))
+        tf.append(timed(lambda r=r: step(fixed, batch, r + 1)))
+        eh.append(timed(lambda: embed_step(hyper, batch)))
+        ef.append(timed(lambda: embed_step(fixed, batch)))
+    fh, feh = flops(hyper, args.bands, args.image)
+    ff, fef = flops(fixed, args.bands, args.image)
+    enc = hyper.encoder
+    hyper_params = sum(p.numel() for p in enc.hyper.parameters())
+    cond_params = sum(p.numel() for p in enc.meta.parameters()) + sum(p.numel() for p in enc.content.parameters())
+    fixed_embed_params = sum(p.numel() for p in fixed.encoder.fixed.parameters())
+    res = {
+        "step_s_hyper": statistics.median(th), "step_s_fixed": statistics.median(tf),
+        "embed_step_s_hyper": statistics.median(eh), "embed_step_s_fixed": statistics.median(ef),
+        "gflops_per_sample_hyper": fh / 1e9, "gflops_per_sample_fixed": ff / 1e9,
+        "gflops_per_sample_estimate": hyper.flops_per_sample(args.bands, args.image) / 1e9,
+        "embed_gflops_fwd_hyper": feh / 1e9, "embed_gflops_fwd_fixed": fef / 1e9,
+        "hyper_embed_params": hyper_params + cond_params, "hypernet_params": hyper_params,
+        "conditioning_params": cond_params, "hyperlinear_params": sum(p.numel() for p in hyper.head.parameters()),
+        "fixed_embed_params": fixed_embed_params,
+        "total_params_hyper": sum(p.numel() for p in hyper.parameters()),
+        "total_params_fixed": sum(p.numel() for p in fixed.parameters()),
+    }
+    res["hyper_over_fixed_step_time"] = res["step_s_hyper"] / res["step_s_fixed"]
+    res["hyper_over_fixed_flops"] = fh / ff
+    res["hyper_share_of_step"] = max(0.0, res["step_s_hyper"] - res["step_s_fixed"]) / res["step_s_hyper"]
+    if not args.no_memory:
+        res["peak_step_mib_hyper"] = peak_step_memory(hyper, batch, 99)
+        res["peak_step_mib_fixed"] = peak_step_memory(fixed, batch, 99)
+    return res
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--sizes", default="debug,base", help="comma-separated model sizes (default debug,base)")
+    ap.add_argument("--bands", type=int, default=100, help="bands per sample (default 100)")
+    ap.add_argument("--image", type=int, default=128, help="square image side in pixels (default 128)")
+    ap.add_argument("--batch", type=int, default=2, help="batch size (default 2)")
+    ap.add_argument("--reps", type=int, default=3, help="timed steps per model (median; default 3)")
+    ap.add_argument("--no-memory", action="store_true", help="skip the peak-memory measurement")
+    ap.add_argument("--json", action="store_true", help="print the figures as one JSON object on the last line")
+    args = ap.parse_args(argv)
+    sizes = [s for s in args.sizes.split(",") if s]
+    out: dict = {"bands": args.bands, "image": args.image, "patch": 8, "batch": args.batch,
+                 "threads": torch.get_num_threads(), "device": "cpu", "sizes": {}}
+    for size in sizes:
+        print(f"[{size}] {args.bands} bands, {args.image}x{args.image}, batch {args.batch} ...", flush=True)
+        r = bench_size(size, args)
+        out["sizes"][size] = r
+        print(f"  step (fwd+bwd): hyper {r['step_s_hyper']:.3f} s, fixed {r['step_s_fixed']:.3f} s, "
+              f"ratio {r['hyper_over_fixed_step_time']:.3f}")
+        print(f"  embedding alone (fwd+bwd): hyper {r['embed_step_s_hyper']:.3f} s, fixed {r['embed_step_s_fixed']:.3f} s")
+        print(f"  GFLOPs/sample (fwd+bwd): hyper {r['gflops_per_sample_hyper']:.2f}, fixed "
+              f"{r['gflops_per_sample_fixed']:.2f} (ratio {r['hyper_over_fixed_flops']:.3f}); embedding fwd "
+              f"hyper {r['embed_gflops_fwd_hyper']:.3f}, fixed {r['embed_gflops_fwd_fixed']:.3f}")
+        print(f"  hyper embedding params {r['hyper_embed_params'] / 1e6:.2f} M (hypernetworks "
+              f"{r['hypernet_params'] / 1e6:.2f} M), fixed embedding {r['fixed_embed_params'] / 1e6:.2f} M")
+        if "peak_step_mib_hyper" in r:
+            print(f"  peak RSS growth over a step: hyper {r['peak_step_mib_hyper']:.0f} MiB, fixed "
+                  f"{r['peak_step_mib_fixed']:.0f} MiB")
+    if "base" in out["sizes"]:
+        b = out["sizes"]["base"]
+        out["hyper_over_fixed_step_time"] = b["hyper_over_fixed_step_time"]
+        out["hyper_embed_params_base"] = b["hyper_embed_params"]
+        out["hypernet_params_base"] = b["hypernet_params"]
+        out["gflops_per_sample_base"] = b["gflops_per_sample_hyper"]
+        out["embed_gflops_fwd_base"] = b["embed_gflops_fwd_hyper"]
+    if args.json:
+        print(json.dumps(out))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
