@@ -12,6 +12,7 @@ from finetune.datasets import (
     DatasetError,
     load_aerorit,
     load_bay_area,
+    load_change_mat,
     load_dataset,
     load_fusion_pair,
     load_santa_barbara,
@@ -179,3 +180,15 @@ def test_synthetic_tasks_from_manifest(tiny_corpus):
         synthetic_segmentation(Path(tiny_corpus).parent / "nope")
     with pytest.raises(DatasetError, match="no 'scene' product of sensor=aviris-3"):
         synthetic_segmentation(tiny_corpus, sensor="aviris-3")
+
+
+def test_wrong_layout_and_unknown_keys_are_clear_errors(tmp_path):
+    with pytest.raises(DatasetError, match="image_hsi_reflectance.tif does not exist"):
+        load_aerorit(tmp_path)
+    with pytest.raises(DatasetError, match=r"unknown key\(s\) \['colour'\]"):
+        load_dataset({"loader": "aerorit", "root": str(tmp_path), "colour": 1})
+    with pytest.raises(DatasetError, match="unknown dataset loader"):
+        load_dataset({"loader": "pavia"})
+    (tmp_path / "x.mat").write_bytes(b"not a mat file at all" * 10)
+    with pytest.raises(DatasetError, match="not a readable MATLAB file"):
+        load_change_mat(tmp_path / "x.mat", tmp_path / "x.mat", tmp_path / "x.mat")
