@@ -36,7 +36,7 @@ class ModelArgs:
     """Rank r of the hypernetwork factorisation W_band = V (p*p x r) U (r x D)."""
     n_freq: int = 16
     """Fourier frequencies of the centre wavelength (log-spaced periods from 2 nm to 4.4 um)."""
-    content_hidden: int = 64
+    content_hidden: int = 32
     """Hidden width of the content encoder's per-cell MLP."""
     text_dim: int = 384
     """Width of the frozen text embeddings (MiniLM-L6: 384)."""

@@ -25,15 +25,16 @@ class HyperEmbedding(nn.Module):
         self.to_v = nn.Linear(cond_dim, self.P * rank)
         self.to_u = nn.Linear(cond_dim, rank * dim)
         self.to_bias = nn.Linear(cond_dim, dim)
-        self.v_scale = 1.0 / math.sqrt(self.P)
-        self.u_scale = 1.0 / math.sqrt(rank)
+        with torch.no_grad():  # scale the generated V and U at init instead of at every call
+            self.to_v.weight.mul_(1.0 / math.sqrt(self.P))
+            self.to_u.weight.mul_(1.0 / math.sqrt(rank))
 
     def weights(self, cond: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """V ``[B,C,P,r]``, U ``[B,C,r,D]``, bias ``[B,1,D]`` from cond ``[B,C,d]``."""
         b, c, _ = cond.shape
         h = self.norm(cond)
-        v = self.to_v(h).view(b, c, self.P, self.r) * self.v_scale
-        u = self.to_u(h).view(b, c, self.r, self.dim) * self.u_scale
+        v = self.to_v(h).view(b, c, self.P, self.r)
+        u = self.to_u(h).view(b, c, self.r, self.dim)
         bias = self.to_bias(h.mean(1, keepdim=True))
         return v, u, bias
 
@@ -41,10 +42,10 @@ class HyperEmbedding(nn.Module):
         """patches ``[B,C,N,P]``, cond ``[B,C,d]`` -> tokens ``[B,N,D]``."""
         b, c, n, _ = patches.shape
         v, u, bias = self.weights(cond)
-        y = torch.matmul(patches.to(v.dtype), v)  # [B,C,N,r]
+        y = torch.matmul(patches.to(v.dtype), v * (1.0 / c))  # [B,C,N,r]; 1/C on the smallest tensor
         y = y.transpose(1, 2).reshape(b, n, c * self.r)  # [B,N,C*r]
-        tok = torch.bmm(y, u.reshape(b, c * self.r, self.dim))  # [B,N,D]
-        return tok * (1.0 / c) + bias
+        # bias + [B,N,C*r] @ [B,C*r,D] in one fused call
+        return torch.baddbmm(bias.expand(b, n, self.dim), y, u.reshape(b, c * self.r, self.dim))
 
 
 class HyperLinear(nn.Module):
@@ -58,16 +59,17 @@ class HyperLinear(nn.Module):
         self.to_a = nn.Linear(cond_dim, rank * dim)
         self.to_b = nn.Linear(cond_dim, rank * self.P)
         self.to_bias = nn.Linear(cond_dim, self.P)
-        self.a_scale = 1.0 / math.sqrt(dim)
-        self.b_scale = 1.0 / math.sqrt(rank)
+        with torch.no_grad():
+            self.to_a.weight.mul_(1.0 / math.sqrt(dim))
+            self.to_b.weight.mul_(1.0 / math.sqrt(rank))
 
     def forward(self, z: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:
         """z ``[B,N,Dd]``, cond ``[B,C,d]`` -> ``[B,C,N,P]``."""
         b, n, _ = z.shape
         c = cond.shape[1]
         h = self.norm(cond)
-        a = self.to_a(h).view(b, c * self.r, self.dim) * self.a_scale
-        bm = self.to_b(h).view(b, c, self.r, self.P) * self.b_scale
+        a = self.to_a(h).view(b, c * self.r, self.dim)
+        bm = self.to_b(h).view(b, c, self.r, self.P)
         t = torch.bmm(z.to(a.dtype), a.transpose(1, 2))  # [B,N,C*r]
         t = t.view(b, n, c, self.r).transpose(1, 2)  # [B,C,N,r]
         return torch.matmul(t, bm) + self.to_bias(h).unsqueeze(2)
