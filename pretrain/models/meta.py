@@ -104,7 +104,7 @@ class MetaEncoder(nn.Module):
         self.level_names = list(level_names)
         if not self.sensor_names or self.sensor_names[0] != "unknown" or self.level_names[0] != "unknown":
             raise ModelError("sensor and level vocabularies must start with 'unknown' (index 0)")
-        self.register_buffer("periods", log_spaced_periods(args.n_freq), persistent=False)
+        self.n_freq = args.n_freq
         self.wl_proj = nn.Linear(2 * args.n_freq + 1, d)
         self.fwhm_mlp = nn.Sequential(nn.Linear(1, d), nn.GELU(), nn.Linear(d, d))
         st = torch.zeros(len(self.sensor_names), args.text_dim)
@@ -161,7 +161,9 @@ class MetaEncoder(nn.Module):
         """wavelengths/fwhm ``[B,C]`` nm, sensor/level ``[B]`` int64 or None, content ``[B,C,d]`` -> ``[B,C,d]``."""
         b, c = wavelengths.shape
         wl_um = wavelengths.float() / 1000.0
-        ang = 2 * math.pi * wl_um.unsqueeze(-1) / self.periods
+        # periods made here in float32, never a buffer: a bf16 cast would move the 2 nm period's phase by cycles
+        periods = log_spaced_periods(self.n_freq).to(wl_um.device)
+        ang = 2 * math.pi * wl_um.unsqueeze(-1) / periods
         wl_feat = torch.cat([torch.sin(ang), torch.cos(ang), ((wl_um - 1.45) / 1.1).unsqueeze(-1)], -1)
         fw = ((torch.log(fwhm.float().clamp_min(1e-3)) - math.log(FWHM_REF_NM)) / FWHM_LOG_SCALE).unsqueeze(-1)
         dt = self.wl_proj.weight.dtype
