@@ -90,6 +90,8 @@ class ParallelConfig:
     global_batch: samples per optimizer step over all ranks; must equal micro_batch x grad_accum x
     world size (checked at start). None = micro_batch x grad_accum x world size.
     precision: "fp32" or "bf16".
+    bucket_elements: size of DeepSpeed's communication buckets in elements (reduce, all-gather, ZeRO-3
+    prefetch); DeepSpeed's defaults (5e8) make buffers of gigabytes, too much for small models.
     """
 
     zero_stage: int = 2
@@ -97,8 +99,11 @@ class ParallelConfig:
     grad_accum: int | None = None
     global_batch: int | None = None
     precision: str = "fp32"
+    bucket_elements: int = 20_000_000
 
     def __post_init__(self) -> None:
+        if self.bucket_elements < 1:
+            raise ConfigError(f"parallel.bucket_elements must be >= 1, got {self.bucket_elements}")
         if self.zero_stage not in (0, 1, 2, 3):
             raise ConfigError(f"parallel.zero_stage must be 0, 1, 2 or 3, got {self.zero_stage!r}")
         if self.micro_batch < 1:

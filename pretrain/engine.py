@@ -96,8 +96,13 @@ def deepspeed_config(cfg: TrainConfig, world_size: int) -> dict[str, Any]:
         "wall_clock_breakdown": False,
         "zero_allow_untested_optimizer": True,
     }
+    b = cfg.parallel.bucket_elements
+    if cfg.parallel.zero_stage in (1, 2):
+        ds["zero_optimization"].update({"reduce_bucket_size": b, "allgather_bucket_size": b})
     if cfg.parallel.zero_stage == 3:
-        ds["zero_optimization"].update({"stage3_gather_16bit_weights_on_model_save": False})
+        ds["zero_optimization"].update({"reduce_bucket_size": b, "stage3_prefetch_bucket_size": b,
+                                        "stage3_max_live_parameters": 2 * b, "stage3_max_reuse_distance": 2 * b,
+                                        "stage3_gather_16bit_weights_on_model_save": False})
     return ds
 
 

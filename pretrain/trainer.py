@@ -14,6 +14,7 @@ resumes the current one from its newest complete checkpoint, and goes on.
 
 from __future__ import annotations
 
+import gc
 import json
 import logging
 import random
@@ -64,6 +65,7 @@ class Trainer:
         self._stop = False
         self.figures: list[Path] = []
         self.peak_sps: list[float] = []
+        self.train_rss = 0.0
 
     # ------------------------------------------------------------------ paths
     def export_dir(self, stage: StageConfig) -> Path:
@@ -182,6 +184,7 @@ class Trainer:
                 st.step += 1
                 st.global_step += 1
                 st.samples_seen += self.global_batch
+                self.train_rss = max(self.train_rss, peak_rss_mb())  # before any save/export of this step
                 if bar is not None:
                     bar.update(1)
                 stop = eng.any_rank(self._stop)
@@ -207,7 +210,16 @@ class Trainer:
             if bar is not None:
                 bar.close()
         self.finish_stage(engine, stage, st, total)
+        self.release(engine)
         return None, st.global_step
+
+    def release(self, engine: Any) -> None:
+        """Free a finished stage's engine (hooks, partitions, optimizer state) before the next one is built."""
+        if hasattr(engine, "destroy"):
+            engine.destroy()
+        self.model_ref = None
+        del engine
+        gc.collect()
 
     def train_step(self, engine: Any, it: Any, st: StageState, total: int) -> tuple[dict[str, float], dict, dict]:
         """One optimizer step: ``accum`` micro-batches of forward/backward, then the (clipped) update."""
@@ -277,12 +289,14 @@ class Trainer:
         """Per-rank peak memory and the throughput of this launch, in ``<run_dir>/summary.json`` (rank 0)."""
         try:
             rss = eng.gather_floats(peak_rss_mb())
+            train_rss = eng.gather_floats(self.train_rss)
         except Exception:  # the process group is gone (an error on another rank): nothing to gather
             return
         if self.rank == 0:
             sps = self.peak_sps[1:] or self.peak_sps
             (self.run_dir / "summary.json").write_text(json.dumps({
                 "peak_rss_mb_per_rank": [round(r, 1) for r in rss],
+                "train_peak_rss_mb_per_rank": [round(r, 1) for r in train_rss],
                 "samples_per_s": float(np.median(sps)) if sps else None,
                 "figures": [str(f) for f in self.figures]}))
 
