@@ -6,8 +6,9 @@ For each size (default: debug and base) at 100 bands, 128 x 128, patch 8, batch 
   fixed Conv2d patch embedding and a fixed Linear output (same token count, same ViT and decoder), measured
   in one run, alternating the two models step by step so both see the same machine load (median of reps);
 - the same for the embedding alone (conditioning + token making, forward+backward);
-- peak memory of a step: the growth of resident memory during one step, sampled by a thread (tracemalloc
-  does not see torch's allocator; ``ru_maxrss`` keeps the build's earlier peak);
+- peak memory of a step: the growth of resident memory during the first step after building, sampled by a
+  thread, each configuration in its own fresh process (tracemalloc does not see torch's allocator;
+  ``ru_maxrss`` keeps the build's earlier peak; later steps reuse memory malloc kept);
 - FLOPs per sample (``torch.utils.flop_counter.FlopCounterMode``, forward+backward) of both models, and the
   forward FLOPs of the hyper embedding alone;
 - parameter counts of the hyper embedding at each size (hypernetworks, meta + content encoders).
@@ -23,6 +24,7 @@ import gc
 import json
 import resource
 import statistics
+import subprocess
 import sys
 import threading
 import time
@@ -92,8 +94,8 @@ def rss_bytes() -> int:
 def peak_step_memory(model: torch.nn.Module, batch: dict, seed: int) -> float:
     """Peak resident-memory growth (MiB) during one step, sampled every 0.5 ms by a thread.
 
-    torch's CPU tensors of any size are malloc'ed and large ones are returned to the OS when freed, so RSS
-    follows live tensors; tracemalloc does not see them and ru_maxrss keeps earlier peaks (e.g. the build)."""
+    Meaningful for the first step in a fresh process (see :func:`memory`): later steps reuse memory that
+    malloc kept. tracemalloc does not see torch's allocator and ru_maxrss keeps earlier peaks (the build)."""
     gc.collect()
     base = rss_bytes()
     peak = [base]
@@ -110,6 +112,23 @@ def peak_step_memory(model: torch.nn.Module, batch: dict, seed: int) -> float:
     stop.set()
     t.join()
     return (max(peak[0], rss_bytes()) - base) / 2**20
+
+
+def child_memory(size: str, embed: str, bands: int, image: int, batch_size: int) -> None:
+    """Subprocess body: build, then print the RSS growth of the first training step (gradients included)."""
+    model = build(size, embed, bands)
+    batch = make_batch(batch_size, bands, image)
+    print(json.dumps({"peak_step_mib": peak_step_memory(model, batch, 0)}))
+
+
+def memory(size: str, embed: str, args: argparse.Namespace) -> float:
+    """Peak step memory of one configuration, measured in its own fresh process."""
+    cmd = [sys.executable, __file__, "--child", size, embed, "--bands", str(args.bands), "--image",
+           str(args.image), "--batch", str(args.batch)]
+    res = subprocess.run(cmd, capture_output=True, text=True, check=False)
+    if res.returncode != 0:
+        raise RuntimeError(f"memory subprocess for {size}/{embed} failed:\n{res.stderr[-2000:]}")
+    return float(json.loads(res.stdout.strip().splitlines()[-1])["peak_step_mib"])
 
 
 def bench_size(size: str, args: argparse.Namespace) -> dict:
@@ -145,8 +164,10 @@ def bench_size(size: str, args: argparse.Namespace) -> dict:
     res["hyper_over_fixed_flops"] = fh / ff
     res["hyper_share_of_step"] = max(0.0, res["step_s_hyper"] - res["step_s_fixed"]) / res["step_s_hyper"]
     if not args.no_memory:
-        res["peak_step_mib_hyper"] = peak_step_memory(hyper, batch, 99)
-        res["peak_step_mib_fixed"] = peak_step_memory(fixed, batch, 99)
+        del hyper, fixed
+        gc.collect()
+        res["peak_step_mib_hyper"] = memory(size, "hyper", args)
+        res["peak_step_mib_fixed"] = memory(size, "fixed", args)
     return res
 
 
@@ -158,8 +179,12 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--batch", type=int, default=2, help="batch size (default 2)")
     ap.add_argument("--reps", type=int, default=3, help="timed steps per model (median; default 3)")
     ap.add_argument("--no-memory", action="store_true", help="skip the peak-memory measurement")
+    ap.add_argument("--child", nargs=2, metavar=("SIZE", "EMBED"), help=argparse.SUPPRESS)
     ap.add_argument("--json", action="store_true", help="print the figures as one JSON object on the last line")
     args = ap.parse_args(argv)
+    if args.child:
+        child_memory(args.child[0], args.child[1], args.bands, args.image, args.batch)
+        return 0
     sizes = [s for s in args.sizes.split(",") if s]
     out: dict = {"bands": args.bands, "image": args.image, "patch": 8, "batch": args.batch,
                  "threads": torch.get_num_threads(), "device": "cpu", "sizes": {}}
