@@ -13,6 +13,7 @@ import logging
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
@@ -35,6 +36,18 @@ def git_sha() -> str:
         return "unknown"
 
 
+def fail(rank: int | str, err: Exception) -> int:
+    """Report bad input on this rank and return exit code 2.
+
+    Under torchrun the first rank to exit makes the agent stop the others, so a rank waits a moment
+    before exiting: every rank runs the same checks and gets to print its own error.
+    """
+    print(f"error (rank {rank}): {err}", file=sys.stderr, flush=True)
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        time.sleep(3.0)
+    return 2
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--config", required=True, help="YAML file under configs/pretrain/")
@@ -45,8 +58,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         cfg = load_config(args.config, args.overrides)
     except ConfigError as e:
-        print(f"error (rank {rank_env}): {e}", file=sys.stderr)
-        return 2
+        return fail(rank_env, e)
 
     from pretrain.data import DataError
     from pretrain.trainer import Trainer, preflight, prepare_data
@@ -55,8 +67,7 @@ def main(argv: list[str] | None = None) -> int:
         try:
             preflight(cfg, int(os.environ.get("WORLD_SIZE", "1")))
         except (ConfigError, DataError) as e:
-            print(f"error (rank {rank_env}): {e}", file=sys.stderr, flush=True)
-            return 2
+            return fail(rank_env, e)
 
     import torch.distributed as dist
 
@@ -80,8 +91,7 @@ def main(argv: list[str] | None = None) -> int:
                   f"export: {(run_dir / 'export' / cfg.stages[-1].name).resolve()}", flush=True)
         return code
     except (ConfigError, CheckpointError, DataError) as e:
-        print(f"error (rank {rank}): {e}", file=sys.stderr, flush=True)
-        return 2
+        return fail(rank, e)
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()
