@@ -41,7 +41,7 @@ def save_encoder(model: nn.Module, out_dir: str | os.PathLike, state_dict: dict 
     enc = _encoder_of(model)
     sd = state_dict if state_dict is not None else enc.state_dict()
     tensors = {k: v.detach().to("cpu").contiguous() for k, v in sd.items()}
-    meta = {"format": FORMAT, "version": VERSION, "args": enc.args.to_dict(),
+    meta = {"format": FORMAT, "version": VERSION, "name": enc.args.name, "args": enc.args.to_dict(),
             "sensor_vocab": list(enc.sensor_names), "level_vocab": list(enc.level_names),
             "embed_dim": enc.embed_dim, "patch_size": enc.patch_size, "extra": extra or {}}
     out = Path(out_dir)
