@@ -12,7 +12,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "simulate": ("simulate", "write realistic simulated products of each sensor in its own file format"),
     "ingest": ("ingest", "read products, tile them into patches and commit them to Zarr patch stores"),
     "inspect": ("inspect", "summarise a patch store (patches, bands, chunking, bytes, statistics)"),
-    "stats": ("stats", "recompute a store's per-band statistics from its per-granule partial sums"),
+    "stats": ("stats", "recompute a store's per-band statistics (a rescan, or --from-accumulator: from the saved partial sums)"),
     "export-wds": ("export_wds", "write a store's patches as WebDataset tar shards"),
 }
 

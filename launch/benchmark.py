@@ -1,6 +1,6 @@
 """Run a benchmark suite on an encoder export and write report.md / report.json / report.csv + figures.
 
-    python launch/benchmark.py --suite configs/benchmarks/synthetic.yaml --checkpoint runs/demo/export/stage3 --out runs/bench
+    python launch/benchmark.py --suite configs/benchmarks/synthetic.yaml --checkpoint runs/demo/export/stage3_all --out runs/bench
     python launch/benchmark.py --suite configs/benchmarks/paper.yaml --checkpoint EXPORT --out DIR --data-root /data/hsi
 """
 
