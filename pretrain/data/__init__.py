@@ -4,13 +4,14 @@
 returns an iterable of batch dicts with ``state_dict()`` / ``load_state_dict()``.
 """
 
-from .config import DataConfig, DataError, SourceConfig
+from .config import DataConfig, DataError, LoaderWorkerError, SourceConfig
 from .loader import SpecLoader, build_loader, build_plan
 from .reader import SampleReader, normalise, touched_elements
 
 __all__ = [
     "DataConfig",
     "DataError",
+    "LoaderWorkerError",
     "SampleReader",
     "SourceConfig",
     "SpecLoader",

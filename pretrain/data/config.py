@@ -11,6 +11,10 @@ class DataError(ValueError):
     """A data source or data setting is unusable: raised before any batch (or past ``max_bad_fraction``)."""
 
 
+class LoaderWorkerError(RuntimeError):
+    """A reader worker process of the pipeline died (killed, out of memory, crashed in native code)."""
+
+
 @dataclass
 class SourceConfig:
     """One patch store in the mixture.
@@ -52,8 +56,12 @@ class DataConfig:
     num_workers: parallel readers (0 = read in the pipeline thread); worker_type ``thread`` or ``process``.
     epochs: passes over every source (each source's patches, or subset, once per pass); None = endless.
     seed: seeds the permutations, mixture draws, windows, crops and dropout.
-    max_bad_fraction: samples whose chunks fail to decode are skipped; iteration fails with DataError once
-        more than ``max(1, max_bad_fraction * samples attempted)`` have failed (0 = fail on the first).
+    max_bad_fraction: a sample whose chunks fail to decode is replaced by a seeded substitute from the same
+        store (batch size and batch count never change); iteration fails with DataError once more than
+        ``max(1, max_bad_fraction * reads tried from that store)`` reads of one store have failed
+        (0 = fail on the first).
+    max_bad_batch_fraction: iteration fails with DataError when more than this fraction of one batch's
+        samples fail to decode (a store gone bad is not papered over with substitutes).
     prefetch: batches prepared ahead of the consumer.
     storage_options: passed to fsspec for remote URLs.
     pin_memory: pin batches (only when CUDA is available).
@@ -70,6 +78,7 @@ class DataConfig:
     epochs: int | None = None
     seed: int = 0
     max_bad_fraction: float = 0.01
+    max_bad_batch_fraction: float = 0.5
     prefetch: int = 2
     storage_options: dict | None = None
     crop_align: int = 0
@@ -98,7 +107,7 @@ class DataConfig:
             raise DataError(f"DataConfig.worker_type must be 'thread' or 'process', got {self.worker_type!r}")
         if self.epochs is not None and (not isinstance(self.epochs, int) or self.epochs < 1):
             raise DataError(f"DataConfig.epochs must be a positive integer or None (endless), got {self.epochs!r}")
-        for name in ("sensor_dropout", "max_bad_fraction"):
+        for name in ("sensor_dropout", "max_bad_fraction", "max_bad_batch_fraction"):
             v = getattr(self, name)
             if not isinstance(v, int | float) or not 0.0 <= v <= 1.0:
                 raise DataError(f"DataConfig.{name} must be in [0, 1], got {v!r}")

@@ -3,8 +3,14 @@
 Graph (one per rank)::
 
     ShardSource per store --> MultiNodeWeightedSampler --> PlanNode (task list of one batch)
-        --> ParallelMapper(SampleReader, threads|processes, in order) --> Collate (bad-sample count)
-        --> Prefetcher [--> PinMemory] --> Loader
+        --> ParallelMapper(SampleReader, threads|processes, in order) --> Prefetcher
+        --> Collate (bad-read count, logs, limits) [--> PinMemory] --> Loader
+
+Chunks that fail to decode never change the number or size of batches (ranks stay in step): the reader
+replaces a failed sample by a seeded substitute from the same store (:class:`SampleReader`), each failure is
+logged with store, patch and error, and :class:`Collate` raises :class:`DataError` past the configured
+limits. A reader process that dies is caught by :class:`WorkerWatchdog` (:class:`LoaderWorkerError`).
+Process workers use the ``spawn`` context: a launching script needs the ``if __name__ == "__main__":`` guard.
 
 Workers map whole batches: each reads its batch's crops and normalises them straight into the
 batch tensor (no per-sample float32 copies, no stacking); ``num_workers`` batches are in flight.
@@ -17,6 +23,8 @@ See :mod:`pretrain.data.sampling` for the sharding, mixture, window, crop and dr
 from __future__ import annotations
 
 import logging
+import signal
+import threading
 from typing import Any
 
 import numpy as np
@@ -33,59 +41,159 @@ from torchdata.nodes import (
 
 from data_prep.store import PatchStore, StoreError
 
-from .config import DataConfig, DataError
+from .config import DataConfig, DataError, LoaderWorkerError
 from .reader import SampleReader, StoreTables, tables_from_store
-from .sampling import PlanNode, ShardSource, StoreInfo, store_tag, subset_indices
+from .sampling import PlanNode, ShardSource, StoreInfo, Substitutes, store_tag, subset_indices
 
 log = logging.getLogger(__name__)
 
 
-class Collate(BaseNode[dict]):
-    """Counts samples whose chunks failed to decode (the reader left them out) and logs the first.
+_WARN_PER_STORE = 5
+"""Failed reads of one store logged at WARNING (each naming the patch, error and substitute); then DEBUG."""
 
-    A batch whose samples all failed is skipped. Raises :class:`DataError` once more than
-    ``max(1, max_bad_fraction * attempted)`` samples have failed (``max_bad_fraction == 0``: the first).
+
+class Collate(BaseNode[dict]):
+    """Counts and logs reads that failed to decode (the reader substituted them) and enforces the limits.
+
+    Raises :class:`DataError` naming the store, the patch indices and the first error when a batch came
+    back ``_fatal`` (more than ``max_bad_batch_fraction`` of it failed, or a slot could not be filled), or
+    once a store's failed reads exceed ``max(1, max_bad_fraction * reads tried from it)``
+    (``max_bad_fraction == 0``: the first). Under ``torchrun`` the exception ends this rank with a
+    non-zero exit and the agent stops the others. Raises :class:`LoaderWorkerError` when the
+    :class:`WorkerWatchdog` saw a reader process die. Counts are part of the state (exact resume).
     """
 
-    def __init__(self, source: BaseNode[list], max_bad_fraction: float):
+    def __init__(self, source: BaseNode[dict], max_bad_fraction: float, watchdog: WorkerWatchdog | None = None):
         super().__init__()
         self.source = source
         self.max_bad_fraction = max_bad_fraction
-        self.seen = 0
-        self.bad = 0
-        self._logged = False
+        self.watchdog = watchdog
+        self.delivered = 0
+        self.reads: dict[str, int] = {}
+        self.bad: dict[str, int] = {}
+        self._bad_idx: dict[str, list[int]] = {}
+        self._first_error: dict[str, str] = {}
 
     def reset(self, initial_state: dict | None = None) -> None:
         super().reset(initial_state)
+        if self.watchdog is not None:
+            self.watchdog.stop()
+        self._bad_idx, self._first_error = {}, {}
         if initial_state is not None:
-            self.seen, self.bad = int(initial_state["seen"]), int(initial_state["bad"])
+            self.delivered = int(initial_state["delivered"])
+            self.reads = {k: int(v) for k, v in initial_state["reads"].items()}
+            self.bad = {k: int(v) for k, v in initial_state["bad"].items()}
             self.source.reset(initial_state["source"])
         else:
-            self.seen = self.bad = 0
+            self.delivered, self.reads, self.bad = 0, {}, {}
             self.source.reset()
+        if self.watchdog is not None:
+            self.watchdog.start()
+
+    def _check_workers(self) -> None:
+        if self.watchdog is not None and self.watchdog.error is not None:
+            raise LoaderWorkerError(self.watchdog.error)
 
     def next(self) -> dict:
-        while True:
+        self._check_workers()
+        try:
             batch = next(self.source)
-            self.seen += batch.pop("_attempted")
-            for s in batch.pop("_bad", []):
-                self.bad += 1
-                msg = f"skipping patch {s['index']} of {s['url']}: {s['error']}"
-                if not self._logged:
-                    log.warning("%s (further bad samples are counted, not logged)", msg)
-                    self._logged = True
-                else:
-                    log.debug(msg)
-                allowed = max(1.0, self.max_bad_fraction * self.seen) if self.max_bad_fraction > 0 else 0.0
-                if self.bad > allowed:
-                    raise DataError(
-                        f"{self.bad} of {self.seen} samples failed to decode, more than max_bad_fraction="
-                        f"{self.max_bad_fraction} allows; last: {msg}")
-            if batch["pixels"] is not None:
-                return batch
+        except StopIteration:
+            self._check_workers()  # the watchdog ends a stuck mapper this way
+            raise
+        reads = batch.pop("_reads")
+        bad = batch.pop("_bad", [])
+        fatal = batch.pop("_fatal", None)
+        url = bad[0]["url"] if bad else batch["meta"]["url"][0]
+        self.reads[url] = self.reads.get(url, 0) + reads
+        for s in bad:
+            self._count(s)
+        if fatal is not None:
+            raise DataError(fatal)
+        n = self.bad.get(url, 0)
+        allowed = max(1.0, self.max_bad_fraction * self.reads[url]) if self.max_bad_fraction > 0 else 0.0
+        if n > allowed:
+            raise DataError(
+                f"{url}: {n} of {self.reads[url]} reads failed to decode, more than max_bad_fraction="
+                f"{self.max_bad_fraction} allows; failed patches (this run) {sorted(set(self._bad_idx[url]))[:50]}; "
+                f"first error: {self._first_error[url]}")
+        self.delivered += batch["pixels"].shape[0]
+        return batch
+
+    def _count(self, s: dict) -> None:
+        url = s["url"]
+        k = self.bad[url] = self.bad.get(url, 0) + 1
+        self._bad_idx.setdefault(url, []).append(s["index"])
+        self._first_error.setdefault(url, f"patch {s['index']}: {s['error']}")
+        sub = f"replaced by patch {s['replaced_by']}" if s["replaced_by"] is not None else "not replaced"
+        msg = f"{url}: patch {s['index']} (batch step {s['step']}) failed to decode, {sub}: {s['error']}"
+        if k <= _WARN_PER_STORE:
+            tail = "; further failures of this store are logged at DEBUG" if k == _WARN_PER_STORE else ""
+            log.warning("%s%s", msg, tail)
+        else:
+            log.debug(msg)
 
     def get_state(self) -> dict[str, Any]:
-        return {"seen": self.seen, "bad": self.bad, "source": self.source.state_dict()}
+        return {"delivered": self.delivered, "reads": dict(self.reads), "bad": dict(self.bad),
+                "source": self.source.state_dict()}
+
+
+class WorkerWatchdog:
+    """Stops the pipeline when a reader worker process dies, instead of letting it wait forever.
+
+    torchdata 0.11's ``ParallelMapper`` has no timeout or liveness check: a worker process killed
+    mid-batch (OOM killer, SIGKILL, a segfault in a codec) leaves its batch missing and the in-order
+    mapper waits for it forever (with ``torchrun`` every other rank then hangs in a collective). This
+    thread polls the worker processes every ``poll_s``; when one has exited with a non-zero code it
+    records which and sets the mapper's stop event, so the mapper's ``next`` ends and :class:`Collate`
+    raises :class:`LoaderWorkerError` naming the worker, pid and exit code. It reads torchdata's private
+    attributes (``ParallelMapper._it._it._workers`` / ``._stop``); if they are not found (another
+    torchdata version) it logs a warning and guards nothing. Thread workers cannot die silently (an
+    exception in the map function is re-raised by torchdata), so only process workers are watched.
+    """
+
+    def __init__(self, mapper: ParallelMapper, poll_s: float = 0.2):
+        self.mapper = mapper
+        self.poll_s = poll_s
+        self.error: str | None = None
+        self._halt: threading.Event | None = None
+
+    def _target(self) -> tuple[list, threading.Event] | None:
+        it = getattr(getattr(self.mapper, "_it", None), "_it", None)
+        procs, stop = getattr(it, "_workers", None), getattr(it, "_stop", None)
+        if not isinstance(procs, list) or not isinstance(stop, threading.Event):
+            return None
+        return procs, stop
+
+    def start(self) -> None:
+        self.error = None
+        target = self._target()
+        if target is None:
+            log.warning("torchdata ParallelMapper internals not found: reader worker processes are not watched, "
+                        "a dead worker would hang the loader")
+            return
+        self._halt = threading.Event()
+        threading.Thread(target=self._watch, args=(*target, self._halt), daemon=True,
+                         name="specfm-loader-watchdog").start()
+
+    def stop(self) -> None:
+        if self._halt is not None:
+            self._halt.set()
+            self._halt = None
+
+    def _watch(self, procs: list, stop: threading.Event, halt: threading.Event) -> None:
+        while not halt.wait(self.poll_s):
+            if stop.is_set():  # the mapper is shutting down: workers exit on their own
+                return
+            for k, p in enumerate(procs):
+                code = p.exitcode
+                if code is not None and code != 0:
+                    why = f"signal {signal.Signals(-code).name}" if code < 0 else f"exit code {code}"
+                    self.error = (f"data loader reader worker process {k} (pid {p.pid}) died ({why}; e.g. the "
+                                  f"out-of-memory killer); its batch is lost, so the loader stops instead of "
+                                  f"waiting forever. Restart from the last checkpoint.")
+                    stop.set()
+                    return
 
 
 def _to_plain(obj: Any) -> Any:
@@ -122,7 +230,8 @@ class SpecLoader:
         self.cfg, self.rank, self.world_size = cfg, rank, world_size
         self._collate = collate_node
         self.num_batches = num_batches
-        """Batches one pass yields on this rank (None when endless); fewer if whole batches fail to decode."""
+        """Batches one pass yields on this rank (None when endless), each of ``batch_size`` samples; the same
+        on every rank, whatever fails to decode (failed samples are substituted or the loader raises)."""
         self.stores = infos
         self._loader = Loader(root)
 
@@ -140,12 +249,18 @@ class SpecLoader:
 
     @property
     def bad_samples(self) -> int:
-        """Samples skipped so far because a chunk failed to decode."""
-        return self._collate.bad
+        """Reads that failed to decode so far (each replaced by a substitute), all stores."""
+        return sum(self._collate.bad.values())
+
+    @property
+    def bad_by_store(self) -> dict[str, int]:
+        """Failed reads so far per store URL."""
+        return dict(self._collate.bad)
 
     @property
     def samples_seen(self) -> int:
-        return self._collate.seen
+        """Samples delivered so far (batches x batch_size)."""
+        return self._collate.delivered
 
 
 def _open(cfg: DataConfig) -> tuple[dict[str, StoreInfo], dict[str, StoreTables], dict[str, np.ndarray], dict]:
@@ -210,12 +325,17 @@ def build_loader(cfg: DataConfig, rank: int = 0, world_size: int = 1) -> SpecLoa
     opened = _open(cfg)
     plan, infos, num_batches = build_plan(cfg, rank, world_size, _opened=opened)
     tables = opened[1]
-    reader = SampleReader(tables, cfg.crop, cfg.storage_options)
-    node: BaseNode = ParallelMapper(plan, reader, num_workers=cfg.num_workers, in_order=True,
-                                    method=cfg.worker_type,
-                                    multiprocessing_context="spawn" if cfg.worker_type == "process" else None)
-    coll = Collate(node, cfg.max_bad_fraction)
-    node = Prefetcher(coll, prefetch_factor=cfg.prefetch)
+    subs = Substitutes(infos, opened[2], seed=cfg.seed, crop=cfg.crop, crop_align=cfg.crop_align,
+                       sensor_dropout=cfg.sensor_dropout)
+    reader = SampleReader(tables, cfg.crop, cfg.storage_options, substitutes=subs,
+                          max_batch_bad=cfg.max_bad_batch_fraction)
+    mapper = ParallelMapper(plan, reader, num_workers=cfg.num_workers, in_order=True, method=cfg.worker_type,
+                            multiprocessing_context="spawn" if cfg.worker_type == "process" else None)
+    watch = WorkerWatchdog(mapper) if cfg.worker_type == "process" and cfg.num_workers > 0 else None
+    # Collate after the Prefetcher: it counts, logs and raises at the batch being handed out, so the
+    # counters (loader.bad_samples ...) describe exactly the batches delivered so far.
+    coll = Collate(Prefetcher(mapper, prefetch_factor=cfg.prefetch), cfg.max_bad_fraction, watch)
+    node: BaseNode = coll
     if cfg.pin_memory and torch.cuda.is_available():
         node = PinMemory(node)
     return SpecLoader(cfg, rank, world_size, node, coll, num_batches, infos)

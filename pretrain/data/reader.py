@@ -17,6 +17,8 @@ import torch
 from data_prep.registry import level_index, sensor_index
 from data_prep.store import PatchStore
 
+from .sampling import Substitutes
+
 
 @dataclass
 class StoreTables:
@@ -89,17 +91,29 @@ def touched_elements(chunks: tuple[int, ...], band_lo: int, band_hi: int, y0: in
     return span(band_lo, band_hi, cb) * span(y0, y0 + size, cy) * span(x0, x0 + size, cx)
 
 
+SUBSTITUTE_TRIES = 3
+"""Substitutes tried for one failed sample before its batch is given up (DataError)."""
+
+
 class SampleReader:
     """Map function: the task list of one batch -> the batch dict, read and normalised in place.
 
-    Samples whose chunks fail to decode are left out; the batch then carries ``"_bad"`` (a list of
-    ``{"url", "index", "error"}``) and ``"_attempted"``; ``pixels`` is None when every sample failed.
+    A sample whose chunks fail to decode is replaced by a substitute from the same store (see
+    :class:`pretrain.data.sampling.Substitutes`; up to :data:`SUBSTITUTE_TRIES` tries), so a batch always
+    has its full size. The batch then carries ``"_bad"`` (one ``{"url", "index", "step", "error",
+    "replaced_by"}`` per failed read) for the pipeline to count and log. When more than
+    ``max_batch_bad * len(tasks)`` of the batch's own samples fail, or a slot cannot be filled, nothing
+    is substituted and the batch carries ``"_fatal"`` (the message of the error to raise) instead.
+    ``"_reads"`` is the number of reads tried. Never raises for a decode failure: workers may be processes.
     """
 
-    def __init__(self, tables: dict[str, StoreTables], crop: int, storage_options: dict | None = None):
+    def __init__(self, tables: dict[str, StoreTables], crop: int, storage_options: dict | None = None, *,
+                 substitutes: Substitutes | None = None, max_batch_bad: float = 0.5):
         self.tables = tables
         self.crop = crop
         self.storage_options = storage_options
+        self.substitutes = substitutes
+        self.max_batch_bad = max_batch_bad
         self._stores: dict[str, PatchStore] = {}
         self._lock = threading.Lock()
 
@@ -132,46 +146,73 @@ class SampleReader:
         pixels = torch.empty((n, sel.shape[0], c, c), dtype=torch.float32)
         valid = torch.empty((n, c, c), dtype=torch.bool)
         store = self.store(tasks[0]["key"])
-        ok, bad = [], []
-        for j, task in enumerate(tasks):
-            i = task["index"]
+        bad: list[dict] = []
+        reads = 0
+
+        def read(j: int, task: dict) -> dict | None:
+            """Read ``task`` into slot ``j``; on failure, the entry appended to ``bad``."""
+            nonlocal reads
+            reads += 1
             try:
-                px, v = store.read(i, b0, b1, task["y0"], task["x0"], c)
-            except Exception as e:  # noqa: BLE001 - any decode/IO failure makes this one sample bad
-                bad.append({"url": t.url, "index": i, "error": f"{type(e).__name__}: {e}"})
-                continue
+                px, v = store.read(task["index"], b0, b1, task["y0"], task["x0"], c)
+            except Exception as e:  # noqa: BLE001 - any decode/IO failure makes this one read bad
+                bad.append({"url": t.url, "index": task["index"], "step": task["step"],
+                            "error": f"{type(e).__name__}: {e}", "replaced_by": None})
+                return bad[-1]
             if b1 - b0 != sel.shape[0]:
                 px = px[sel - b0]
             normalise_into(pixels[j], px, v, lo, hi, mean, inv)
             valid[j] = torch.from_numpy(np.asarray(v, dtype=bool))
-            ok.append(j)
-        if bad:
-            keep = torch.tensor(ok, dtype=torch.int64)
-            pixels, valid = pixels[keep], valid[keep]
-        good = [tasks[j] for j in ok]
-        m = len(good)
+            return None
+
+        used = list(tasks)
+        failed = {j: e for j, task in enumerate(tasks) if (e := read(j, task)) is not None}
+        fatal = None
+        if failed and (len(failed) > self.max_batch_bad * n or self.substitutes is None):
+            fatal = (f"{len(failed)} of the {n} samples of batch step {tasks[0]['step']} failed to decode "
+                     f"(more than max_bad_batch_fraction={self.max_batch_bad} allows)")
+        else:
+            avoid = {task["index"] for task in tasks}
+            for j, entry in failed.items():
+                for attempt in range(SUBSTITUTE_TRIES):
+                    sub = self.substitutes.task(tasks[j], attempt, avoid)  # type: ignore[union-attr]
+                    avoid.add(sub["index"])
+                    entry["replaced_by"] = sub["index"]
+                    entry = read(j, sub)
+                    if entry is None:
+                        used[j] = sub
+                        break
+                else:
+                    fatal = (f"patch {tasks[j]['index']} of batch step {tasks[0]['step']} failed to decode and "
+                             f"so did {SUBSTITUTE_TRIES} substitutes from the same store")
+                    break
+        if fatal is not None:
+            idx = sorted({b["index"] for b in bad})
+            return {"_fatal": f"{t.url}: {fatal}; failed patches {idx}; first error: {bad[0]['error']}",
+                    "_bad": bad, "_reads": reads}
         batch = {
-            "pixels": pixels if m else None,
-            "wavelengths": torch.from_numpy(t.wavelengths[sel]).expand(m, -1).clone(),
-            "fwhm": torch.from_numpy(t.fwhm[sel]).expand(m, -1).clone(),
+            "pixels": pixels,
+            "wavelengths": torch.from_numpy(t.wavelengths[sel]).expand(n, -1).clone(),
+            "fwhm": torch.from_numpy(t.fwhm[sel]).expand(n, -1).clone(),
             "valid": valid,
-            "sensor": torch.tensor([0 if k["drop"] else sensor_index(t.sensor) for k in good], dtype=torch.int64),
-            "level": torch.full((m,), level_index(t.level), dtype=torch.int64),
-            "gsd": torch.tensor([float(t.gsd[k["index"]]) for k in good], dtype=torch.float32),
+            "sensor": torch.tensor([0 if k["drop"] else sensor_index(t.sensor) for k in used], dtype=torch.int64),
+            "level": torch.full((n,), level_index(t.level), dtype=torch.int64),
+            "gsd": torch.tensor([float(t.gsd[k["index"]]) for k in used], dtype=torch.float32),
             "meta": {
-                "url": [t.url] * m,
-                "index": [k["index"] for k in good],
-                "granule": [_granule(t, k["index"]) for k in good],
-                "epoch": [k["epoch"] for k in good],
-                "step": [k["step"] for k in good],
-                "crop_y": [k["y0"] for k in good],
-                "crop_x": [k["x0"] for k in good],
-                "band_start": [k["w0"] for k in good],
+                "url": [t.url] * n,
+                "index": [k["index"] for k in used],
+                "granule": [_granule(t, k["index"]) for k in used],
+                "epoch": [k["epoch"] for k in used],
+                "step": [k["step"] for k in used],
+                "crop_y": [k["y0"] for k in used],
+                "crop_x": [k["x0"] for k in used],
+                "band_start": [k["w0"] for k in used],
+                "replaces": [k.get("replaces", -1) for k in used],
             },
         }
         if bad:
             batch["_bad"] = bad
-        batch["_attempted"] = n
+        batch["_reads"] = reads
         return batch
 
 

@@ -18,6 +18,10 @@ integers and resuming gives exactly the batches an uninterrupted run would have 
   ``0, stride, 2*stride, ...`` (in good-band indices) that leave a full window; all good bands when
   the store has no more good bands than the window.
 - Crop corner and sensor dropout of a sample: drawn from (seed, store, epoch, patch index).
+- Substitute for a sample that fails to decode (:class:`Substitutes`): another patch of the same store
+  (its subset, if any), drawn from (seed, store, epoch, step, slot in the batch, attempt), avoiding the
+  batch's other patches; its crop and dropout are that patch's own. So a batch keeps its size, a rank
+  its batch count, and a resumed run re-draws the very same substitutes.
 """
 
 from __future__ import annotations
@@ -29,7 +33,7 @@ from typing import Any
 import numpy as np
 from torchdata.nodes import BaseNode
 
-_TAG_SUBSET, _TAG_PERM, _TAG_WINDOW, _TAG_CROP, _TAG_DROP = 11, 12, 13, 14, 15
+_TAG_SUBSET, _TAG_PERM, _TAG_WINDOW, _TAG_CROP, _TAG_DROP, _TAG_SUB = 11, 12, 13, 14, 15, 16
 
 
 def store_tag(url: str) -> int:
@@ -92,6 +96,54 @@ def crop_for(seed: int, tag: int, epoch: int, index: int, patch_size: int, crop:
 def dropped(seed: int, tag: int, epoch: int, index: int, p: float) -> bool:
     """Whether this sample's sensor name is dropped (replaced by unknown)."""
     return p > 0 and bool(_rng(seed, _TAG_DROP, tag, epoch, index).random() < p)
+
+
+def substitute_index(seed: int, tag: int, epoch: int, step: int, slot: int, attempt: int, pool: np.ndarray,
+                     avoid: set[int]) -> int:
+    """The patch that replaces slot ``slot`` of batch ``step`` after ``attempt`` failed tries (seeded draw
+    from ``pool``, skipping ``avoid`` when the pool has anything else)."""
+    rng = _rng(seed, _TAG_SUB, tag, epoch, step, slot, attempt)
+    i = -1
+    for _ in range(64):  # rejection draws; a pool that is mostly in ``avoid`` falls through to the exact draw
+        i = int(pool[rng.integers(pool.shape[0])])
+        if i not in avoid:
+            return i
+    rest = np.setdiff1d(pool, np.fromiter(avoid, np.int64, len(avoid)))
+    return int(rest[rng.integers(rest.shape[0])]) if rest.size else i
+
+
+def make_task(info: StoreInfo, *, seed: int, index: int, epoch: int, step: int, slot: int, w0: int, wn: int,
+              crop: int, crop_align: int, sensor_dropout: float) -> dict:
+    """One sample task: store key, patch index, epoch, step, slot, crop corner, window, dropout flag."""
+    align = crop_align or info.spatial_chunk
+    y0, x0 = crop_for(seed, info.tag, epoch, index, info.patch_size, crop, align)
+    return {"key": info.key, "index": int(index), "epoch": epoch, "step": step, "j": slot, "y0": y0, "x0": x0,
+            "w0": w0, "wn": wn, "drop": dropped(seed, info.tag, epoch, index, sensor_dropout)}
+
+
+@dataclass
+class Substitutes:
+    """Draws the replacement task for a sample that failed to decode (picklable: lives in the reader)."""
+
+    infos: dict[str, StoreInfo]
+    pools: dict[str, np.ndarray]
+    """Per store key: the patches the store draws from (all, or its subset)."""
+    seed: int
+    crop: int
+    crop_align: int
+    sensor_dropout: float
+
+    def task(self, failed: dict, attempt: int, avoid: set[int]) -> dict:
+        """Replacement for ``failed`` (a task) on try ``attempt`` (0, 1, ...); marks it ``replaces``."""
+        info = self.infos[failed["key"]]
+        orig = failed.get("replaces", failed["index"])
+        i = substitute_index(self.seed, info.tag, failed["epoch"], failed["step"], failed["j"], attempt,
+                             self.pools[failed["key"]], avoid)
+        t = make_task(info, seed=self.seed, index=i, epoch=failed["epoch"], step=failed["step"], slot=failed["j"],
+                      w0=failed["w0"], wn=failed["wn"], crop=self.crop, crop_align=self.crop_align,
+                      sensor_dropout=self.sensor_dropout)
+        t["replaces"] = orig
+        return t
 
 
 class ShardSource(BaseNode[dict]):
@@ -173,15 +225,9 @@ class PlanNode(BaseNode[list]):
         step = self._step
         self._step += 1
         w0, wn = window_for(self.seed, self.rank, step, info.n_good, self.band_window, self.band_stride)
-        align = self.crop_align or info.spatial_chunk
-        e = item["epoch"]
-        tasks = []
-        for j, i in enumerate(item["indices"]):
-            y0, x0 = crop_for(self.seed, info.tag, e, i, info.patch_size, self.crop, align)
-            tasks.append({"key": info.key, "index": int(i), "epoch": e, "step": step, "j": j,
-                          "y0": y0, "x0": x0, "w0": w0, "wn": wn,
-                          "drop": dropped(self.seed, info.tag, e, i, self.sensor_dropout)})
-        return tasks
+        return [make_task(info, seed=self.seed, index=i, epoch=item["epoch"], step=step, slot=j, w0=w0, wn=wn,
+                          crop=self.crop, crop_align=self.crop_align, sensor_dropout=self.sensor_dropout)
+                for j, i in enumerate(item["indices"])]
 
     def get_state(self) -> dict[str, Any]:
         return {"step": self._step, "source": self.source.state_dict()}

@@ -3,7 +3,11 @@
 import io
 import json
 import logging
+import multiprocessing
+import os
 import shutil
+import signal
+import threading
 from collections import Counter
 from pathlib import Path
 
@@ -14,7 +18,7 @@ import zarr
 
 from data_prep.registry import level_index, sensor_index
 from data_prep.store import SCHEMA_VERSION, PatchStore, create_store
-from pretrain.data import DataConfig, DataError, SourceConfig, build_loader, normalise
+from pretrain.data import DataConfig, DataError, LoaderWorkerError, SourceConfig, build_loader, normalise
 
 from .data_fixtures import make_store
 
@@ -96,12 +100,33 @@ def test_exact_resume_mid_epoch_multi_worker(stores, epochs):
         build_loader(cfg, rank=1, world_size=2).load_state_dict(sd)
 
 
-def test_process_workers_match_threads(stores):
-    cfg = _cfg(stores, epochs=1, num_workers=2)
+def test_process_workers_match_threads_and_dead_worker_raises(stores):
+    cfg = _cfg(stores, num_workers=2, prefetch=1)
     t = _take(build_loader(cfg), 3)
-    p = _take(build_loader(_cfg(stores, epochs=1, num_workers=2, worker_type="process")), 3)
-    for x, y in zip(t, p):
-        _same(x, y)
+    before = {p.pid for p in multiprocessing.active_children()}
+    loader = build_loader(_cfg(stores, num_workers=2, prefetch=1, worker_type="process"))
+    it = iter(loader)
+    for x in t:
+        _same(x, next(it))
+    workers = [p for p in multiprocessing.active_children() if p.pid not in before]
+    assert len(workers) == 2
+    os.kill(workers[0].pid, signal.SIGKILL)  # as the OOM killer would; torchdata alone would wait forever
+    out: dict = {}
+
+    def consume():
+        try:
+            for _ in range(10_000):  # endless stream: only an error ends this
+                next(it)
+        except BaseException as e:  # noqa: BLE001
+            out["error"] = e
+
+    th = threading.Thread(target=consume, daemon=True)
+    th.start()
+    th.join(timeout=30)
+    assert not th.is_alive(), "loader hung after a worker process died"
+    assert isinstance(out.get("error"), LoaderWorkerError), out
+    msg = str(out["error"])
+    assert f"pid {workers[0].pid}" in msg and "SIGKILL" in msg
 
 
 def test_normalisation_matches_numpy_and_fields(stores):
@@ -136,40 +161,114 @@ def test_normalisation_matches_numpy_and_fields(stores):
     assert n_drop > 0
 
 
-def _corrupt(url: str, n_files: int) -> set[int]:
-    """Overwrite the first ``n_files`` chunk/shard files of ``patches`` with garbage; return unreadable patches."""
+def _corrupt(url: str, n_garbage: int, n_truncated: int = 0) -> set[int]:
+    """Overwrite the first ``n_garbage`` chunk/shard files of ``patches`` with random bytes and cut the next
+    ``n_truncated`` to half their length; return the patches that no longer read."""
     files = sorted(p for p in Path(url, "patches").rglob("*") if p.is_file() and p.name != "zarr.json")
     rng = np.random.default_rng(0)
-    for f in files[:n_files]:
+    for f in files[:n_garbage]:
         f.write_bytes(rng.integers(0, 256, f.stat().st_size, dtype=np.uint8).tobytes())
-    s = PatchStore(url)
-    bad = set()
-    for i in range(len(s)):
-        try:
+    for f in files[n_garbage:n_garbage + n_truncated]:
+        f.write_bytes(f.read_bytes()[: f.stat().st_size // 2])
+    s = PatchStore(url)  # one shard per patch (c/<patch>/0/0/0): check those patches no longer read
+    bad = {int(f.relative_to(Path(url, "patches", "c")).parts[0]) for f in files[:n_garbage + n_truncated]}
+    for i in bad:
+        with pytest.raises(Exception):  # noqa: B017 - whatever zarr/numcodecs raise for a broken shard
             s.read(i)
-        except Exception:  # noqa: BLE001
-            bad.add(i)
     return bad
 
 
-def test_corrupted_chunk_skipped_counted_logged_once(stores, tmp_path, caplog):
-    a, _ = stores
+@pytest.fixture()
+def copied(stores, tmp_path):
+    """A fresh copy of the 24-patch store (same URL before and after corrupting it: same permutations)."""
     url = str(tmp_path / "emit_L2.zarr")
-    shutil.copytree(a["url"], url)
-    bad = _corrupt(url, 2)
-    assert len(bad) >= 1
-    cfg = DataConfig(sources=[SourceConfig(url)], batch_size=4, crop=32, band_window=24, band_stride=8,
-                     epochs=1, max_bad_fraction=0.2, num_workers=2)
-    loader = build_loader(cfg)
-    with caplog.at_level(logging.WARNING, logger="pretrain.data.loader"):
-        got = [i for bt in loader for i in bt["meta"]["index"]]
-    assert sorted(got) == sorted(set(range(24)) - bad)
-    assert loader.bad_samples == len(bad) and loader.samples_seen == 24
-    assert len([r for r in caplog.records if "skipping patch" in r.message]) == 1
-    strict = DataConfig(sources=[SourceConfig(url)], batch_size=4, crop=32, band_window=24, band_stride=8,
-                        epochs=1, max_bad_fraction=0.0, num_workers=2)
-    with pytest.raises(DataError, match="failed to decode"):
-        list(build_loader(strict))
+    shutil.copytree(stores[0]["url"], url)
+    return url
+
+
+@pytest.fixture()
+def corrupted(copied):
+    bad = _corrupt(copied, 2, 1)
+    assert len(bad) == 3
+    return copied, bad
+
+
+def _one(url, **kw):
+    base = dict(sources=[SourceConfig(url)], batch_size=4, crop=16, band_window=24, band_stride=8, epochs=1,
+                num_workers=2, max_bad_fraction=0.2)
+    base.update(kw)
+    return DataConfig(**base)
+
+
+def test_corrupted_chunks_substituted_batches_unchanged(copied, caplog):
+    """Failed samples are replaced, so every rank yields the same number of full batches as on a clean store
+    (a rank with a batch fewer would hang a distributed run); each failure is logged with store, patch, error."""
+    url = copied
+    cleans = [list(build_loader(_one(url), rank, 2)) for rank in (0, 1)]
+    bad = _corrupt(url, 2, 1)
+    assert len(bad) == 3
+    counts = []
+    replaced = {}
+    for rank, clean in zip((0, 1), cleans):
+        loader = build_loader(_one(url), rank, 2)
+        with caplog.at_level(logging.WARNING, logger="pretrain.data.loader"):
+            got = list(loader)
+        counts.append(len(got))
+        assert len(got) == len(clean) == loader.num_batches == 3
+        for c, g in zip(clean, got):
+            assert g["pixels"].shape == c["pixels"].shape and g["pixels"].shape[0] == 4
+            assert all(x.shape[0] == 4 for x in (g["valid"], g["sensor"], g["gsd"], g["wavelengths"]))
+            assert all(len(v) == 4 for v in g["meta"].values())
+            assert not set(g["meta"]["index"]) & bad
+            assert len(set(g["meta"]["index"])) == 4  # a substitute is not a patch already in the batch
+            for j, (ci, gi, rep) in enumerate(zip(c["meta"]["index"], g["meta"]["index"], g["meta"]["replaces"])):
+                if ci in bad:
+                    assert rep == ci and gi != ci
+                    replaced[ci] = gi
+                else:  # untouched slots are exactly the clean run's samples
+                    assert rep == -1 and gi == ci
+                    assert torch.equal(g["pixels"][j], c["pixels"][j])
+        assert loader.samples_seen == 12
+    assert counts[0] == counts[1]
+    assert set(replaced) == bad  # each bad patch was in some rank's shard and was replaced
+    msgs = [r.getMessage() for r in caplog.records if "failed to decode" in r.getMessage()]
+    assert len(msgs) == len(bad)
+    for i in bad:
+        m = next(m for m in msgs if f"patch {i} " in m)
+        assert url in m and f"replaced by patch {replaced[i]}" in m and "Error" in m
+
+
+def test_corrupted_chunks_exact_resume(corrupted):
+    url, bad = corrupted
+    cfg = _one(url, epochs=None, batch_size=3, max_bad_fraction=0.5, max_bad_batch_fraction=0.7)
+    ref = build_loader(cfg)
+    it = iter(ref)
+    first = [next(it) for _ in range(4)]
+    sd = ref.state_dict()
+    expected = [next(it) for _ in range(8)]
+    assert ref.bad_samples > 0 and any(r != -1 for b in first + expected for r in b["meta"]["replaces"])
+    resumed = build_loader(cfg)
+    resumed.load_state_dict(json.loads(json.dumps(sd)))
+    got = _take(resumed, 8)
+    for e, g in zip(expected, got):
+        _same(e, g)
+    assert resumed.bad_samples == ref.bad_samples and resumed.samples_seen == ref.samples_seen == 36
+
+
+def test_corrupted_chunks_past_limits_raise(corrupted):
+    url, bad = corrupted
+    # more of one batch failing than max_bad_batch_fraction allows: no substitutes, a clear error
+    with pytest.raises(DataError, match=r"failed to decode \(more than max_bad_batch_fraction=0.2") as e:
+        list(build_loader(_one(url, max_bad_batch_fraction=0.2)))
+    msg = str(e.value)
+    assert url in msg and "first error" in msg and "failed patches [" in msg
+    assert any(str(i) in msg.split("failed patches")[1] for i in bad)
+    # a store failing again and again: past max_bad_fraction of its reads
+    with pytest.raises(DataError, match="max_bad_fraction=0.05") as e:
+        list(build_loader(_one(url, max_bad_fraction=0.05)))
+    assert url in str(e.value) and "2 of" in str(e.value)
+    with pytest.raises(DataError, match="max_bad_fraction=0.0"):
+        list(build_loader(_one(url, max_bad_fraction=0.0)))
 
 
 def test_bad_inputs(stores, tmp_path):
