@@ -9,12 +9,22 @@ Wraps the encoder exported by ``pretrain.models.export.save_encoder`` (``encoder
 
 ``pixels`` is ``[B, C, H, W]`` (any C; H and W multiples of ``enc.patch_size``), ``wavelengths`` and
 ``fwhm`` are ``[B, C]`` or ``[C]`` in nm. ``sensor`` / ``level`` are a name, a list of B names, or
-None; None or a name the export's vocabulary does not hold means "unknown" (index 0).
+None; None or a name the export's vocabulary does not hold means "unknown" (index 0, warned once per name).
+Names are matched as pretraining wrote them: sensors case-insensitively ("EMIT" is "emit"), levels by their
+product-level family ("l2", "L2A", "L2B" are "L2"; "L1B", "L1C" are "L1").
+
+Inputs should be prepared as pretraining prepared them (``pretrain.data.reader.normalise_into``): bad
+bands (the registry's water-vapour and edge ranges) dropped, each band clipped to its 1st/99th percentile and
+standardised, nodata pixels set to 0 after standardisation; :func:`finetune.datasets.normalise` does this
+per image. Optional ``valid`` ``[B, H, W]`` (bool) and ``gsd`` ``[B]`` (m) are passed to the encoder as
+pretraining passed them (nodata pixels ignored by the content encoder; GSD-scaled positions where the
+export was trained with ``gsd_pos``).
 """
 
 from __future__ import annotations
 
 import json
+import warnings
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -31,6 +41,22 @@ class ExportError(ValueError):
 
 
 Names = str | Sequence[str | None] | None
+
+_WARNED: set[tuple[str, str]] = set()
+
+
+def canonical_name(name: str, vocab: Sequence[str]) -> str | None:
+    """``name`` as spelled in ``vocab`` (exact, then case-insensitive, then a level family such as
+    "L2A" -> "L2"); None when the vocabulary does not hold it."""
+    if name in vocab:
+        return name
+    low = {v.lower(): v for v in vocab}
+    key = str(name).strip().lower()
+    if key in low:
+        return low[key]
+    if len(key) >= 3 and key[0] == "l" and key[1].isdigit() and key[2:].isalpha() and key[:2] in low:
+        return low[key[:2]]
+    return None
 
 
 class Encoder(nn.Module):
@@ -96,7 +122,14 @@ class Encoder(nn.Module):
         names = list(names)
         if len(names) != batch:
             raise ValueError(f"got {len(names)} names for a batch of {batch}")
-        idx = [vocab.index(n) if n in vocab else 0 for n in names]
+        idx = []
+        for n in names:
+            c = None if n is None else canonical_name(n, vocab)
+            if n is not None and c is None and (n, vocab[-1]) not in _WARNED:
+                _WARNED.add((n, vocab[-1]))
+                warnings.warn(f"{n!r} is not in the encoder's vocabulary {list(vocab)}; using 'unknown' (index 0)",
+                              stacklevel=4)
+            idx.append(0 if c is None else vocab.index(c))
         return torch.tensor(idx, dtype=torch.int64, device=device)
 
     def _prepare(self, pixels, wavelengths, fwhm, sensor, level):
@@ -119,16 +152,32 @@ class Encoder(nn.Module):
         return pixels.float(), wl.contiguous(), fw.contiguous(), s, lv
 
     def forward(self, pixels: torch.Tensor, wavelengths: torch.Tensor, fwhm: torch.Tensor,
-                sensor: Names = None, level: Names = None) -> torch.Tensor:
+                sensor: Names = None, level: Names = None, valid: torch.Tensor | None = None,
+                gsd: torch.Tensor | float | None = None) -> torch.Tensor:
         """Patch tokens ``[B, N, D]``, N = (H / patch) * (W / patch)."""
         x, wl, fw, s, lv = self._prepare(pixels, wavelengths, fwhm, sensor, level)
-        return self.inner(x, wl, fw, sensor=s, level=lv)
+        return self.inner(x, wl, fw, sensor=s, level=lv, **self._extra(x, valid, gsd))
 
     def features(self, pixels: torch.Tensor, wavelengths: torch.Tensor, fwhm: torch.Tensor,
-                 sensor: Names = None, level: Names = None, layers: Sequence[int] = (0, 1, 2, 3)) -> list[torch.Tensor]:
+                 sensor: Names = None, level: Names = None, layers: Sequence[int] = (0, 1, 2, 3),
+                 valid: torch.Tensor | None = None, gsd: torch.Tensor | float | None = None) -> list[torch.Tensor]:
         """Tokens ``[B, N, D]`` after each of the given transformer blocks (for UperNet)."""
         x, wl, fw, s, lv = self._prepare(pixels, wavelengths, fwhm, sensor, level)
-        return list(self.inner.features(x, wl, fw, sensor=s, level=lv, layers=tuple(layers)))
+        return list(self.inner.features(x, wl, fw, sensor=s, level=lv, layers=tuple(layers),
+                                        **self._extra(x, valid, gsd)))
+
+    @staticmethod
+    def _extra(x: torch.Tensor, valid, gsd) -> dict:
+        out = {}
+        b, _, h, w = x.shape
+        if valid is not None:
+            v = torch.as_tensor(valid, device=x.device).bool()
+            if v.shape != (b, h, w):
+                raise ValueError(f"valid {tuple(v.shape)} must be [B, H, W] = [{b}, {h}, {w}]")
+            out["valid"] = v
+        if gsd is not None:
+            out["gsd"] = torch.as_tensor(gsd, dtype=torch.float32, device=x.device).reshape(-1).expand(b)
+        return out
 
     def grid(self, h: int, w: int) -> tuple[int, int]:
         """Token grid (rows, cols) of an h x w input."""
@@ -174,7 +223,7 @@ def load_encoder(path: str | Path, map_location: str = "cpu") -> Encoder:
     except (RuntimeError, KeyError, ValueError, TypeError) as e:
         raise ExportError(f"encoder export {p} does not match the model code (model_args.json: "
                           f"{args.get('name', '?')}): {e}") from e
-    return Encoder(inner, args, source=str(p))
+    return Encoder(inner, args, source=str(p)).eval()
 
 
 def wrap_encoder(inner: nn.Module, args: dict | None = None) -> Encoder:

@@ -128,11 +128,9 @@ def stratified_split(labels: np.ndarray, train_fraction: float, seed: int) -> tu
 
 def run_classification(encoder: Encoder, data: ClassificationData, cfg: TaskConfig) -> TaskResult:
     x = data.patches
-    if cfg.normalise:
-        flat = x.transpose(1, 0, 2, 3).reshape(x.shape[1], -1, 1)
-        _, stats = normalise(flat)
-        x = np.stack([normalise(p, stats)[0] for p in x])
-    xt = torch.from_numpy(x)
+    if cfg.normalise:  # one set of band statistics over all patches' valid pixels
+        x = normalise(x, valid=data.valid)[0]
+    xt = torch.from_numpy(np.ascontiguousarray(x, dtype=np.float32))
     p = encoder.patch_size
     size = cfg.eval.size or int(math.ceil(max(xt.shape[-2:]) / p) * p)
     if size % p:
@@ -166,7 +164,7 @@ def run_classification(encoder: Encoder, data: ClassificationData, cfg: TaskConf
 # ----------------------------------------------------------------------------- segmentation
 
 def run_segmentation(encoder: Encoder, data: SegmentationData, cfg: TaskConfig) -> TaskResult:
-    img = normalise(data.image)[0] if cfg.normalise else data.image
+    img = normalise(data.image, valid=data.valid)[0] if cfg.normalise else data.image
     c, h, w = img.shape
     win, p = cfg.eval.window, encoder.patch_size
     if win % p:
@@ -226,8 +224,8 @@ def run_segmentation(encoder: Encoder, data: SegmentationData, cfg: TaskConfig) 
 
 def run_change(encoder: Encoder, data: ChangeData, cfg: TaskConfig) -> TaskResult:
     if cfg.normalise:
-        a, stats = normalise(data.t1)
-        b, _ = normalise(data.t2, stats)
+        a, stats = normalise(data.t1, valid=data.valid)
+        b, _ = normalise(data.t2, stats, valid=data.valid)
     else:
         a, b = data.t1, data.t2
     ev = cfg.eval

@@ -7,6 +7,8 @@ a key of the suite YAML's ``data:`` block), so a differently named copy is read 
   51 bands 400-900 nm every 10 nm, and ``image_labels.tif``. Labels as integers or as an RGB palette.
 - WHU-H2SR and Qingpu-HSI: one hyperspectral scene + label raster (.tif/.mat/ENVI); band table from
   the ENVI header or given in the config.
+- Every loader drops the bands pretraining never sees (the registry's bad-band ranges of the named sensor,
+  else the water-vapour ranges; ``drop_bad_bands: false`` keeps them).
 - Bay Area and Santa Barbara (Lopez-Fandino et al., AVIRIS, 224 bands): three MATLAB files per scene
   (t1, t2, ground truth); ground truth 1 = change, 2 = no change, 0 = unknown. v5 files through
   scipy, v7.3 (HDF5) through h5py. Variable names auto-detected when a file holds one array.
@@ -60,6 +62,41 @@ def band_table(spec, n_bands: int, path: str | Path = "", fwhm=None) -> tuple[np
     return wl, fw
 
 
+#: Water-vapour absorption ranges (nm) every hyperspectral sensor of the registry marks bad; used for a
+#: band table of no known sensor.
+WATER_VAPOUR_NM = ((1340.0, 1460.0), (1790.0, 1970.0))
+
+
+def bad_band_ranges(sensor: str | None = None, wavelengths=None) -> tuple[tuple[float, float], ...]:
+    """The bad-band ranges pretraining drops: the registry's for ``sensor`` (or for the sensor a
+    ``{sensor: name}`` band table names), else :data:`WATER_VAPOUR_NM`."""
+    from data_prep.registry import load_registry
+
+    reg = {k.lower(): v for k, v in load_registry().items()}
+    for name in (sensor, wavelengths.get("sensor") if isinstance(wavelengths, dict) else None):
+        if name is not None and str(name).lower() in reg:
+            return tuple(reg[str(name).lower()].bad_band_ranges_nm)
+    return WATER_VAPOUR_NM
+
+
+def good_bands(wl: np.ndarray, ranges) -> np.ndarray:
+    """True for band centres outside every range."""
+    keep = np.ones(np.shape(wl), bool)
+    for lo, hi in ranges:
+        keep &= ~((wl >= lo) & (wl <= hi))
+    return keep
+
+
+def remove_bad_bands(cube: np.ndarray, wl: np.ndarray, fw: np.ndarray, sensor: str | None, wavelengths=None,
+                   path: str | Path = "", axis: int = 0) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Drop the bands pretraining never sees (water vapour, detector edges; see :func:`bad_band_ranges`)."""
+    keep = good_bands(wl, bad_band_ranges(sensor, wavelengths))
+    if not keep.any():
+        raise DatasetError(f"{path}: every band ({wl.min():.0f}-{wl.max():.0f} nm) lies in a bad-band range "
+                           f"{bad_band_ranges(sensor, wavelengths)}; set drop_bad_bands: false to keep them")
+    return np.compress(keep, cube, axis=axis), wl[keep], fw[keep]
+
+
 def _envi_bands(path: Path) -> tuple[np.ndarray | None, np.ndarray | None]:
     if path.suffix.lower() != ".hdr":
         return None, None
@@ -88,9 +125,11 @@ def load_segmentation(image: str | Path, labels: str | Path, class_names: list[s
                       palette: list[list[int]] | None = None, image_key: str | None = None,
                       label_key: str | None = None, wavelengths=None, fwhm=None, layout: str = "auto",
                       band_indices: list[int] | None = None, sensor: str | None = None, level: str | None = None,
-                      train_labels: str | Path | None = None, name: str = "") -> SegmentationData:
+                      train_labels: str | Path | None = None, name: str = "",
+                      drop_bad_bands: bool = True) -> SegmentationData:
     """One scene + label raster. ``train_labels`` (optional second raster) marks training pixels
-    (non-ignored there); without it the runner splits the scene spatially."""
+    (non-ignored there); without it the runner splits the scene spatially. ``drop_bad_bands`` drops the bands
+    in the sensor's bad-band ranges (:func:`bad_band_ranges`), as pretraining does."""
     image, labels = Path(image), Path(labels)
     for p in (image, labels):
         if not p.exists():
@@ -116,6 +155,8 @@ def load_segmentation(image: str | Path, labels: str | Path, class_names: list[s
     cube = select_bands(cube, band_indices, image)
     if band_indices is not None:
         wl, fw = wl[band_indices], fw[band_indices]
+    if drop_bad_bands:
+        cube, wl, fw = remove_bad_bands(cube, wl, fw, sensor, wavelengths, image)
     return SegmentationData(clean(cube), lab, list(class_names), Spectral(wl, fw, sensor, level), train_mask,
                             name or image.stem)
 
@@ -145,8 +186,10 @@ def load_scene_dir(root: str | Path, *, image: str, labels: str, class_names: li
 def load_change_mat(t1: str | Path, t2: str | Path, gt: str | Path, *, keys: tuple = (None, None, None),
                     changed_values: list[int] = (1,), unchanged_values: list[int] = (2,),
                     wavelengths=None, fwhm=None, band_indices: list[int] | None = None, layout: str = "auto",
-                    sensor: str | None = None, level: str | None = None, name: str = "") -> ChangeData:
-    """Bitemporal change detection from MATLAB files (or any :func:`read_array` format)."""
+                    sensor: str | None = None, level: str | None = None, name: str = "",
+                    drop_bad_bands: bool = True) -> ChangeData:
+    """Bitemporal change detection from MATLAB files (or any :func:`read_array` format); bad bands of the
+    sensor (AVIRIS-Classic by default) dropped unless ``drop_bad_bands`` is false."""
     paths = [Path(t1), Path(t2), Path(gt)]
     missing = [str(p) for p in paths if not p.exists()]
     if missing:
@@ -166,6 +209,10 @@ def load_change_mat(t1: str | Path, t2: str | Path, gt: str | Path, *, keys: tup
     if band_indices is not None:
         a, b = select_bands(a, band_indices, paths[0]), select_bands(b, band_indices, paths[1])
         wl, fw = wl[band_indices], fw[band_indices]
+    if drop_bad_bands:
+        ab, wl, fw = remove_bad_bands(np.stack([a, b]), wl, fw, sensor or "aviris-classic", wavelengths, paths[0],
+                                      axis=1)
+        a, b = ab[0], ab[1]
     return ChangeData(clean(a), clean(b), change, Spectral(wl, fw, sensor or "aviris-classic", level or "L1"),
                       name or paths[0].stem)
 
@@ -184,8 +231,10 @@ def load_santa_barbara(root: str | Path, *, t1: str = "barbara_2013.mat", t2: st
 
 def load_scene_folders(root: str | Path, *, band_indices: list[int] | None = None, wavelengths=None, fwhm=None,
                        key: str | None = None, layout: str = "auto", extensions=(".tif", ".tiff", ".mat"),
-                       sensor: str | None = None, level: str | None = None, name: str = "") -> ClassificationData:
-    """HRSSC-style scene classification: ``root/<class name>/<patch>.tif|.mat``, classes sorted by name."""
+                       sensor: str | None = None, level: str | None = None, name: str = "",
+                       drop_bad_bands: bool = True) -> ClassificationData:
+    """HRSSC-style scene classification: ``root/<class name>/<patch>.tif|.mat``, classes sorted by name;
+    bad bands (after ``band_indices``) dropped unless ``drop_bad_bands`` is false."""
     root = Path(root)
     if not root.is_dir():
         raise DatasetError(f"{root} is not a directory; expected one sub-folder per class of .tif/.mat patches")
@@ -210,7 +259,10 @@ def load_scene_folders(root: str | Path, *, band_indices: list[int] | None = Non
     wl, fw = band_table(wavelengths, n_full, root, fwhm)
     if band_indices is not None:
         wl, fw = wl[band_indices], fw[band_indices]
-    return ClassificationData(clean(np.stack(patches)), np.asarray(labels, np.int64), classes,
+    stack = np.stack(patches)
+    if drop_bad_bands:
+        stack, wl, fw = remove_bad_bands(stack, wl, fw, sensor, wavelengths, root, axis=1)
+    return ClassificationData(clean(stack), np.asarray(labels, np.int64), classes,
                               Spectral(wl, fw, sensor, level), name or root.name, files)
 
 

@@ -6,7 +6,8 @@
 - fusion: a fusion_hs product (EMIT / EnMAP L2) and its co-registered fusion_ms partner.
 
 Products are read with ``data_prep.formats.open_product``; bad bands are dropped, and
-``band_stride`` keeps every k-th remaining band (keeps the CPU suite fast).
+``band_stride`` keeps every k-th remaining band (keeps the CPU suite fast). Each container carries the
+products' ``valid`` mask, so nodata pixels stay out of the normalisation and are 0 after it, as in pretraining.
 """
 
 from __future__ import annotations
@@ -99,7 +100,7 @@ def synthetic_segmentation(manifest: str | Path, *, sensor: str = "emit", level:
     lut[present] = np.arange(present.size)
     labels = np.where(valid & (raw >= 0), lut[np.clip(raw, 0, None)], -1)
     return SegmentationData(cube, labels, [names[i] if i < len(names) else str(i) for i in present], spec,
-                            None, f"synthetic_{sensor}_{level}")
+                            None, f"synthetic_{sensor}_{level}", valid=valid)
 
 
 def synthetic_change(manifest: str | Path, *, sensor: str | None = None, level: str = "L2",
@@ -117,7 +118,7 @@ def synthetic_change(manifest: str | Path, *, sensor: str | None = None, level: 
     if "change" not in mat:
         raise DatasetError(f"{root / e2['materials']}: no 'change' array; expected it in the change_t2 sidecar")
     change = np.where(va & vb, mat["change"].astype(np.int64), -1)
-    return ChangeData(a, b, change, spec, f"synthetic_change_{e2['sensor']}")
+    return ChangeData(a, b, change, spec, f"synthetic_change_{e2['sensor']}", valid=va & vb)
 
 
 def synthetic_classification(manifest: str | Path, *, sensor: str = "emit", level: str = "L2", tile: int = 16,
@@ -128,21 +129,22 @@ def synthetic_classification(manifest: str | Path, *, sensor: str = "emit", leve
     dominant material category (or material); classes with fewer than ``min_per_class`` tiles are dropped."""
     stride = stride or max(1, tile // 2)
     root, m = load_manifest(manifest)
-    patches, labels, spec, names = [], [], None, None
+    patches, masks, labels, spec, names = [], [], [], None, None
     entries = [e for r in roles for e in _entries(m, r, sensor, level)]
     if not entries:
         raise DatasetError(f"{root}/manifest.json: no {roles} product of sensor={sensor} level={level}")
     for e in entries:
         cube, valid, spec = read_product(root, e, band_stride)
         lab, names = _grouped(_materials(root, e), group)
-        valid = valid & (lab >= 0)
+        labelled = valid & (lab >= 0)
         for y in range(0, cube.shape[1] - tile + 1, stride):
             for x in range(0, cube.shape[2] - tile + 1, stride):
-                v = valid[y:y + tile, x:x + tile]
+                v = labelled[y:y + tile, x:x + tile]
                 if v.mean() < min_valid:
                     continue
                 counts = np.bincount(lab[y:y + tile, x:x + tile][v].clip(0), minlength=len(names))
                 patches.append(cube[:, y:y + tile, x:x + tile])
+                masks.append(valid[y:y + tile, x:x + tile])
                 labels.append(int(counts.argmax()))
     if not patches:
         raise DatasetError(f"{root}: no valid {tile}x{tile} tiles for sensor={sensor} level={level}")
@@ -156,7 +158,8 @@ def synthetic_classification(manifest: str | Path, *, sensor: str = "emit", leve
     return ClassificationData(np.stack([p for p, s in zip(patches, sel) if s]),
                               np.asarray([lut[c] for c in labels[sel]], np.int64),
                               [names[c] if c < len(names) else str(c) for c in kept], spec,
-                              f"synthetic_scenes_{sensor}_{level}")
+                              f"synthetic_scenes_{sensor}_{level}",
+                              valid=np.stack([v for v, s in zip(masks, sel) if s]))
 
 
 def synthetic_fusion(manifest: str | Path, *, hs_sensor: str = "emit", band_stride: int = 1) -> FusionData:

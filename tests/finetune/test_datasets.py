@@ -115,10 +115,19 @@ def test_bay_area_mat_v5(tmp_path):
     scipy.io.savemat(tmp_path / "Bay_Area_2013.mat", {"HypeRvieW": t1})
     scipy.io.savemat(tmp_path / "Bay_Area_2015.mat", {"HypeRvieW": t2})
     scipy.io.savemat(tmp_path / "bayArea_gtChanges2.mat.mat", {"HypeRvieW": gt})
-    d = load_bay_area(tmp_path)
+    d = load_bay_area(tmp_path, drop_bad_bands=False)
     assert d.t1.shape == (224, 9, 7) and np.allclose(d.t2[:, 4, 3], t2[4, 3])
     assert ((d.change == 1) == (gt == 1)).all() and ((d.change == 0) == (gt == 2)).all() and ((d.change == -1) == (gt == 0)).all()
     assert d.spectral.wavelengths.size == 224 and d.spectral.sensor == "aviris-classic"
+    # by default the bands pretraining never sees (AVIRIS-Classic's bad-band ranges) are dropped from both dates
+    from data_prep.registry import get_sensor
+
+    av = get_sensor("aviris-classic")
+    good = av.good_band_mask()
+    dd = load_bay_area(tmp_path)
+    assert dd.t1.shape == dd.t2.shape == (int(good.sum()), 9, 7) and int(good.sum()) < 224
+    assert np.allclose(dd.t2[:, 4, 3], t2[4, 3][good]) and np.allclose(dd.spectral.wavelengths, av.wavelengths_nm[good])
+    assert not ((dd.spectral.wavelengths > 1340) & (dd.spectral.wavelengths < 1460)).any()
 
 
 def test_santa_barbara_mat_v73_and_other_names(tmp_path):
@@ -126,7 +135,7 @@ def test_santa_barbara_mat_v73_and_other_names(tmp_path):
     write_mat73(tmp_path / "barbara_2013.mat", imgh=t1)
     write_mat73(tmp_path / "barbara_2014.mat", imgh=t2)
     write_mat73(tmp_path / "barbara_gtChanges.mat", gt=gt)
-    d = load_santa_barbara(tmp_path)  # default key absent; single variable is taken
+    d = load_santa_barbara(tmp_path, drop_bad_bands=False)  # default key absent; single variable is taken
     assert d.t1.shape == (224, 9, 7) and np.allclose(d.t1[:, 2, 5], t1[2, 5])
     assert ((d.change == 1) == (gt == 1)).all()
     with pytest.raises(DatasetError, match="missing"):
