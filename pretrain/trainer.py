@@ -116,12 +116,11 @@ class Trainer:
         torch.manual_seed(seed)
         np.random.seed(seed % 2**32)
         random.seed(seed)
-        build_model = eng.import_object(self.cfg.model.builder)
-        model = build_model(self.cfg.model.name, objective=self.cfg.model.objective, **self.cfg.model.overrides)
+        model = eng.construct_model(self.cfg, self.world_size)  # under zero.Init when ZeRO-3 and supported
         init = self.init_export(k)
         if init is not None:
             eng.load_export_into(model, init)
-        self.init_checksum = float(sum(v.detach().double().abs().sum() for v in model.encoder.state_dict().values()
+        self.init_checksum = float(sum(v.double().abs().sum() for v in eng.encoder_state(model).values()
                                          if v.is_floating_point()))
         self.init_from = str(init) if init is not None else None
         self.shapes = ckpt.param_shapes(model)
@@ -339,6 +338,7 @@ def prepare_data(cfg: TrainConfig, rank: int) -> None:
 def preflight(cfg: TrainConfig, world_size: int) -> None:
     """Every check that can fail before training starts (run on every rank): ConfigError with the reason."""
     cfg.parallel.resolve(world_size)
+    eng.check_zero_support(cfg)
     eng.import_object(cfg.model.builder)
     eng.import_object(cfg.model.exporter)
     missing = _missing_stores(cfg)

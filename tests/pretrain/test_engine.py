@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -10,7 +13,14 @@ from safetensors.torch import save_file
 from torch import nn
 
 from pretrain.config import ConfigError, load_config
-from pretrain.engine import deepspeed_config, import_object, load_export_into, param_groups
+from pretrain.engine import (
+    bound_cpu_allocator,
+    check_zero_support,
+    deepspeed_config,
+    import_object,
+    load_export_into,
+    param_groups,
+)
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -63,3 +73,58 @@ def test_import_object_errors():
         import_object("pretrain.schedules:nope")
     with pytest.raises(ConfigError, match="cannot import module"):
         import_object("no_such_module_x:f")
+
+
+def test_zero3_config_bounds_the_working_set():
+    cfg = load_config(REPO / "configs/pretrain/specaware_vitb.yaml",
+                      ["parallel.zero_stage=3", "parallel.bucket_elements=1000000"])
+    z = deepspeed_config(cfg, world_size=4)["zero_optimization"]
+    assert z["stage"] == 3
+    # DeepSpeed's defaults are 1e9 (whole partition stepped at once, every parameter live): bounded here
+    assert z["sub_group_size"] == z["stage3_max_live_parameters"] == z["reduce_bucket_size"] == 1_000_000
+    assert z["stage3_prefetch_bucket_size"] == 500_000 and z["stage3_param_persistence_threshold"] == 100_000
+
+
+def test_jepa_with_zero3_is_refused_clearly():
+    cfg = load_config(REPO / "configs/pretrain/demo.yaml", ["model.objective=jepa", "parallel.zero_stage=3"])
+    with pytest.raises(ConfigError, match="objective 'jepa' does not support parallel.zero_stage 3"):
+        check_zero_support(cfg)
+    check_zero_support(load_config(REPO / "configs/pretrain/demo.yaml",
+                                   ["model.objective=jepa", "parallel.zero_stage=2"]))
+    check_zero_support(load_config(REPO / "configs/pretrain/demo.yaml", ["parallel.zero_stage=3"]))
+
+
+ALLOC_PROBE = """
+import ctypes, sys
+libc = ctypes.CDLL("libc.so.6")
+class MI(ctypes.Structure):
+    _fields_ = [(n, ctypes.c_size_t) for n in "arena ordblks smblks hblks hblkhd usmblks fsmblks uordblks fordblks keepcost".split()]
+libc.mallinfo2.restype = MI
+libc.malloc.restype = ctypes.c_void_p
+libc.free.argtypes = [ctypes.c_void_p]
+if sys.argv[1] == "bound":
+    from pretrain.engine import bound_cpu_allocator
+    assert bound_cpu_allocator()
+libc.free(libc.malloc(8 << 20))  # glibc: freeing an 8 MiB mmapped block raises its mmap threshold to 8 MiB
+p = libc.malloc(4 << 20)
+print(libc.mallinfo2().hblkhd >= 4 << 20)  # is the next 4 MiB block its own mapping (returned on free)?
+libc.free(p)
+"""
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc mallopt")
+def test_bound_cpu_allocator_keeps_large_blocks_mmapped():
+    def probe(mode: str) -> str:
+        env = {k: v for k, v in os.environ.items() if k != "MALLOC_MMAP_THRESHOLD_"}
+        r = subprocess.run([sys.executable, "-c", ALLOC_PROBE, mode], cwd=REPO, env=env, capture_output=True,
+                           text=True, timeout=120)
+        assert r.returncode == 0, r.stderr[-2000:]
+        return r.stdout.strip()
+
+    assert probe("default") == "False"  # the dynamic threshold puts it on the (fragmenting) heap
+    assert probe("bound") == "True"
+    os.environ["MALLOC_MMAP_THRESHOLD_"] = "65536"
+    try:
+        assert bound_cpu_allocator() is False  # the user's own setting wins
+    finally:
+        del os.environ["MALLOC_MMAP_THRESHOLD_"]
