@@ -126,7 +126,8 @@ class Collate(BaseNode[dict]):
         self._bad_idx.setdefault(url, []).append(s["index"])
         self._first_error.setdefault(url, f"patch {s['index']}: {s['error']}")
         sub = f"replaced by patch {s['replaced_by']}" if s["replaced_by"] is not None else "not replaced"
-        msg = f"{url}: patch {s['index']} (batch step {s['step']}) failed to decode, {sub}: {s['error']}"
+        what = f"substitute for patch {s['substitute_for']}, " if s.get("substitute_for") is not None else ""
+        msg = f"{url}: patch {s['index']} ({what}batch step {s['step']}) failed to decode, {sub}: {s['error']}"
         if k <= _WARN_PER_STORE:
             tail = "; further failures of this store are logged at DEBUG" if k == _WARN_PER_STORE else ""
             log.warning("%s%s", msg, tail)

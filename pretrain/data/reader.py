@@ -100,8 +100,8 @@ class SampleReader:
 
     A sample whose chunks fail to decode is replaced by a substitute from the same store (see
     :class:`pretrain.data.sampling.Substitutes`; up to :data:`SUBSTITUTE_TRIES` tries), so a batch always
-    has its full size. The batch then carries ``"_bad"`` (one ``{"url", "index", "step", "error",
-    "replaced_by"}`` per failed read) for the pipeline to count and log. When more than
+    has its full size. The batch then carries ``"_bad"`` (one ``{"url", "index", "step", "substitute_for",
+    "error", "replaced_by"}`` per failed read) for the pipeline to count and log. When more than
     ``max_batch_bad * len(tasks)`` of the batch's own samples fail, or a slot cannot be filled, nothing
     is substituted and the batch carries ``"_fatal"`` (the message of the error to raise) instead.
     ``"_reads"`` is the number of reads tried. Never raises for a decode failure: workers may be processes.
@@ -157,7 +157,8 @@ class SampleReader:
                 px, v = store.read(task["index"], b0, b1, task["y0"], task["x0"], c)
             except Exception as e:  # noqa: BLE001 - any decode/IO failure makes this one read bad
                 bad.append({"url": t.url, "index": task["index"], "step": task["step"],
-                            "error": f"{type(e).__name__}: {e}", "replaced_by": None})
+                            "substitute_for": task.get("replaces"), "error": f"{type(e).__name__}: {e}",
+                            "replaced_by": None})
                 return bad[-1]
             if b1 - b0 != sel.shape[0]:
                 px = px[sel - b0]

@@ -5,6 +5,7 @@ import json
 import logging
 import multiprocessing
 import os
+import re
 import shutil
 import signal
 import threading
@@ -194,8 +195,9 @@ def corrupted(copied):
 
 
 def _one(url, **kw):
+    # limits off by default: which patches share a batch depends on the URL (tmp path) through the seeds
     base = dict(sources=[SourceConfig(url)], batch_size=4, crop=16, band_window=24, band_stride=8, epochs=1,
-                num_workers=2, max_bad_fraction=0.2)
+                num_workers=2, max_bad_fraction=1.0, max_bad_batch_fraction=1.0)
     base.update(kw)
     return DataConfig(**base)
 
@@ -207,7 +209,7 @@ def test_corrupted_chunks_substituted_batches_unchanged(copied, caplog):
     cleans = [list(build_loader(_one(url), rank, 2)) for rank in (0, 1)]
     bad = _corrupt(url, 2, 1)
     assert len(bad) == 3
-    counts = []
+    counts, failed_reads = [], 0
     replaced = {}
     for rank, clean in zip((0, 1), cleans):
         loader = build_loader(_one(url), rank, 2)
@@ -229,18 +231,21 @@ def test_corrupted_chunks_substituted_batches_unchanged(copied, caplog):
                     assert rep == -1 and gi == ci
                     assert torch.equal(g["pixels"][j], c["pixels"][j])
         assert loader.samples_seen == 12
+        failed_reads += loader.bad_samples
     assert counts[0] == counts[1]
     assert set(replaced) == bad  # each bad patch was in some rank's shard and was replaced
     msgs = [r.getMessage() for r in caplog.records if "failed to decode" in r.getMessage()]
-    assert len(msgs) == len(bad)
-    for i in bad:
-        m = next(m for m in msgs if f"patch {i} " in m)
-        assert url in m and f"replaced by patch {replaced[i]}" in m and "Error" in m
+    assert len(msgs) == failed_reads >= len(bad)  # one per failed read (a substitute may be a bad patch too)
+    for m in msgs:
+        assert m.startswith(f"{url}: patch ") and "replaced by patch" in m and "Error" in m
+    for i in bad:  # the substitute that finally filled the slot is named (a chain if a substitute failed too)
+        assert any((f"patch {i} (batch" in m or f"(substitute for patch {i}," in m)
+                   and f"replaced by patch {replaced[i]}:" in m for m in msgs), (i, replaced[i], msgs)
 
 
 def test_corrupted_chunks_exact_resume(corrupted):
     url, bad = corrupted
-    cfg = _one(url, epochs=None, batch_size=3, max_bad_fraction=0.5, max_bad_batch_fraction=0.7)
+    cfg = _one(url, epochs=None, batch_size=3)
     ref = build_loader(cfg)
     it = iter(ref)
     first = [next(it) for _ in range(4)]
@@ -266,7 +271,8 @@ def test_corrupted_chunks_past_limits_raise(corrupted):
     # a store failing again and again: past max_bad_fraction of its reads
     with pytest.raises(DataError, match="max_bad_fraction=0.05") as e:
         list(build_loader(_one(url, max_bad_fraction=0.05)))
-    assert url in str(e.value) and "2 of" in str(e.value)
+    m = re.search(r"(\d+) of \d+ reads failed", str(e.value))
+    assert url in str(e.value) and m and int(m.group(1)) >= 2
     with pytest.raises(DataError, match="max_bad_fraction=0.0"):
         list(build_loader(_one(url, max_bad_fraction=0.0)))
 

@@ -6,7 +6,15 @@ import numpy as np
 import pytest
 
 from pretrain.data import DataConfig, SourceConfig, build_plan
-from pretrain.data.sampling import rank_shard, window_for
+from pretrain.data.sampling import (
+    Substitutes,
+    crop_for,
+    dropped,
+    rank_shard,
+    subset_indices,
+    substitute_index,
+    window_for,
+)
 
 from .data_fixtures import make_store
 
@@ -115,3 +123,28 @@ def test_crops_on_chunk_grid(stores):
     assert corners <= {(y, x) for y in (0, 8, 16) for x in (0, 8, 16)} and len(corners) > 4
     plans1, _ = _plans(_cfg(stores, crop_align=1), 100)
     assert any(t["y0"] % 8 for p in plans1 for t in p)
+
+
+def test_substitutes_seeded_from_the_store_pool_avoiding_the_batch(stores):
+    a, _ = stores
+    cfg = DataConfig(sources=[SourceConfig(a["url"], subset=10)], batch_size=4, crop=16, band_window=24,
+                     band_stride=8, sensor_dropout=0.5)
+    (tasks,), infos = _plans(cfg, 1)
+    info = next(iter(infos.values()))
+    pool = subset_indices(24, 10, cfg.seed, info.tag)
+    subs = Substitutes(infos, {info.key: pool}, seed=cfg.seed, crop=16, crop_align=0, sensor_dropout=0.5)
+    batch = {t["index"] for t in tasks}
+    failed = tasks[1]
+    picks = [subs.task(failed, k, set(batch))["index"] for k in range(20)]
+    assert set(picks) <= set(pool.tolist()) - batch  # from the store's subset, never a patch of the batch
+    assert picks == [subs.task(failed, k, set(batch))["index"] for k in range(20)]  # reproducible (resume)
+    assert len(set(picks)) > 1  # each try draws anew
+    t = subs.task(failed, 0, set(batch))
+    assert t["replaces"] == failed["index"] and (t["step"], t["j"], t["w0"], t["wn"]) == (
+        failed["step"], failed["j"], failed["w0"], failed["wn"])
+    # the substitute gets its own crop and dropout: what the plan gives that patch in that epoch
+    assert (t["y0"], t["x0"]) == crop_for(cfg.seed, info.tag, t["epoch"], t["index"], 32, 16, 8)
+    assert t["drop"] == dropped(cfg.seed, info.tag, t["epoch"], t["index"], 0.5)
+    # the exact fallback when nearly the whole pool is to be avoided
+    last = int(pool[7])
+    assert substitute_index(0, 1, 0, 0, 0, 0, pool, set(pool.tolist()) - {last}) == last
