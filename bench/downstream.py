@@ -40,6 +40,7 @@ def find_demo_export() -> Path | None:
 
 def pretrain_briefly(out: Path, manifest: str, steps: int = 150) -> Path:
     """MAE-pretrain a debug model on random 32 x 32 crops of the corpus products; export it."""
+    from finetune.datasets import normalise
     from finetune.datasets.synthetic import load_manifest, read_product
     from pretrain.models import build_model
     from pretrain.models.export import save_encoder
@@ -50,9 +51,7 @@ def pretrain_briefly(out: Path, manifest: str, steps: int = 150) -> Path:
         if e["sensor"] in ("planetscope", "sentinel-2"):
             continue
         cube, valid, spec = read_product(root, e, 1)
-        mean = cube.reshape(cube.shape[0], -1).mean(1)[:, None, None]
-        std = cube.reshape(cube.shape[0], -1).std(1)[:, None, None] + 1e-6
-        cubes.append(((cube - mean) / std, spec))
+        cubes.append((normalise(cube, valid=valid)[0], spec))  # as the tasks prepare their inputs
     torch.manual_seed(0)
     model = build_model("debug")
     opt = torch.optim.AdamW(model.parameters(), lr=1e-3, weight_decay=0.05)
