@@ -48,6 +48,9 @@ from .sampling import PlanNode, ShardSource, StoreInfo, Substitutes, store_tag, 
 log = logging.getLogger(__name__)
 
 
+STATE_FORMAT = 2
+"""Version of :meth:`SpecLoader.state_dict` (2: substitutes, per-store counts, Collate after Prefetcher)."""
+
 _WARN_PER_STORE = 5
 """Failed reads of one store logged at WARNING (each naming the patch, error and substitute); then DEBUG."""
 
@@ -240,9 +243,13 @@ class SpecLoader:
         return iter(self._loader)
 
     def state_dict(self) -> dict[str, Any]:
-        return {"rank": self.rank, "world_size": self.world_size, "loader": _to_plain(self._loader.state_dict())}
+        return {"format": STATE_FORMAT, "rank": self.rank, "world_size": self.world_size,
+                "loader": _to_plain(self._loader.state_dict())}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
+        if state.get("format") != STATE_FORMAT:
+            raise DataError(f"loader state has format {state.get('format')!r}, this pipeline reads format "
+                            f"{STATE_FORMAT} (state saved by an older pretrain.data; restart the stage)")
         if (state.get("rank"), state.get("world_size")) != (self.rank, self.world_size):
             raise DataError(f"loader state is for rank {state.get('rank')} of {state.get('world_size')}, "
                             f"this loader is rank {self.rank} of {self.world_size}")

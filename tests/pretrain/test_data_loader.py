@@ -99,6 +99,8 @@ def test_exact_resume_mid_epoch_multi_worker(stores, epochs):
     assert got[0]["meta"]["step"][0] == 3
     with pytest.raises(DataError, match="rank"):
         build_loader(cfg, rank=1, world_size=2).load_state_dict(sd)
+    with pytest.raises(DataError, match="format"):
+        build_loader(cfg).load_state_dict({k: v for k, v in sd.items() if k != "format"})
 
 
 def test_process_workers_match_threads_and_dead_worker_raises(stores):
