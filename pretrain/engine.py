@@ -266,7 +266,9 @@ def export_encoder(engine: Any, cfg: TrainConfig, out_dir: Path, rank: int, extr
         disable_activation_checkpointing(model)
     kw = {"extra": extra} if extra and "extra" in inspect.signature(exporter).parameters else {}
     if cfg.parallel.zero_stage == 3:
-        with deepspeed.zero.GatheredParameters(list(model.parameters()), modifier_rank=None):
+        # only the encoder is written: gather only its parameters (the decoder stays partitioned)
+        part = model.encoder if isinstance(getattr(model, "encoder", None), nn.Module) else model
+        with deepspeed.zero.GatheredParameters(list(part.parameters()), modifier_rank=None):
             if rank == 0:
                 exporter(model, out_dir, **kw)
     elif rank == 0:
