@@ -9,10 +9,11 @@ including them is reported too). With ``--json`` the last line is one JSON objec
 and ``peak_rss_mb_per_rank``, each keyed ``zero0``, ``zero2``, ``zero3``.
 
 Peak RSS is the kernel's high-water mark (``ru_maxrss``), so it includes memory the C allocator holds but
-no tensor uses. CPU ranks run with a fixed glibc mmap threshold (``pretrain.engine.bound_cpu_allocator``;
-an exported ``MALLOC_MMAP_THRESHOLD_`` overrides it), without which ZeRO-3's gather/release pattern
-fragments the heap and its RSS grows every step. The default model is ViT-B ("base", 117 M parameters):
-a few minutes on two cores; timings are noisy on a shared machine.
+no tensor uses. ZeRO-3 CPU ranks run with a fixed glibc mmap threshold
+(``pretrain.engine.bound_cpu_allocator``; an exported ``MALLOC_MMAP_THRESHOLD_`` overrides it), without
+which ZeRO-3's gather/release pattern fragments the heap and its RSS grows every step (the price: page
+faults, ZeRO-3 steps are slower). The default model is ViT-B ("base", 117 M parameters): a few minutes on
+two cores; timings are noisy on a shared machine.
 """
 
 from __future__ import annotations
@@ -72,7 +73,7 @@ def main(argv: list[str] | None = None) -> int:
     result: dict = {"model": args.model, "world_size": 2, "steps": args.steps, "micro_batch": args.micro_batch,
                     "crop": args.crop, "band_window": args.bands, "samples_per_s": {}, "peak_rss_mb_per_rank": {},
                     "wall_s": {}, "precision": "fp32",
-                    "malloc_mmap_threshold": os.environ.get("MALLOC_MMAP_THRESHOLD_", "1 MiB (bound_cpu_allocator)")}
+                    "malloc_mmap_threshold": os.environ.get("MALLOC_MMAP_THRESHOLD_", "zero3: 1 MiB (bound_cpu_allocator); zero0/2: glibc default")}
     with tempfile.TemporaryDirectory() as tmp:
         url = f"{tmp}/emit_L2.zarr"
         make_store(url, n=max(16, 4 * args.micro_batch), bands=max(64, args.bands), patch=max(32, args.crop))

@@ -55,6 +55,10 @@ def bound_cpu_allocator(threshold: int = CPU_MMAP_THRESHOLD) -> bool:
     freed-but-held heap after 4 steps, growing every step, making a ZeRO-3 rank bigger than a ZeRO-0 one.
     A fixed threshold returns every large tensor to the OS when freed. Skipped when the user set
     ``MALLOC_MMAP_THRESHOLD_`` or the C library is not glibc; returns whether it was applied.
+
+    The price is a page fault per fresh page of every such tensor: measured +20-45% ZeRO-3 step time at
+    ViT-B on CPU, so the trainer applies it to ZeRO-3 CPU runs only (where it saves ~1.3 GiB per rank);
+    ZeRO-0/2 fragment little (~50 MiB) and keep glibc's default. Export ``MALLOC_MMAP_THRESHOLD_`` to choose.
     """
     if "MALLOC_MMAP_THRESHOLD_" in os.environ:
         return False
@@ -79,8 +83,6 @@ def init_distributed() -> tuple[int, int, int]:
         os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", LOCAL_WORLD_SIZE="1",
                           MASTER_ADDR="127.0.0.1", MASTER_PORT=str(_free_port()))
     backend = "nccl" if torch.cuda.is_available() else "gloo"
-    if backend == "gloo":
-        bound_cpu_allocator()
     if not dist.is_initialized():
         deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=False, verbose=False)
     local_rank = int(os.environ.get("LOCAL_RANK", 0))

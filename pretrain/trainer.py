@@ -116,6 +116,8 @@ class Trainer:
         torch.manual_seed(seed)
         np.random.seed(seed % 2**32)
         random.seed(seed)
+        if self.cfg.parallel.zero_stage == 3 and self.device.type == "cpu":
+            eng.bound_cpu_allocator()  # before the model exists: its tensors are the ones that fragment
         model = eng.construct_model(self.cfg, self.world_size)  # under zero.Init when ZeRO-3 and supported
         init = self.init_export(k)
         if init is not None:

@@ -281,7 +281,8 @@ build.zero_init_safe = True
 def export(net, path):
     if dist.get_rank() == 0:
         path.mkdir(parents=True, exist_ok=True)
-        save_file({k: v.contiguous() for k, v in net.encoder.state_dict().items()}, str(path / "encoder.safetensors"))
+        sd = {k: v.contiguous() for k, v in net.encoder.state_dict().items()}
+        save_file(sd, str(path / "encoder.safetensors"))
     dist.barrier()
 
 
