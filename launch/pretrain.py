@@ -60,7 +60,7 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as e:
         return fail(rank_env, e)
 
-    from pretrain.data import DataError
+    from pretrain.data import DataError, LoaderWorkerError
     from pretrain.trainer import Trainer, preflight, prepare_data
 
     if not cfg.prepare.enabled:  # fail on bad input before DeepSpeed is even imported
@@ -90,7 +90,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"run: {run_dir.resolve()}\nfigures: {(run_dir / 'figures').resolve()}\n"
                   f"export: {(run_dir / 'export' / cfg.stages[-1].name).resolve()}", flush=True)
         return code
-    except (ConfigError, CheckpointError, DataError) as e:
+    except (ConfigError, CheckpointError, DataError, LoaderWorkerError) as e:
         return fail(rank, e)
     finally:
         if dist.is_initialized():
