@@ -24,7 +24,8 @@ def test_names_map_to_indices_and_unseen_is_unknown(encoder):
     wl, fw = band_table(6)
     with torch.no_grad():
         unknown = encoder(x, wl, fw, sensor=None, level=None)
-        with pytest.warns(UserWarning, match="'no-such-sensor' is not in the encoder's vocabulary"):
+        with pytest.warns(UserWarning, match="'no-such-sensor' is not in the encoder's vocabulary"), \
+                pytest.warns(UserWarning, match="'L9' is not in the encoder's vocabulary"):
             unseen = encoder(x, wl, fw, sensor="no-such-sensor", level="L9")
         emit = encoder(x, wl, fw, sensor="emit", level="L2")
         mixed = encoder(x, wl, fw, sensor=["emit", None], level=["L2", None])
