@@ -78,11 +78,17 @@ class Sensor:
 
     def good_band_mask(self, wavelengths_nm: np.ndarray | None = None) -> np.ndarray:
         """True for bands outside every bad-band range (of the given centres, else the registry's)."""
-        wl = self.wavelengths_nm if wavelengths_nm is None else np.asarray(wavelengths_nm, dtype=np.float64)
-        good = np.ones(wl.shape, dtype=bool)
-        for lo, hi in self.bad_band_ranges_nm:
-            good &= ~((wl >= lo) & (wl <= hi))
-        return good
+        return good_band_mask(self.wavelengths_nm if wavelengths_nm is None else wavelengths_nm,
+                              self.bad_band_ranges_nm)
+
+
+def good_band_mask(wavelengths_nm: np.ndarray, bad_band_ranges_nm) -> np.ndarray:
+    """True for band centres outside every ``(lo, hi)`` range (nm, inclusive)."""
+    wl = np.asarray(wavelengths_nm, dtype=np.float64)
+    good = np.ones(wl.shape, dtype=bool)
+    for lo, hi in bad_band_ranges_nm:
+        good &= ~((wl >= lo) & (wl <= hi))
+    return good
 
 
 # libyaml's loader when present: the band tables (hundreds of floats per sensor) parse ~10x faster.

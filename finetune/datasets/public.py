@@ -79,21 +79,16 @@ def bad_band_ranges(sensor: str | None = None, wavelengths=None) -> tuple[tuple[
     return WATER_VAPOUR_NM
 
 
-def good_bands(wl: np.ndarray, ranges) -> np.ndarray:
-    """True for band centres outside every range."""
-    keep = np.ones(np.shape(wl), bool)
-    for lo, hi in ranges:
-        keep &= ~((wl >= lo) & (wl <= hi))
-    return keep
-
-
 def remove_bad_bands(cube: np.ndarray, wl: np.ndarray, fw: np.ndarray, sensor: str | None, wavelengths=None,
                    path: str | Path = "", axis: int = 0) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Drop the bands pretraining never sees (water vapour, detector edges; see :func:`bad_band_ranges`)."""
-    keep = good_bands(wl, bad_band_ranges(sensor, wavelengths))
+    from data_prep.registry import good_band_mask
+
+    ranges = bad_band_ranges(sensor, wavelengths)
+    keep = good_band_mask(wl, ranges)
     if not keep.any():
         raise DatasetError(f"{path}: every band ({wl.min():.0f}-{wl.max():.0f} nm) lies in a bad-band range "
-                           f"{bad_band_ranges(sensor, wavelengths)}; set drop_bad_bands: false to keep them")
+                           f"{ranges}; set drop_bad_bands: false to keep them")
     return np.compress(keep, cube, axis=axis), wl[keep], fw[keep]
 
 
