@@ -13,8 +13,10 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from data_prep.errors import UserError
 
-class ProductError(ValueError):
+
+class ProductError(UserError):
     """A product file is malformed, truncated or inconsistent. The message names the file and field."""
 
 

@@ -18,6 +18,8 @@ from pathlib import Path
 import numpy as np
 import yaml
 
+from data_prep.errors import UserError
+
 #: Where the shipped sensor YAMLs live. ``SPECFM_SENSORS`` overrides it (a folder of YAMLs).
 DEFAULT_SENSOR_DIR = Path(__file__).resolve().parent.parent / "configs" / "sensors"
 
@@ -26,7 +28,7 @@ LEVELS: tuple[str, ...] = (UNKNOWN, "L1", "L2")
 WAVELENGTH_RANGE_NM = (350.0, 2550.0)
 
 
-class RegistryError(ValueError):
+class RegistryError(UserError):
     """A sensor YAML is malformed or a sensor/level is not in the registry."""
 
 

@@ -33,6 +33,8 @@ import numpy as np
 import zarr
 from zarr.codecs import BloscCodec
 
+from data_prep.errors import UserError
+
 SCHEMA_VERSION = 1
 NO_TIME = np.iinfo(np.int64).min
 DEFAULT_BAND_CHUNK = 32
@@ -49,7 +51,7 @@ META_FIELDS: dict[str, str] = {
 }
 
 
-class StoreError(ValueError):
+class StoreError(UserError):
     """A store is missing, of another schema version, empty where data is needed, or inconsistent."""
 
 

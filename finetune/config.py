@@ -8,11 +8,13 @@ from typing import Any
 
 import yaml
 
+from data_prep.errors import UserError
+
 KINDS = ("classification", "segmentation", "change", "fusion")
 MODES = ("linear_probe", "finetune")
 
 
-class ConfigError(ValueError):
+class ConfigError(UserError):
     """A finetune/benchmark config is malformed; the message names the file and key."""
 
 

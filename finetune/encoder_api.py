@@ -31,12 +31,13 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from data_prep.errors import UserError
 from data_prep.registry import LEVELS, sensor_vocab
 
 EXPORT_FILES = ("encoder.safetensors", "model_args.json")
 
 
-class ExportError(ValueError):
+class ExportError(UserError):
     """An encoder export is missing, incomplete or does not match the model code."""
 
 

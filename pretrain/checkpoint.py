@@ -24,10 +24,12 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from data_prep.errors import UserError
+
 MARKER = "complete"
 
 
-class CheckpointError(RuntimeError):
+class CheckpointError(UserError, RuntimeError):
     """A checkpoint cannot be used for this run (another model shape, another world size, unreadable)."""
 
 

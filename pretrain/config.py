@@ -20,10 +20,11 @@ from typing import Any
 
 import yaml
 
+from data_prep.errors import UserError
 from pretrain.data import DataConfig, DataError, SourceConfig
 
 
-class ConfigError(ValueError):
+class ConfigError(UserError):
     """A configuration value or key is invalid; the message names the key, the value and what was expected."""
 
 

@@ -16,6 +16,8 @@ from pathlib import Path
 
 import numpy as np
 
+from data_prep.errors import UserError
+
 #: The simulator's fine spectral grid: 350-2550 nm at 1 nm.
 GRID_NM: np.ndarray = np.arange(350.0, 2551.0, 1.0)
 
@@ -35,7 +37,7 @@ CLASSES: tuple[str, ...] = (
 )
 
 
-class LibraryError(ValueError):
+class LibraryError(UserError):
     """The spectral library is missing or malformed."""
 
 

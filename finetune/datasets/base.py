@@ -8,8 +8,10 @@ from pathlib import Path
 
 import numpy as np
 
+from data_prep.errors import UserError
 
-class DatasetError(ValueError):
+
+class DatasetError(UserError):
     """A dataset path has the wrong layout, or its contents do not match what was expected."""
 
 

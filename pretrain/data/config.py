@@ -6,12 +6,14 @@ import math
 from dataclasses import asdict, dataclass, fields
 from typing import Any
 
+from data_prep.errors import UserError
 
-class DataError(ValueError):
+
+class DataError(UserError):
     """A data source or data setting is unusable: raised before any batch (or past ``max_bad_fraction``)."""
 
 
-class LoaderWorkerError(RuntimeError):
+class LoaderWorkerError(UserError, RuntimeError):
     """A reader worker process of the pipeline died (killed, out of memory, crashed in native code)."""
 
 

@@ -5,8 +5,10 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, fields, replace
 from typing import Any
 
+from data_prep.errors import UserError
 
-class ModelError(ValueError):
+
+class ModelError(UserError):
     """Bad model arguments, an unknown size name, or an export that does not fit."""
 
 
