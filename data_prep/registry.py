@@ -19,6 +19,7 @@ import numpy as np
 import yaml
 
 from data_prep.errors import UserError
+from data_prep.spectral import good_band_mask
 
 #: Where the shipped sensor YAMLs live. ``SPECFM_SENSORS`` overrides it (a folder of YAMLs).
 DEFAULT_SENSOR_DIR = Path(__file__).resolve().parent.parent / "configs" / "sensors"
@@ -78,19 +79,11 @@ class Sensor:
                 f"sensor {self.name!r} has no level {level!r}; it has {sorted(self.levels)}"
             ) from None
 
-    def good_band_mask(self, wavelengths_nm: np.ndarray | None = None) -> np.ndarray:
-        """True for bands outside every bad-band range (of the given centres, else the registry's)."""
+    def good_band_mask(self, wavelengths_nm: np.ndarray | None = None, flags=None) -> np.ndarray:
+        """True for bands outside every bad-band range (of the given centres, else the registry's) and where the
+        product's own ``flags`` (if any) are set: :func:`data_prep.spectral.good_band_mask`."""
         return good_band_mask(self.wavelengths_nm if wavelengths_nm is None else wavelengths_nm,
-                              self.bad_band_ranges_nm)
-
-
-def good_band_mask(wavelengths_nm: np.ndarray, bad_band_ranges_nm) -> np.ndarray:
-    """True for band centres outside every ``(lo, hi)`` range (nm, inclusive)."""
-    wl = np.asarray(wavelengths_nm, dtype=np.float64)
-    good = np.ones(wl.shape, dtype=bool)
-    for lo, hi in bad_band_ranges_nm:
-        good &= ~((wl >= lo) & (wl <= hi))
-    return good
+                              self.bad_band_ranges_nm, flags)
 
 
 # libyaml's loader when present: the band tables (hundreds of floats per sensor) parse ~10x faster.

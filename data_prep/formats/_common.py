@@ -90,13 +90,6 @@ def match_sensor(path: str | Path, wl: np.ndarray, formats: set[str] | None = No
     return best[1]
 
 
-def good_band_mask(sensor: Sensor, wl: np.ndarray, product_flags: np.ndarray | None = None) -> np.ndarray:
-    good = sensor.good_band_mask(wl)
-    if product_flags is not None:
-        good &= np.asarray(product_flags).astype(bool)
-    return good
-
-
 def nodata_to_nan(cube: np.ndarray, nodata: float | None) -> np.ndarray:
     """float32 copy with nodata (and non-finite) stored values as NaN."""
     out = np.asarray(cube, dtype=np.float32).copy() if cube.dtype != np.float32 else np.array(cube, copy=True)

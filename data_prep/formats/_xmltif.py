@@ -16,7 +16,6 @@ from data_prep.formats._common import (
     affine_from_latlon,
     check_band_table,
     check_increasing,
-    good_band_mask,
     latlon_from_affine,
     level_spec_or_error,
     parse_time,
@@ -114,7 +113,7 @@ def open_xmltif(tif: Path, xml: Path, level: str, lay: XmlLayout, *, granule_id:
     lat = lon = None
     if img.geotransform is not None:
         lat, lon = latlon_from_affine(img.geotransform, rows, cols)
-    good = good_band_mask(sensor, wl)
+    good = sensor.good_band_mask(wl)
 
     def read_rows(r0: int, r1: int) -> tuple[np.ndarray, np.ndarray]:
         if not 0 <= r0 <= r1 <= rows:

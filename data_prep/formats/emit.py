@@ -20,7 +20,6 @@ import numpy as np
 from data_prep.formats._common import (
     check_band_table,
     check_increasing,
-    good_band_mask,
     level_spec_or_error,
     parse_time,
     perr,
@@ -107,7 +106,7 @@ def open_emit(path: str | Path) -> Granule:
     check_increasing(path, wl, sensor, "sensor_band_parameters/wavelengths")
     spec = level_spec_or_error(path, sensor, level)
     nodata = float(np.asarray(fill).ravel()[0]) if fill is not None else spec.nodata
-    good = good_band_mask(sensor, wl, flags)
+    good = sensor.good_band_mask(wl, flags)
     gsd = float(np.asarray(res).ravel()[0]) if res is not None else sensor.gsd_m
     fname = str(path)
 

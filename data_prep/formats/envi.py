@@ -25,7 +25,6 @@ import spectral.io.envi as envi
 from data_prep.formats._common import (
     check_band_table,
     check_increasing,
-    good_band_mask,
     level_spec_or_error,
     match_sensor,
     parse_time,
@@ -206,7 +205,7 @@ def open_envi(path: str | Path) -> Granule:
         except (ValueError, IndexError):
             raise perr(hdr, "pixel size", f"{ps!r}; expected {{x, y, units=Meters}}") from None
     lat, lon, loc_file = _read_loc(hdr, stem, m, lines, samples)
-    good = good_band_mask(sensor, wl)
+    good = sensor.good_band_mask(wl)
     scale = spec.scale_factor
     img_hdr = str(hdr)
     img_data = str(data)

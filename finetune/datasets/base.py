@@ -1,14 +1,17 @@
-"""Containers every task reads, file readers for the formats public benchmarks ship in, and checks."""
+"""Containers every task reads, file readers for the formats public benchmarks ship in, and checks.
+
+Inputs are standardised by :func:`data_prep.spectral.normalise` (re-exported here), the function pretraining's
+loader applies: p01/p99 clip, z-score over valid pixels, nodata 0 after."""
 
 from __future__ import annotations
 
-import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
 from data_prep.errors import UserError
+from data_prep.spectral import BandScaling, normalise  # noqa: F401  (the one standardisation, re-exported)
 
 
 class DatasetError(UserError):
@@ -205,51 +208,3 @@ def map_labels(raw: np.ndarray, values: list[int] | None, class_names: list[str]
 def clean(cube: np.ndarray) -> np.ndarray:
     """NaN/inf -> 0 (after normalisation 0 is the band mean)."""
     return np.nan_to_num(cube, nan=0.0, posinf=0.0, neginf=0.0).astype(np.float32)
-
-
-#: Per-band percentiles each band is clipped to before standardising, as pretraining does with the store's
-#: p01/p99 (``pretrain.data.reader.normalise_into``).
-CLIP_PERCENTILES = (1.0, 99.0)
-
-
-def band_stats(cube: np.ndarray, valid: np.ndarray | None = None) -> tuple[np.ndarray, ...]:
-    """Per-band ``(mean, std, p01, p99)`` over the finite pixels where ``valid`` (float64, std 0 -> 1).
-
-    ``cube`` is ``(C, H, W)`` or ``(N, C, H, W)`` (stats over all samples); ``valid`` ``(H, W)`` / ``(N, H, W)``."""
-    c = np.asarray(cube)
-    if c.ndim == 4:
-        c = c.transpose(1, 0, 2, 3)
-    flat = c.reshape(c.shape[0], -1).astype(np.float64)
-    keep = np.isfinite(flat)
-    if valid is not None:
-        keep &= np.asarray(valid, bool).reshape(1, -1)
-    x = np.where(keep, flat, np.nan)
-    with np.errstate(all="ignore"), warnings.catch_warnings():
-        warnings.simplefilter("ignore", RuntimeWarning)  # all-nodata band: NaN stats, handled below
-        mean = np.nan_to_num(np.nanmean(x, 1))
-        std = np.nanstd(x, 1)
-        lo, hi = np.nanpercentile(x, CLIP_PERCENTILES, axis=1)
-    std = np.where(np.isfinite(std) & (std > 1e-12), std, 1.0)
-    lo = np.where(np.isfinite(lo), lo, -np.inf)
-    hi = np.where(np.isfinite(hi), hi, np.inf)
-    return mean, std, lo, hi
-
-
-def normalise(cube: np.ndarray, stats: tuple | None = None,
-              valid: np.ndarray | None = None) -> tuple[np.ndarray, tuple]:
-    """Per-band normalisation as in pretraining: clip to the band's 1st/99th percentile, ``(x - mean) / std``,
-    nodata (``~valid``, NaN, inf) -> 0. Statistics are the image's own over its valid pixels (or ``stats`` =
-    ``(mean, std[, p01, p99])`` given, e.g. the first date's for the second). Returns ``(cube, stats)``."""
-    if stats is None:
-        stats = band_stats(cube, valid)
-    mean, std = stats[0], stats[1]
-    cube = np.asarray(cube, dtype=np.float64)
-    shape = (-1, 1, 1)
-    if len(stats) >= 4:
-        with np.errstate(invalid="ignore"):
-            cube = np.clip(cube, stats[2].reshape(shape), stats[3].reshape(shape))
-    out = (cube - mean.reshape(shape)) / std.reshape(shape)
-    if valid is not None:
-        v = np.asarray(valid, bool)
-        out = np.where(v[:, None] if cube.ndim == 4 else v[None], out, 0.0)
-    return clean(out), stats

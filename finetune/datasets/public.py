@@ -23,6 +23,7 @@ from pathlib import Path
 
 import numpy as np
 
+from data_prep.spectral import bad_band_ranges, good_band_mask
 from finetune.datasets.base import (
     ChangeData,
     ClassificationData,
@@ -62,29 +63,11 @@ def band_table(spec, n_bands: int, path: str | Path = "", fwhm=None) -> tuple[np
     return wl, fw
 
 
-#: Water-vapour absorption ranges (nm) every hyperspectral sensor of the registry marks bad; used for a
-#: band table of no known sensor.
-WATER_VAPOUR_NM = ((1340.0, 1460.0), (1790.0, 1970.0))
-
-
-def bad_band_ranges(sensor: str | None = None, wavelengths=None) -> tuple[tuple[float, float], ...]:
-    """The bad-band ranges pretraining drops: the registry's for ``sensor`` (or for the sensor a
-    ``{sensor: name}`` band table names), else :data:`WATER_VAPOUR_NM`."""
-    from data_prep.registry import load_registry
-
-    reg = {k.lower(): v for k, v in load_registry().items()}
-    for name in (sensor, wavelengths.get("sensor") if isinstance(wavelengths, dict) else None):
-        if name is not None and str(name).lower() in reg:
-            return tuple(reg[str(name).lower()].bad_band_ranges_nm)
-    return WATER_VAPOUR_NM
-
-
 def remove_bad_bands(cube: np.ndarray, wl: np.ndarray, fw: np.ndarray, sensor: str | None, wavelengths=None,
                    path: str | Path = "", axis: int = 0) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Drop the bands pretraining never sees (water vapour, detector edges; see :func:`bad_band_ranges`)."""
-    from data_prep.registry import good_band_mask
-
-    ranges = bad_band_ranges(sensor, wavelengths)
+    """Drop the bands pretraining never sees (the registry's bad-band ranges of ``sensor`` or of the sensor a
+    ``{sensor: name}`` band table names, else water vapour: :func:`data_prep.spectral.bad_band_ranges`)."""
+    ranges = bad_band_ranges(sensor, wavelengths.get("sensor") if isinstance(wavelengths, dict) else None)
     keep = good_band_mask(wl, ranges)
     if not keep.any():
         raise DatasetError(f"{path}: every band ({wl.min():.0f}-{wl.max():.0f} nm) lies in a bad-band range "
@@ -124,7 +107,7 @@ def load_segmentation(image: str | Path, labels: str | Path, class_names: list[s
                       drop_bad_bands: bool = True) -> SegmentationData:
     """One scene + label raster. ``train_labels`` (optional second raster) marks training pixels
     (non-ignored there); without it the runner splits the scene spatially. ``drop_bad_bands`` drops the bands
-    in the sensor's bad-band ranges (:func:`bad_band_ranges`), as pretraining does."""
+    in the sensor's bad-band ranges (:func:`remove_bad_bands`), as pretraining does."""
     image, labels = Path(image), Path(labels)
     for p in (image, labels):
         if not p.exists():

@@ -4,9 +4,11 @@
 returns an iterable of batch dicts with ``state_dict()`` / ``load_state_dict()``.
 """
 
+from data_prep.spectral import normalise
+
 from .config import DataConfig, DataError, LoaderWorkerError, SourceConfig
 from .loader import SpecLoader, build_loader, build_plan
-from .reader import SampleReader, normalise, touched_elements
+from .reader import SampleReader, touched_elements
 
 __all__ = [
     "DataConfig",

@@ -15,6 +15,7 @@ import numpy as np
 import torch
 
 from data_prep.registry import level_index, sensor_index
+from data_prep.spectral import inverse_std, normalise_into
 from data_prep.store import PatchStore
 
 from .sampling import Substitutes
@@ -42,43 +43,14 @@ class StoreTables:
 def tables_from_store(store: PatchStore) -> StoreTables:
     """Read once what every sample of ``store`` needs (stats, band tables, per-patch metadata)."""
     st = store.stats
-    std = np.asarray(st.std, dtype=np.float64)
-    inv_std = np.where(std > 0, 1.0 / np.where(std > 0, std, 1.0), 1.0)
     return StoreTables(
         url=store.url, sensor=store.sensor, level=store.level,
         good_idx=np.flatnonzero(store.good_bands),
         wavelengths=store.wavelengths_nm.astype(np.float32), fwhm=store.fwhm_nm.astype(np.float32),
         lo=st.p01.astype(np.float32), hi=st.p99.astype(np.float32), mean=st.mean.astype(np.float32),
-        inv_std=inv_std.astype(np.float32), gsd=store.meta("gsd").astype(np.float32),
+        inv_std=inverse_std(st.std), gsd=store.meta("gsd").astype(np.float32),
         granule_ids=list(store.attrs.get("granules", {}).keys()), granule=store.meta("granule"),
     )
-
-
-def normalise_into(out: torch.Tensor, px: np.ndarray, valid: np.ndarray, lo: np.ndarray, hi: np.ndarray,
-                   mean: np.ndarray, inv_std: np.ndarray) -> None:
-    """Write the normalised crop into ``out`` (float32 ``(C, H, W)``, contiguous) in place.
-
-    Clip each band to [lo, hi] (the store's p01/p99), then (x - mean) / std; 0 where not valid or NaN.
-    The FP16 -> FP32 conversion is torch's (vectorised); the rest are in-place numpy ops on the same memory.
-    """
-    out.copy_(torch.from_numpy(np.ascontiguousarray(px)))
-    x = out.numpy()
-    b = (slice(None), None, None)
-    np.clip(x, lo[b], hi[b], out=x)
-    x -= mean[b]
-    x *= inv_std[b]
-    if np.isnan(x.sum()):  # one fast reduction (values are clipped: no overflow); rewrite only if a NaN is there
-        np.nan_to_num(x, copy=False, nan=0.0)
-    if not valid.all():
-        x[:, ~valid] = 0.0
-
-
-def normalise(px: np.ndarray, valid: np.ndarray, lo: np.ndarray, hi: np.ndarray, mean: np.ndarray,
-              inv_std: np.ndarray) -> np.ndarray:
-    """float32 ``(C, H, W)`` copy of :func:`normalise_into`."""
-    out = torch.empty(px.shape, dtype=torch.float32)
-    normalise_into(out, px, valid, lo, hi, mean, inv_std)
-    return out.numpy()
 
 
 def touched_elements(chunks: tuple[int, ...], band_lo: int, band_hi: int, y0: int, x0: int, size: int) -> int:

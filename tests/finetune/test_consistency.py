@@ -1,4 +1,5 @@
-"""Downstream inputs are prepared the way pretraining prepared them (pretrain.data.reader)."""
+"""Downstream inputs are prepared the way pretraining prepared them (data_prep.spectral, tested in
+tests/data_prep/test_spectral.py); the encoder API takes names and masks as pretraining wrote them."""
 
 import json
 import warnings
@@ -10,50 +11,16 @@ import torch
 
 import finetune
 from finetune.datasets import load_scene_folders, normalise, synthetic_change, synthetic_segmentation
-from finetune.datasets.base import band_stats
-from pretrain.data.reader import normalise as pretrain_normalise
 from tests.finetune.conftest import band_table
-
-
-def _cube_with_nodata(c=6, h=10, w=12, seed=0):
-    g = np.random.default_rng(seed)
-    cube = (g.random((c, h, w)) * np.arange(1, c + 1)[:, None, None] + 0.2).astype(np.float32)
-    cube[:, 0, :5] = 40.0  # a bright outlier row: clipped at the 99th percentile
-    valid = np.ones((h, w), bool)
-    valid[6:, 8:] = False
-    cube[:, ~valid] = 0.0  # nodata as readers deliver it after NaN -> 0
-    return cube, valid
-
-
-def test_normalise_equals_pretraining_normalisation_with_the_same_stats():
-    cube, valid = _cube_with_nodata()
-    out, (mean, std, lo, hi) = normalise(cube, valid=valid)
-    ref = pretrain_normalise(cube, valid, lo.astype(np.float32), hi.astype(np.float32), mean.astype(np.float32),
-                             (1 / std).astype(np.float32))
-    np.testing.assert_allclose(out, ref, atol=1e-5)
-
-
-def test_nodata_stays_out_of_the_statistics_and_is_zero_after():
-    cube, valid = _cube_with_nodata()
-    out, (mean, std, lo, hi) = normalise(cube, valid=valid)
-    np.testing.assert_allclose(mean, cube[:, valid].astype(np.float64).mean(1), rtol=1e-6)
-    np.testing.assert_allclose(std, cube[:, valid].astype(np.float64).std(1), rtol=1e-6)
-    assert (out[:, ~valid] == 0).all()
-    assert (out[:, 0, :5] <= ((hi - mean) / std)[:, None] + 1e-6).all()  # outliers clipped to p99
-    assert np.allclose(hi, np.percentile(cube[:, valid], 99, axis=1))
-    # batch form (N, C, h, w) uses one set of statistics over every sample's valid pixels
-    both, stats = normalise(np.stack([cube, cube]), valid=np.stack([valid, valid]))
-    np.testing.assert_allclose(both[1], out, atol=1e-3)  # percentiles of the doubled sample interpolate alike
-    np.testing.assert_allclose(stats[0], mean)
 
 
 def test_synthetic_tasks_carry_valid_masks(tiny_corpus):
     seg = synthetic_segmentation(tiny_corpus, band_stride=8)
     assert seg.valid is not None and seg.valid.shape == seg.labels.shape and not seg.valid.all()
     assert (seg.labels[~seg.valid] == -1).all()
-    img, (mean, _, _, _) = normalise(seg.image, valid=seg.valid)
+    img, sc = normalise(seg.image, valid=seg.valid)
     assert (img[:, ~seg.valid] == 0).all()
-    np.testing.assert_allclose(mean, seg.image[:, seg.valid].mean(1), rtol=1e-5)
+    np.testing.assert_allclose(sc.mean, seg.image[:, seg.valid].mean(1), rtol=1e-5)
     ch = synthetic_change(tiny_corpus, band_stride=8)
     assert ch.valid is not None and (ch.change[~ch.valid] == -1).all()
 
@@ -133,12 +100,3 @@ def test_public_loaders_drop_bad_bands_of_the_named_sensor_or_water_vapour(tmp_p
         warnings.simplefilter("error")
         d3 = load_scene_folders(tmp_path, wavelengths={"start": 400, "step": 10}, drop_bad_bands=False)
     assert d3.patches.shape[1] == 224
-
-
-def test_band_stats_of_an_all_nodata_band_are_harmless():
-    cube, valid = _cube_with_nodata(c=3)
-    cube[1] = np.nan
-    mean, std, lo, hi = band_stats(cube, valid)
-    assert mean[1] == 0 and std[1] == 1 and np.isfinite(mean).all()
-    out, _ = normalise(cube, valid=valid)
-    assert np.isfinite(out).all() and (out[1] == 0).all()

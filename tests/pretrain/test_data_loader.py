@@ -18,6 +18,7 @@ import torch
 import zarr
 
 from data_prep.registry import level_index, sensor_index
+from data_prep.spectral import BandScaling
 from data_prep.store import SCHEMA_VERSION, PatchStore, create_store
 from pretrain.data import DataConfig, DataError, LoaderWorkerError, SourceConfig, build_loader, normalise
 
@@ -320,7 +321,7 @@ def test_normalise_nan_and_invalid_become_zero():
     valid[0, :] = False
     lo, hi = np.full(5, 0.2, np.float32), np.full(5, 1.5, np.float32)
     mean, inv = np.full(5, 0.8, np.float32), np.full(5, 2.0, np.float32)
-    out = normalise(px, valid, lo, hi, mean, inv)
+    out = normalise(px, valid, BandScaling(lo, hi, mean, inv))[0]
     ref = (np.clip(px.astype(np.float64), 0.2, 1.5) - 0.8) * 2.0
     ref[2, 1, 1] = 0.0
     ref[:, 0, :] = 0.0
