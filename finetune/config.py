@@ -10,7 +10,6 @@ import yaml
 
 from data_prep.errors import UserError
 
-KINDS = ("classification", "segmentation", "change", "fusion")
 MODES = ("linear_probe", "finetune")
 
 
@@ -98,8 +97,10 @@ class TaskConfig:
     paper_note: str = ""
 
     def __post_init__(self) -> None:
-        if self.kind not in KINDS:
-            raise ConfigError(f"task {self.name!r}: kind is {self.kind!r}; expected one of {KINDS}")
+        from finetune.tasks import kinds  # the kinds are the registered task classes
+
+        if self.kind not in kinds():
+            raise ConfigError(f"task {self.name!r}: kind is {self.kind!r}; expected one of {kinds()}")
         if not isinstance(self.data, dict) or "loader" not in self.data:
             raise ConfigError(f"task {self.name!r}: data must be a mapping with a 'loader' key")
         if isinstance(self.train, dict):

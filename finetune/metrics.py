@@ -186,7 +186,3 @@ def fusion_metrics(ref: np.ndarray, est: np.ndarray, ratio: float) -> dict:
     return {"PSNR": psnr(ref, est), "SSIM": ssim(ref, est), "SAM": sam(ref, est),
             "ERGAS": ergas(ref, est, ratio), "RMSE": rmse(ref, est)}
 
-
-#: The metric each task is ranked by in summaries (and whether higher is better).
-HEADLINE = {"classification": ("OA", True), "segmentation": ("mIoU", True), "change": ("F1", True),
-            "fusion": ("PSNR", True)}

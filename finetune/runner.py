@@ -22,8 +22,7 @@ from finetune.config import SuiteConfig, TaskConfig
 from finetune.datasets import load_dataset
 from finetune.encoder_api import Encoder, load_encoder
 from finetune.figures import task_figure
-from finetune.metrics import HEADLINE
-from finetune.tasks import TaskResult, run_task
+from finetune.tasks import TaskResult, run_task, seed_everything, task_class
 
 log = logging.getLogger(__name__)
 
@@ -82,6 +81,7 @@ def run_suite(suite: SuiteConfig, encoder: Encoder | Callable[[], Encoder], out:
             else:
                 encoder.load_state_dict(state)
                 enc = encoder
+            seed_everything(task.train.seed)  # nothing a task draws depends on what ran before it
             ds = load_dataset(substitute(task.data, {"corpus": corpus, "root": data_root}))
             res = run_task(enc, ds, task)
             fig = task_figure(res, tmp / "figures" / f"{task.name}.png")
@@ -103,7 +103,7 @@ def run_suite(suite: SuiteConfig, encoder: Encoder | Callable[[], Encoder], out:
 def build_report(suite: SuiteConfig, results, checkpoint: str) -> dict:
     tasks = {}
     for task, res, secs, fig in results:
-        metric, _ = HEADLINE[task.kind]
+        metric = task_class(task.kind).headline
         tasks[task.name] = {
             "kind": task.kind, "dataset": res.dataset, "mode": task.train.mode, "headline": metric,
             "metrics": res.metrics, "details": res.details, "paper": task.paper,

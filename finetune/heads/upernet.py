@@ -17,7 +17,7 @@ from torch import nn
 
 def _cnr(cin: int, cout: int, k: int) -> nn.Sequential:
     return nn.Sequential(nn.Conv2d(cin, cout, k, padding=k // 2, bias=False),
-                         nn.GroupNorm(min(8, cout), cout), nn.ReLU(inplace=True))
+                         nn.GroupNorm(max(1, min(8, cout // 2)), cout), nn.ReLU(inplace=True))  # >= 2 channels a group
 
 
 class PPM(nn.Module):

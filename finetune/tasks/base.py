@@ -1,0 +1,217 @@
+"""The task base class: one subclass per task kind, one module each, registered by its ``kind``.
+
+A run is always, in this order: seed -> prepare the data (standardisation, split) -> build the head ->
+train -> evaluate. Seeding comes first (torch, numpy and ``random``, from ``train.seed``), so every random
+choice of a task — its split, its head's initial weights, its batches, dropout — is a function of its seed
+alone: a task scores the same alone as inside a suite, whatever ran before it.
+
+A new kind is one module with one :class:`Task` subclass that sets ``kind`` (and its data type and headline
+metric); nothing else switches on the kind's name: :func:`task_class`, :func:`kinds` and the runner read the
+registry this class keeps.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, ClassVar
+
+import numpy as np
+import torch
+from torch import nn
+
+from finetune.datasets.base import DatasetError, Spectral
+from finetune.encoder_api import Encoder
+
+if TYPE_CHECKING:
+    from matplotlib.figure import Figure
+
+    from finetune.config import TaskConfig
+
+
+@dataclass
+class TaskResult:
+    name: str
+    kind: str
+    metrics: dict
+    """Scalar metrics (the report's rows)."""
+    details: dict = field(default_factory=dict)
+    """Per-class values, confusion matrices, baselines."""
+    arrays: dict = field(default_factory=dict)
+    """What the figure needs (maps, spectra); not written to the JSON."""
+    dataset: str = ""
+
+
+class Task:
+    """Base of every task kind. Subclasses set the class attributes and implement the hooks."""
+
+    kind: ClassVar[str]
+    """The config's ``kind:`` value."""
+    data_type: ClassVar[type]
+    """The dataset container the task reads (``finetune.datasets.base``)."""
+    headline: ClassVar[str]
+    """The metric summaries rank by (higher is better)."""
+    protocols: ClassVar[tuple[str, ...]] = ("finetune",)
+    """Evaluation protocols the kind implements (``TaskConfig.protocol``)."""
+
+    _registry: ClassVar[dict[str, type[Task]]] = {}
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        kind = cls.__dict__.get("kind")
+        if kind is not None:
+            if kind in Task._registry and Task._registry[kind] is not cls:
+                raise TypeError(f"task kind {kind!r} is registered twice ({Task._registry[kind].__name__}, "
+                                f"{cls.__name__})")
+            Task._registry[kind] = cls
+
+    def __init__(self, cfg: TaskConfig) -> None:
+        self.cfg = cfg
+        self.device = device_of(cfg)
+
+    # ------------------------------------------------------------------ hooks
+    def prepare(self, encoder: Encoder, data) -> None:
+        """Standardise the inputs and split them (after seeding); keep what ``batch``/``evaluate`` need."""
+        raise NotImplementedError
+
+    def build_head(self, encoder: Encoder) -> nn.Module:
+        """The model (head around ``encoder``) to train; built after :meth:`prepare`."""
+        raise NotImplementedError
+
+    def batch(self, rng: np.random.Generator) -> tuple[tuple, torch.Tensor]:
+        """One training batch: ``(model inputs, target)``."""
+        raise NotImplementedError
+
+    def loss(self, output: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def evaluate(self, model: nn.Module, losses: list[float]) -> TaskResult:
+        raise NotImplementedError
+
+    @classmethod
+    def draw(cls, result: TaskResult) -> Figure:
+        """The task's figure (matplotlib)."""
+        raise NotImplementedError
+
+    # ------------------------------------------------------------------ the run
+    def run(self, encoder: Encoder, data) -> TaskResult:
+        """Seed, prepare, build, train, evaluate (see the module docstring)."""
+        if not isinstance(data, self.data_type):
+            raise DatasetError(f"task {self.cfg.name!r} ({self.kind}) needs {self.data_type.__name__}, "
+                               f"got {type(data).__name__}")
+        protocol = getattr(self.cfg, "protocol", "finetune")
+        if protocol not in self.protocols:
+            raise DatasetError(f"task {self.cfg.name!r}: protocol {protocol!r} is not implemented for {self.kind} "
+                               f"tasks; expected one of {list(self.protocols)}")
+        seed_everything(self.cfg.train.seed)
+        self.prepare(encoder, data)
+        model = self.build_head(encoder)
+        losses = train_loop(model, encoder, self.cfg, self.batch, self.loss, self.trainable_encoder())
+        return self.evaluate(model, losses)
+
+    def trainable_encoder(self) -> bool:
+        """Whether the encoder trains (``train.mode: finetune``) or stays frozen (``linear_probe``)."""
+        return self.cfg.train.mode == "finetune"
+
+    def result(self, metrics: dict, details: dict, arrays: dict, dataset: str) -> TaskResult:
+        return TaskResult(self.cfg.name, self.kind, metrics, details, arrays, dataset)
+
+
+def task_class(kind: str) -> type[Task]:
+    """The :class:`Task` subclass of ``kind``; a clear error naming the known kinds."""
+    import finetune.tasks  # noqa: F401  (imports every kind's module, which registers it)
+
+    try:
+        return Task._registry[kind]
+    except KeyError:
+        raise DatasetError(f"unknown task kind {kind!r}; expected one of {kinds()}") from None
+
+
+def kinds() -> tuple[str, ...]:
+    """Every registered task kind."""
+    import finetune.tasks  # noqa: F401
+
+    return tuple(sorted(Task._registry))
+
+
+def run_task(encoder: Encoder, data, cfg: TaskConfig) -> TaskResult:
+    """Train and evaluate ``cfg.kind`` on ``data`` (a dataset container of that kind)."""
+    return task_class(cfg.kind)(cfg).run(encoder, data)
+
+
+# ----------------------------------------------------------------------------- shared helpers
+
+def seed_everything(seed: int) -> None:
+    """Seed every generator a task may draw from (torch CPU and CUDA, numpy's global one, ``random``)."""
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def device_of(cfg: TaskConfig) -> torch.device:
+    d = cfg.train.device
+    if d == "auto":
+        d = "cuda" if torch.cuda.is_available() else "cpu"
+    return torch.device(d)
+
+
+def spectral_tensors(spectral: Spectral) -> tuple[torch.Tensor, torch.Tensor]:
+    """(wavelengths, fwhm) float32 tensors of a band table."""
+    return (torch.as_tensor(spectral.wavelengths, dtype=torch.float32),
+            torch.as_tensor(spectral.fwhm, dtype=torch.float32))
+
+
+def _optimizer(model: nn.Module, encoder: Encoder, cfg: TaskConfig) -> torch.optim.Optimizer:
+    enc_ids = {id(p) for p in encoder.parameters()}
+    head = [p for p in model.parameters() if p.requires_grad and id(p) not in enc_ids]
+    enc = [p for p in encoder.parameters() if p.requires_grad]
+    groups = [{"params": head, "lr": cfg.train.lr}]
+    if enc:
+        groups.append({"params": enc, "lr": cfg.train.encoder_lr})
+    return torch.optim.AdamW(groups, weight_decay=cfg.train.weight_decay)
+
+
+def lr_factor(step: int, total: int) -> float:
+    """Linear warm-up over 5% then cosine to 0 — a pure function of the step."""
+    warm = max(1, total // 20)
+    if step < warm:
+        return (step + 1) / warm
+    return 0.5 * (1 + math.cos(math.pi * (step - warm) / max(1, total - warm)))
+
+
+def _to(x, dev: torch.device):
+    return x.to(dev) if isinstance(x, torch.Tensor) else x
+
+
+def train_loop(model: nn.Module, encoder: Encoder, cfg: TaskConfig, batch_fn: Callable, loss_fn: Callable,
+               train_encoder: bool | None = None) -> list[float]:
+    """``cfg.train.steps`` AdamW steps (head ``lr``, encoder ``encoder_lr``, warm-up + cosine): ``batch_fn(rng)
+    -> (inputs tuple, target)``, ``loss_fn(model(*inputs), target)``; returns the loss curve. The encoder is
+    frozen unless ``train_encoder`` (default: ``train.mode == "finetune"``). The model is moved to the
+    configured device; inputs and targets follow it; batches are drawn from ``default_rng(train.seed)``."""
+    dev = device_of(cfg)
+    model.to(dev)
+    rng = np.random.default_rng(cfg.train.seed)
+    if train_encoder is None:
+        train_encoder = cfg.train.mode == "finetune"
+    if train_encoder:
+        encoder.unfreeze()
+    else:
+        encoder.freeze()
+    opt = _optimizer(model, encoder, cfg)
+    base = [g["lr"] for g in opt.param_groups]
+    losses = []
+    model.train()
+    for step in range(cfg.train.steps):
+        for g, b in zip(opt.param_groups, base):
+            g["lr"] = b * lr_factor(step, cfg.train.steps)
+        inputs, target = batch_fn(rng)
+        loss = loss_fn(model(*(_to(x, dev) for x in inputs)), _to(target, dev))
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    model.eval()
+    return losses
