@@ -5,7 +5,8 @@ from __future__ import annotations
 import argparse
 import importlib
 import logging
-import sys
+
+from data_prep.errors import run_main
 
 #: subcommand -> (module under data_prep.commands, one-line help)
 COMMANDS: dict[str, tuple[str, str]] = {
@@ -39,11 +40,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Exit codes (``data_prep.errors.run_main``): 0 done, 2 bad input (one line), 143 SIGTERM, 1 a bug."""
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    try:
-        return int(args._run(args) or 0)
-    except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
-        return 130
+    return run_main(lambda: args._run(args))

@@ -44,6 +44,7 @@ import numpy as np
 import zarr
 
 from data_prep import store as st
+from data_prep.errors import UserError
 from data_prep.granule import Granule, ProductError
 from data_prep.registry import WAVELENGTH_RANGE_NM, RegistryError, get_sensor
 from data_prep.stats import DEFAULT_BINS, PartialStats
@@ -66,9 +67,9 @@ def parse_shard(text: str | tuple[int, int] | None) -> tuple[int, int] | None:
             ks, ns = str(text).split("/")
             k, n = int(ks), int(ns)
         except ValueError:
-            raise ValueError(f"shard {text!r}: expected k/N with integers, e.g. 0/8") from None
+            raise UserError(f"shard {text!r}: expected k/N with integers, e.g. 0/8") from None
     if n < 1 or not 0 <= k < n:
-        raise ValueError(f"shard {k}/{n}: expected 0 <= k < N")
+        raise UserError(f"shard {k}/{n}: expected 0 <= k < N")
     return int(k), int(n)
 
 
@@ -257,9 +258,9 @@ def ingest_granules(granules: Sequence[Granule], out_root: str, *, patch_size: i
     """
     t_start = time.perf_counter()
     if not MIN_PATCH <= patch_size:
-        raise ValueError(f"patch_size {patch_size}: expected at least {MIN_PATCH}")
+        raise UserError(f"patch_size {patch_size}: expected at least {MIN_PATCH}")
     if not 0.0 <= max_invalid <= 1.0:
-        raise ValueError(f"max_invalid {max_invalid}: expected a fraction in [0, 1]")
+        raise UserError(f"max_invalid {max_invalid}: expected a fraction in [0, 1]")
     shard_t = parse_shard(shard)
     out_root = str(out_root).rstrip("/") or "/"
     granules = list(granules)

@@ -1,20 +1,23 @@
-"""Typed configs of fine-tuning tasks and benchmark suites (YAML files only override these defaults)."""
+"""Typed configs of fine-tuning tasks and benchmark suites (YAML files only override these defaults).
+
+Built by the one config mechanism, :mod:`data_prep.configtree` (the same as pretraining's): unknown keys
+list the valid ones, values are checked against the field types (``train.lr=1e-4`` is a float), overrides
+are dotted ``key=value`` paths with list indices (``tasks.0.train.steps=5``).
+"""
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import yaml
-
-from data_prep.errors import UserError
+from data_prep import configtree
+from data_prep.configtree import ConfigError
 
 MODES = ("linear_probe", "finetune")
 
-
-class ConfigError(UserError):
-    """A finetune/benchmark config is malformed; the message names the file and key."""
+__all__ = ["KINDS", "MODES", "ConfigError", "EvalConfig", "SuiteConfig", "TaskConfig", "TrainConfig",
+           "load_suite", "load_task"]
 
 
 @dataclass
@@ -38,8 +41,11 @@ class TrainConfig:
     def __post_init__(self) -> None:
         if self.mode not in MODES:
             raise ConfigError(f"train.mode is {self.mode!r}; expected one of {MODES}")
-        if self.steps < 0 or self.batch_size < 1 or self.lr <= 0:
-            raise ConfigError("train.steps must be >= 0, batch_size >= 1, lr > 0")
+        if self.steps < 0 or self.batch_size < 1 or self.lr <= 0 or self.encoder_lr <= 0:
+            raise ConfigError(f"train: need steps >= 0, batch_size >= 1, lr > 0 and encoder_lr > 0; got steps="
+                              f"{self.steps}, batch_size={self.batch_size}, lr={self.lr}, encoder_lr={self.encoder_lr}")
+        if self.weight_decay < 0:
+            raise ConfigError(f"train.weight_decay must be >= 0, got {self.weight_decay}")
 
 
 @dataclass
@@ -104,9 +110,9 @@ class TaskConfig:
         if not isinstance(self.data, dict) or "loader" not in self.data:
             raise ConfigError(f"task {self.name!r}: data must be a mapping with a 'loader' key")
         if isinstance(self.train, dict):
-            self.train = _build(TrainConfig, self.train, f"task {self.name}.train")
+            self.train = configtree.build(TrainConfig, self.train, f"task {self.name}.train")
         if isinstance(self.eval, dict):
-            self.eval = _build(EvalConfig, self.eval, f"task {self.name}.eval")
+            self.eval = configtree.build(EvalConfig, self.eval, f"task {self.name}.eval")
 
 
 @dataclass
@@ -121,76 +127,35 @@ class SuiteConfig:
     note: str = ""
 
     def __post_init__(self) -> None:
-        self.tasks = [t if isinstance(t, TaskConfig) else _build(TaskConfig, t, f"suite {self.name} task")
-                      for t in self.tasks]
+        self.tasks = [t if isinstance(t, TaskConfig) else configtree.build(TaskConfig, t, f"tasks.{i}")
+                      for i, t in enumerate(self.tasks)]
         names = [t.name for t in self.tasks]
         if len(set(names)) != len(names):
             raise ConfigError(f"suite {self.name!r}: task names repeat: {names}")
 
 
-def _build(cls, d: dict, where: str):
-    if not isinstance(d, dict):
-        raise ConfigError(f"{where}: expected a mapping, got {type(d).__name__}")
-    known = {f.name for f in fields(cls)}
-    unknown = sorted(set(d) - known)
-    if unknown:
-        raise ConfigError(f"{where}: unknown key(s) {unknown}; known: {sorted(known)}")
-    try:
-        return cls(**d)
-    except TypeError as e:
-        raise ConfigError(f"{where}: {e}") from e
-
-
-def _set(d: dict, dotted: str, value: Any) -> None:
-    keys = dotted.split(".")
-    for k in keys[:-1]:
-        d = d.setdefault(k, {})
-    d[keys[-1]] = value
-
-
-def apply_overrides(doc: dict, overrides: list[str]) -> dict:
-    """``key.sub=value`` strings (values parsed as YAML) into a nested dict."""
-    for o in overrides:
-        if "=" not in o:
-            raise ConfigError(f"override {o!r} is not key=value")
-        k, v = o.split("=", 1)
-        _set(doc, k, yaml.safe_load(v))
-    return doc
-
-
-def load_yaml(path: str | Path) -> dict:
-    p = Path(path)
-    if not p.is_file():
-        raise ConfigError(f"{p} does not exist")
-    try:
-        doc = yaml.safe_load(p.read_text())
-    except yaml.YAMLError as e:
-        raise ConfigError(f"{p}: not valid YAML: {e}") from e
-    if not isinstance(doc, dict):
-        raise ConfigError(f"{p}: expected a mapping at the top level")
-    return doc
-
-
 def load_task(path: str | Path, overrides: list[str] = ()) -> TaskConfig:
-    doc = apply_overrides(load_yaml(path), list(overrides))
-    try:
-        return _build(TaskConfig, doc, str(path))
-    except ConfigError as e:
-        raise ConfigError(f"{path}: {e}") from e
+    """A task YAML with ``key=value`` overrides (e.g. ``train.steps=50``)."""
+    return _named(path, lambda: configtree.load(TaskConfig, path, overrides))
 
 
 def load_suite(path: str | Path, overrides: list[str] = (), task_overrides: list[str] = ()) -> SuiteConfig:
     """A suite YAML with suite-level ``key=value`` overrides and ``task_overrides`` applied to every task."""
-    doc = apply_overrides(load_yaml(path), list(overrides))
-    if task_overrides:
-        for t in doc.get("tasks") or []:
+    def build() -> SuiteConfig:
+        tree = configtree.apply_overrides(configtree.read_yaml(path), overrides)
+        for t in tree.get("tasks") or []:
             if isinstance(t, dict):
-                apply_overrides(t, list(task_overrides))
+                configtree.apply_overrides(t, task_overrides)
+        return configtree.build(SuiteConfig, tree)
+
+    return _named(path, build)
+
+
+def _named(path: str | Path, build: Any) -> Any:
+    """Errors of a file's config name the file first (reading errors already do)."""
     try:
-        return _build(SuiteConfig, doc, str(path))
+        return build()
     except ConfigError as e:
+        if str(e).startswith(str(path)) or str(e).startswith(f"config file {path}"):
+            raise
         raise ConfigError(f"{path}: {e}") from e
-
-
-def to_dict(cfg) -> dict:
-    return asdict(cfg)

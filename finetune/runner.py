@@ -18,7 +18,7 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-from finetune.config import SuiteConfig, TaskConfig
+from finetune.config import ConfigError, SuiteConfig, TaskConfig
 from finetune.datasets import load_dataset
 from finetune.encoder_api import Encoder, load_encoder
 from finetune.figures import task_figure
@@ -36,7 +36,7 @@ def substitute(obj, variables: dict[str, str | None]):
         for k, v in variables.items():
             if "${" + k + "}" in obj:
                 if v is None:
-                    raise ValueError(f"the config refers to ${{{k}}} but it was not given "
+                    raise ConfigError(f"the config refers to ${{{k}}} but it was not given "
                                      f"({'--data or a simulate block' if k == 'corpus' else '--data-root'})")
                 obj = obj.replace("${" + k + "}", str(v))
         return obj

@@ -11,12 +11,11 @@ import logging
 import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+REPO = Path(__file__).resolve().parent.parent
+# this file's folder must not shadow the packages (launch/finetune.py would hide ``finetune``)
+sys.path[:] = [str(REPO), *(p for p in sys.path if Path(p or ".").resolve() not in (REPO, REPO / "launch"))]
 
-from finetune.config import ConfigError, load_suite  # noqa: E402
-from finetune.datasets import DatasetError  # noqa: E402
-from finetune.encoder_api import ExportError, load_encoder  # noqa: E402
-from finetune.runner import run_suite  # noqa: E402
+from data_prep.errors import run_main  # noqa: E402
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -32,23 +31,25 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                     help="override applied to every task, e.g. --each data.band_stride=8 --each eval.test_max=200")
     ap.add_argument("--no-progress", action="store_true")
     ap.add_argument("overrides", nargs="*", help="suite-level key=value overrides (e.g. simulate.size=32)")
-    return ap.parse_args(argv)
+    return ap.parse_intermixed_args(argv)
 
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s")
-    try:
-        suite = load_suite(args.suite, args.overrides, args.each)
-        if args.steps is not None:
-            for t in suite.tasks:
-                t.train.steps = args.steps
-        encoder = load_encoder(args.checkpoint)
-        report = run_suite(suite, encoder, args.out, checkpoint=args.checkpoint, data=args.data,
-                           data_root=args.data_root, progress=not args.no_progress)
-    except (ConfigError, DatasetError, ExportError, ValueError, FileNotFoundError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    return run_main(lambda: run(args))
+
+
+def run(args: argparse.Namespace) -> int:
+    from finetune.config import load_suite
+    from finetune.encoder_api import load_encoder
+    from finetune.runner import run_suite
+
+    steps = [f"train.steps={args.steps}"] if args.steps is not None else []
+    suite = load_suite(args.suite, args.overrides, [*args.each, *steps])
+    encoder = load_encoder(args.checkpoint)
+    report = run_suite(suite, encoder, args.out, checkpoint=args.checkpoint, data=args.data,
+                       data_root=args.data_root, progress=not args.no_progress)
     for name, t in report["tasks"].items():
         print(f"{name:28s} {t['headline']} = {t['metrics'][t['headline']]:.4f}")
     print(f"reports in {args.out}: report.md, report.json, report.csv, figures/")

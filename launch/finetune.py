@@ -11,12 +11,11 @@ import logging
 import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+REPO = Path(__file__).resolve().parent.parent
+# this file's folder must not shadow the packages (launch/finetune.py would hide ``finetune``)
+sys.path[:] = [str(REPO), *(p for p in sys.path if Path(p or ".").resolve() not in (REPO, REPO / "launch"))]
 
-from finetune.config import ConfigError, SuiteConfig, load_task  # noqa: E402
-from finetune.datasets import DatasetError  # noqa: E402
-from finetune.encoder_api import ExportError, load_encoder  # noqa: E402
-from finetune.runner import run_suite  # noqa: E402
+from data_prep.errors import run_main  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -29,19 +28,23 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--simulate-size", type=int, default=48,
                     help="when the config needs ${corpus} and --data is not given: simulate EMIT scenes of this size")
     ap.add_argument("overrides", nargs="*", help="task key=value overrides, e.g. train.steps=50 train.mode=linear_probe")
-    args = ap.parse_args(argv)
+    args = ap.parse_intermixed_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s")
-    try:
-        task = load_task(args.config, args.overrides)
-        simulate = None
-        if args.data is None and "${corpus}" in str(task.data):
-            simulate = {"sensors": ["emit"], "levels": ["L2"], "scenes": 2, "size": args.simulate_size, "seed": 0}
-        suite = SuiteConfig(name=task.name, tasks=[task], simulate=simulate)
-        report = run_suite(suite, load_encoder(args.checkpoint), args.out, checkpoint=args.checkpoint,
-                           data=args.data, data_root=args.data_root)
-    except (ConfigError, DatasetError, ExportError, ValueError, FileNotFoundError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    return run_main(lambda: run(args))
+
+
+def run(args: argparse.Namespace) -> int:
+    from finetune.config import SuiteConfig, load_task
+    from finetune.encoder_api import load_encoder
+    from finetune.runner import run_suite
+
+    task = load_task(args.config, args.overrides)
+    simulate = None
+    if args.data is None and "${corpus}" in str(task.data):
+        simulate = {"sensors": ["emit"], "levels": ["L2"], "scenes": 2, "size": args.simulate_size, "seed": 0}
+    suite = SuiteConfig(name=task.name, tasks=[task], simulate=simulate)
+    report = run_suite(suite, load_encoder(args.checkpoint), args.out, checkpoint=args.checkpoint,
+                       data=args.data, data_root=args.data_root)
     t = report["tasks"][task.name]
     print(" ".join(f"{k}={v:.4f}" for k, v in t["metrics"].items()))
     return 0

@@ -8,22 +8,23 @@ Exit codes: 0 done (or max_steps reached), 2 bad config or input, 143 stopped by
 
 from __future__ import annotations
 
-import argparse
-import logging
-import os
-import subprocess
 import sys
-import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
-if str(REPO) not in sys.path:
-    sys.path.insert(0, str(REPO))
+# this file's folder must not shadow the ``pretrain`` package (it does when sys.path[0] is launch/)
+sys.path[:] = [str(REPO), *(p for p in sys.path if Path(p or ".").resolve() not in (REPO, REPO / "launch"))]
 
-from pretrain.checkpoint import CheckpointError  # noqa: E402
-from pretrain.config import ConfigError, dump_config, load_config  # noqa: E402
+import argparse  # noqa: E402
+import logging  # noqa: E402
+import os  # noqa: E402
+import subprocess  # noqa: E402
+
+from data_prep.errors import run_main  # noqa: E402
 
 log = logging.getLogger("specfm.pretrain")
+
+LINGER_S = 3.0  # under torchrun the first rank to exit stops the others: let each print its own error
 
 
 def git_sha() -> str:
@@ -36,65 +37,57 @@ def git_sha() -> str:
         return "unknown"
 
 
-def fail(rank: int | str, err: Exception) -> int:
-    """Report bad input on this rank and return exit code 2.
-
-    Under torchrun the first rank to exit makes the agent stop the others, so a rank waits a moment
-    before exiting: every rank runs the same checks and gets to print its own error.
-    """
-    print(f"error (rank {rank}): {err}", file=sys.stderr, flush=True)
-    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
-        time.sleep(3.0)
-    return 2
-
-
-def main(argv: list[str] | None = None) -> int:
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--config", required=True, help="YAML file under configs/pretrain/")
     ap.add_argument("overrides", nargs="*", help="key=value overrides with dotted paths, e.g. stages.0.steps=10")
-    args = ap.parse_args(argv)
+    return ap.parse_intermixed_args(argv)
 
-    rank_env = os.environ.get("RANK", "0")
-    try:
-        cfg = load_config(args.config, args.overrides)
-    except ConfigError as e:
-        return fail(rank_env, e)
 
-    from pretrain.data import DataError, LoaderWorkerError
-    from pretrain.trainer import Trainer, preflight, prepare_data
+def train(args: argparse.Namespace) -> int:
+    """One rank: load and check the config, join the process group, make missing demo data, train."""
+    from pretrain.config import dump_config, load_config
+    from pretrain.plan import make_plan, preflight
 
+    cfg = load_config(args.config, args.overrides)  # a bad key, value or model override fails here
+    plan = make_plan(cfg, int(os.environ.get("WORLD_SIZE", "1")))
     if not cfg.prepare.enabled:  # fail on bad input before DeepSpeed is even imported
-        try:
-            preflight(cfg, int(os.environ.get("WORLD_SIZE", "1")))
-        except (ConfigError, DataError) as e:
-            return fail(rank_env, e)
+        preflight(plan)
 
     import torch.distributed as dist
 
     from pretrain import engine
     from pretrain.logging_utils import setup_console
+    from pretrain.prepare import prepare_data
+    from pretrain.trainer import Trainer
 
     rank, world, _ = engine.init_distributed()
     setup_console(rank)
     try:
-        prepare_data(cfg, rank)
-        preflight(cfg, world)
-        run_dir = Path(cfg.run_dir)
+        if world != plan.world_size:
+            plan = make_plan(cfg, world)
+        prepare_data(plan, rank)
+        preflight(plan)
+        lay = plan.layout
         if rank == 0:
-            run_dir.mkdir(parents=True, exist_ok=True)
-            (run_dir / "config.yaml").write_text(dump_config(cfg))
-            (run_dir / "git_sha.txt").write_text(git_sha() + "\n")
+            lay.write_provenance(dump_config(cfg), git_sha())
         dist.barrier()
-        code = Trainer(cfg, rank, world).run()
-        if rank == 0 and code == 0 and (run_dir / "export" / cfg.stages[-1].name / "stage_done.json").exists():
-            print(f"run: {run_dir.resolve()}\nfigures: {(run_dir / 'figures').resolve()}\n"
-                  f"export: {(run_dir / 'export' / cfg.stages[-1].name).resolve()}", flush=True)
+        code = Trainer(plan, rank).run()
+        last = plan.stages[-1].name
+        if rank == 0 and code == 0 and lay.stage_done(last) is not None:
+            print(f"run: {lay.root.resolve()}\nfigures: {lay.figures_root.resolve()}\n"
+                  f"export: {lay.export(last).resolve()}", flush=True)
         return code
-    except (ConfigError, CheckpointError, DataError, LoaderWorkerError) as e:
-        return fail(rank, e)
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    rank = os.environ.get("RANK", "0")
+    linger = LINGER_S if int(os.environ.get("WORLD_SIZE", "1")) > 1 else 0.0
+    return run_main(lambda: train(args), prefix=f"error (rank {rank})", linger=linger)
 
 
 if __name__ == "__main__":

@@ -9,6 +9,11 @@ Layout of one stage's checkpoints (``<checkpoint dir>/<stage>/``)::
 
 A kill during a save leaves the tag without ``complete``; :func:`latest_complete` then picks the
 previous one. The newest ``keep`` complete tags are kept.
+
+:class:`CheckpointManager` is what the trainer uses: it is handed the objects to save, each reporting
+its own state through ``state_dict()`` / ``load_state_dict()`` (torchtitan's shape): one object whose
+state is the same on every rank (the stage counters; DeepSpeed's ``client_state`` and the marker's copy)
+and named per-rank objects (the loader, the RNG; one ``rank_N.json`` with those names as keys).
 """
 
 from __future__ import annotations
@@ -18,7 +23,7 @@ import os
 import random
 import shutil
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import numpy as np
 import torch
@@ -64,6 +69,14 @@ def _write_json_atomic(path: Path, obj: Any) -> None:
     os.replace(tmp, path)
 
 
+class Stateful(Protocol):
+    """An object that reports and restores its own state as JSON-safe values."""
+
+    def state_dict(self) -> dict[str, Any]: ...
+
+    def load_state_dict(self, state: dict[str, Any]) -> None: ...
+
+
 def rng_state() -> dict[str, Any]:
     """torch, numpy and python RNG states as JSON-safe values."""
     np_state = np.random.get_state()
@@ -83,6 +96,16 @@ def set_rng_state(st: dict[str, Any]) -> None:
     random.setstate((p[0], tuple(p[1]), p[2]))
     if "cuda" in st and torch.cuda.is_available():
         torch.cuda.set_rng_state(torch.tensor(st["cuda"], dtype=torch.uint8))
+
+
+class RNGState:
+    """The process's torch, numpy and python RNGs as a :class:`Stateful` (per rank)."""
+
+    def state_dict(self) -> dict[str, Any]:
+        return rng_state()
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        set_rng_state(state)
 
 
 def param_shapes(module: torch.nn.Module) -> dict[str, list[int]]:
@@ -170,3 +193,39 @@ def load(engine: Any, tag_dir: Path) -> tuple[dict[str, Any], dict[str, Any]]:
     if load_path is None:
         raise CheckpointError(f"DeepSpeed could not load checkpoint {tag_dir}")
     return client_state or {}, json.loads(rank_file.read_text())
+
+
+class CheckpointManager:
+    """Saves and restores one stage's stateful parts in that stage's checkpoint directory.
+
+    ``client``: the state every rank shares (saved as DeepSpeed's ``client_state`` and in the marker).
+    ``per_rank``: name -> object, saved as ``rank_N.json`` ``{name: state}``. ``shapes``: the model's full
+    parameter shapes, written into the marker and compared on resume (:func:`check_compatible`).
+    """
+
+    def __init__(self, stage_dir: str | Path, keep: int, shapes: dict[str, list[int]], client: Stateful,
+                 per_rank: dict[str, Stateful]):
+        self.stage_dir, self.keep, self.shapes = Path(stage_dir), keep, shapes
+        self.client, self.per_rank = client, per_rank
+
+    def latest(self) -> Path | None:
+        """The newest complete checkpoint of the stage, or None."""
+        return latest_complete(self.stage_dir)
+
+    def check(self, tag_dir: Path) -> dict[str, Any]:
+        """Fail clearly (before DeepSpeed loads anything) when ``tag_dir`` is not for this model / world size."""
+        return check_compatible(tag_dir, self.shapes)
+
+    def save(self, engine: Any, step: int) -> Path:
+        """Save every part at ``step`` (collective; see :func:`save`)."""
+        return save(engine, self.stage_dir, step, self.client.state_dict(),
+                    {name: obj.state_dict() for name, obj in self.per_rank.items()}, self.keep, self.shapes)
+
+    def load(self, engine: Any, tag_dir: Path) -> None:
+        """Load ``tag_dir`` into the engine (collective) and every part, in the order they were given."""
+        client, mine = load(engine, tag_dir)
+        self.client.load_state_dict(client)
+        for name, obj in self.per_rank.items():
+            if name not in mine:
+                raise CheckpointError(f"checkpoint {tag_dir} has no {name!r} state for rank {_rank()}")
+            obj.load_state_dict(mine[name])

@@ -1,31 +1,35 @@
 """Typed configuration of a pretraining run: nested dataclasses, YAML files and ``key=value`` overrides.
 
-A YAML file only overrides the defaults below. ``key=value`` overrides use dotted paths into the same
-tree, list items by index (``optim.lr=1e-4``, ``stages.0.steps=10``, ``data.sources.1.subset=100``);
-values are parsed as YAML scalars. An unknown key is a :class:`ConfigError` naming the valid ones.
+Built by the one config mechanism, :mod:`data_prep.configtree`: a YAML file only overrides the defaults
+below; ``key=value`` overrides use dotted paths into the same tree, list items by index
+(``optim.lr=1e-4``, ``stages.0.steps=10``, ``data.sources.1.subset=100``); values are read as YAML and
+checked against the field types (``1e-4`` is a float); an unknown key is a :class:`ConfigError` naming the
+valid ones. The model's name and overrides are checked against the builder's arguments when the config is
+loaded (before any process group exists), so a typo fails in the same second on every rank.
 
 The data section is :class:`pretrain.data.DataConfig` itself; its ``batch_size`` is the per-rank
 micro-batch and is set from ``parallel.micro_batch``. A stage may replace ``data.sources`` with its
-own mixture (``stages.N.sources``).
+own mixture (``stages.N.sources``). Values derived from the config and the world size (accumulation,
+per-stage schedules and data, the DeepSpeed config, the run layout) are resolved once by
+:func:`pretrain.plan.make_plan`.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import types
-import typing
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import yaml
+from data_prep import configtree
+from data_prep.configtree import ConfigError
+from pretrain.data import DataConfig, SourceConfig
 
-from data_prep.errors import UserError
-from pretrain.data import DataConfig, DataError, SourceConfig
+__all__ = ["CheckpointConfig", "ConfigError", "DataConfig", "LoggingConfig", "ModelConfig", "OptimConfig",
+           "ParallelConfig", "PrepareConfig", "SourceConfig", "StageConfig", "TrainConfig", "dump_config",
+           "load_config"]
 
-
-class ConfigError(UserError):
-    """A configuration value or key is invalid; the message names the key, the value and what was expected."""
+DEFAULT_BUILDER = "pretrain.models:build_model"
 
 
 @dataclass
@@ -36,14 +40,17 @@ class ModelConfig:
     objective: "mae" or "jepa".
     overrides: extra keyword arguments for the builder (e.g. {mask_ratio: 0.75}).
     builder: "module:function" that builds the model, called as ``fn(name, objective=..., **overrides)``.
+        When the builder has an attribute ``check_args`` (the default builder does), it is called as
+        ``check_args(name, objective=..., **overrides)`` when the config is loaded and raises on a bad
+        name or override.
     exporter: "module:function" that writes the encoder export, called as ``fn(model, out_dir)``.
     activation_checkpointing: recompute each encoder block in the backward pass (saves activation memory).
     """
 
     name: str = "debug"
     objective: str = "mae"
-    overrides: dict = field(default_factory=dict)
-    builder: str = "pretrain.models:build_model"
+    overrides: dict[str, Any] = field(default_factory=dict)
+    builder: str = DEFAULT_BUILDER
     exporter: str = "pretrain.models.export:save_encoder"
     activation_checkpointing: bool = False
 
@@ -51,8 +58,14 @@ class ModelConfig:
         if self.objective not in ("mae", "jepa"):
             raise ConfigError(f"model.objective must be 'mae' or 'jepa', got {self.objective!r}")
         for k in ("builder", "exporter"):
-            if ":" not in getattr(self, k):
-                raise ConfigError(f"model.{k} must be 'module:function', got {getattr(self, k)!r}")
+            spec = getattr(self, k)
+            if ":" not in spec:
+                raise ConfigError(f"model.{k} must be 'module:function', got {spec!r}")
+        build = configtree.import_object(self.builder)
+        configtree.import_object(self.exporter)
+        check = getattr(build, "check_args", None)
+        if check is not None:
+            check(self.name, objective=self.objective, **self.overrides)
 
 
 @dataclass
@@ -69,7 +82,7 @@ class OptimConfig:
     min_lr: float = 1e-5
     warmup_steps: int = 100
     weight_decay: float = 0.05
-    betas: list = field(default_factory=lambda: [0.9, 0.95])
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.95])
     eps: float = 1e-8
     grad_clip: float = 1.0
 
@@ -163,6 +176,8 @@ class LoggingConfig:
     records. jsonl: write ``<run_dir>/metrics.jsonl``. viz_every: steps between reconstruction figures
     (0 = only at the end of each stage; -1 = never). peak_tflops: peak FLOP/s per rank (in TFLOP/s) that
     model FLOP utilisation is measured against. progress: tqdm bar on rank 0.
+    instruments: "module:function" callables that contribute metrics to every log record, called on
+    every rank as ``fn(model, batch, out) -> {name: float}`` (see :mod:`pretrain.trainer`).
     """
 
     wandb: str = "offline"
@@ -172,8 +187,11 @@ class LoggingConfig:
     viz_every: int = 500
     peak_tflops: float = 989.0
     progress: bool = True
+    instruments: list[str] = field(default_factory=list)
 
     def __post_init__(self) -> None:
+        for spec in self.instruments:
+            configtree.import_object(spec)
         if self.wandb not in ("online", "offline", "disabled"):
             raise ConfigError(f"logging.wandb must be 'online', 'offline' or 'disabled', got {self.wandb!r}")
         if self.every < 1:
@@ -194,8 +212,8 @@ class PrepareConfig:
     enabled: bool = False
     raw_dir: str = "data/demo/raw"
     store_root: str = "data/demo/stores"
-    sensors: list | None = None
-    levels: list = field(default_factory=lambda: ["L1", "L2"])
+    sensors: list[str] | None = None
+    levels: list[str] = field(default_factory=lambda: ["L1", "L2"])
     scenes: int = 1
     size: int = 64
     seed: int = 0
@@ -214,7 +232,7 @@ class StageConfig:
     """
 
     name: str
-    sources: list | None = None
+    sources: list[SourceConfig] | None = None
     steps: int | None = None
     epochs: int | None = None
     warmup_steps: int | None = None
@@ -232,11 +250,8 @@ class StageConfig:
             v = getattr(self, k)
             if v is not None and v < 1:
                 raise ConfigError(f"stage {self.name!r}: {k} must be >= 1, got {v}")
-        if self.sources is not None:
-            try:
-                self.sources = [s if isinstance(s, SourceConfig) else SourceConfig(**s) for s in self.sources]
-            except (TypeError, DataError) as e:
-                raise ConfigError(f"stage {self.name!r}: sources: {e}") from None
+        if self.sources is not None and not self.sources:
+            raise ConfigError(f"stage {self.name!r}: sources must be a non-empty list or null (= data.sources)")
 
 
 @dataclass
@@ -276,186 +291,15 @@ class TrainConfig:
         return dataclasses.replace(self.data, sources=list(stage.sources or self.data.sources),
                                    epochs=stage.epochs, batch_size=self.parallel.micro_batch)
 
-    @property
-    def checkpoint_dir(self) -> Path:
-        return Path(self.checkpoint.dir) if self.checkpoint.dir else Path(self.run_dir) / "checkpoints"
-
     def to_dict(self) -> dict[str, Any]:
-        return _plain(dataclasses.asdict(self))
-
-
-def _plain(obj: Any) -> Any:
-    if isinstance(obj, dict):
-        return {k: _plain(v) for k, v in obj.items()}
-    if isinstance(obj, list | tuple):
-        return [_plain(v) for v in obj]
-    return obj
-
-
-# ----------------------------------------------------------------------------- building from dicts
-
-def _check_scalar(path: str, value: Any, tp: Any) -> Any:
-    """Coerce/check a leaf value against a field type (int, float, str, bool, list, dict, Optional)."""
-    origin = typing.get_origin(tp)
-    if origin in (typing.Union, types.UnionType):
-        args = typing.get_args(tp)
-        if value is None and type(None) in args:
-            return None
-        errors = []
-        for a in args:
-            if a is type(None):
-                continue
-            try:
-                return _check_scalar(path, value, a)
-            except ConfigError as e:
-                errors.append(str(e))
-        raise ConfigError(errors[0] if errors else f"{path}: invalid value {value!r}")
-    base = origin or tp
-    if base is bool:
-        if isinstance(value, bool):
-            return value
-    elif base is int:
-        if isinstance(value, int) and not isinstance(value, bool):
-            return value
-    elif base is float:
-        if isinstance(value, int | float) and not isinstance(value, bool):
-            return float(value)
-    elif base is str:
-        if isinstance(value, str):
-            return value
-    elif base is list:
-        if isinstance(value, list | tuple):
-            return list(value)
-    elif base is dict:
-        if isinstance(value, dict):
-            return value
-    else:
-        return value
-    raise ConfigError(f"{path}: expected {getattr(base, '__name__', base)}, got {value!r} ({type(value).__name__})")
-
-
-def _build(cls: type, d: Any, path: str) -> Any:
-    if not isinstance(d, dict):
-        raise ConfigError(f"{path or 'config'}: expected a mapping, got {d!r}")
-    hints = typing.get_type_hints(cls)
-    valid = [f.name for f in fields(cls)]
-    unknown = sorted(set(d) - set(valid))
-    if unknown:
-        where = f"in {path!r}" if path else "at the top level"
-        raise ConfigError(f"unknown config key(s) {unknown} {where}; valid keys: {valid}")
-    kwargs = {}
-    for name in valid:
-        if name not in d:
-            continue
-        sub = f"{path}.{name}" if path else name
-        tp, v = hints[name], d[name]
-        if tp is DataConfig:
-            kwargs[name] = _build_data(v, sub)
-        elif dataclasses.is_dataclass(tp):
-            kwargs[name] = _build(tp, v, sub)
-        elif typing.get_origin(tp) is list and typing.get_args(tp) and dataclasses.is_dataclass(
-                typing.get_args(tp)[0]):
-            if not isinstance(v, list):
-                raise ConfigError(f"{sub}: expected a list, got {v!r}")
-            kwargs[name] = [_build(typing.get_args(tp)[0], x, f"{sub}.{i}") for i, x in enumerate(v)]
-        else:
-            kwargs[name] = _check_scalar(sub, v, tp)
-    try:
-        return cls(**kwargs)
-    except TypeError as e:  # a required field is missing
-        raise ConfigError(f"{path or 'config'}: {e}") from None
-
-
-def _build_data(d: Any, path: str) -> DataConfig:
-    if not isinstance(d, dict):
-        raise ConfigError(f"{path}: expected a mapping, got {d!r}")
-    valid = [f.name for f in fields(DataConfig)]
-    unknown = sorted(set(d) - set(valid))
-    if unknown:
-        raise ConfigError(f"unknown config key(s) {unknown} in {path!r}; valid keys: {valid}")
-    try:
-        return DataConfig.from_dict(d)
-    except (DataError, TypeError) as e:
-        raise ConfigError(f"{path}: {e}") from None
-
-
-def _set_path(tree: dict, dotted: str, value: Any) -> None:
-    parts = dotted.split(".")
-    node: Any = tree
-    for i, p in enumerate(parts):
-        last = i == len(parts) - 1
-        if isinstance(node, list):
-            if not p.isdigit() or int(p) >= len(node):
-                raise ConfigError(f"override {dotted!r}: {'.'.join(parts[:i]) or 'list'} has {len(node)} "
-                                  f"entries, {p!r} is not an index of it")
-            if last:
-                node[int(p)] = value
-            else:
-                node = node[int(p)]
-        elif isinstance(node, dict):
-            if last:
-                node[p] = value
-            else:
-                if node.get(p) is None:
-                    node[p] = {}
-                node = node[p]
-        else:
-            raise ConfigError(f"override {dotted!r}: {'.'.join(parts[:i])} is a value, not a section")
-
-
-def parse_override(arg: str) -> tuple[str, Any]:
-    """``"optim.lr=1e-4"`` -> ("optim.lr", 0.0001); the value is read as a YAML scalar."""
-    if "=" not in arg:
-        raise ConfigError(f"override {arg!r} must look like key=value (e.g. optim.lr=1e-4)")
-    key, raw = arg.split("=", 1)
-    if not key:
-        raise ConfigError(f"override {arg!r} has an empty key")
-    try:
-        value = yaml.safe_load(raw) if raw != "" else ""
-    except yaml.YAMLError:
-        value = raw
-    value = _fix_floats(value)
-    return key, value
+        return configtree.to_plain(self)
 
 
 def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> TrainConfig:
     """Read a YAML file (or nothing), apply ``key=value`` overrides, and build the typed config."""
-    tree: dict = {}
-    if path is not None:
-        p = Path(path)
-        if not p.is_file():
-            raise ConfigError(f"config file {p} does not exist")
-        try:
-            tree = yaml.safe_load(p.read_text()) or {}
-        except yaml.YAMLError as e:
-            raise ConfigError(f"{p}: not valid YAML: {e}") from None
-        if not isinstance(tree, dict):
-            raise ConfigError(f"{p}: the top level must be a mapping, got {type(tree).__name__}")
-    tree = _fix_floats(tree)
-    for arg in overrides:
-        key, value = parse_override(arg)
-        _set_path(tree, key, value)
-    try:
-        return _build(TrainConfig, tree, "")
-    except DataError as e:
-        raise ConfigError(str(e)) from None
-
-
-def _fix_floats(obj: Any) -> Any:
-    """PyYAML reads ``1e-4`` (no dot) as a string; turn such strings into floats."""
-    if isinstance(obj, dict):
-        return {k: _fix_floats(v) for k, v in obj.items()}
-    if isinstance(obj, list):
-        return [_fix_floats(v) for v in obj]
-    if isinstance(obj, str):
-        try:
-            if any(c in obj.lower() for c in "e.") and obj.lower() not in ("inf", "nan") and obj[0] in "0123456789-+.":
-                return float(obj)
-        except (ValueError, IndexError):
-            return obj
-    return obj
+    return configtree.load(TrainConfig, path, overrides)
 
 
 def dump_config(cfg: TrainConfig) -> str:
     """The resolved config as YAML (loads back with :func:`load_config`)."""
-    return yaml.safe_dump(cfg.to_dict(), sort_keys=False)
+    return configtree.dump(cfg)

@@ -1,39 +1,32 @@
 """Everything distributed: process group, DeepSpeed config from the typed config, the engine, export.
 
-Model files import nothing from here; the trainer calls these functions.
+Model files import nothing from here; the trainer calls these functions with the run's
+:class:`~pretrain.plan.Plan` (the DeepSpeed config is generated once, by :func:`deepspeed_config`, into
+``plan.deepspeed``).
 """
 
 from __future__ import annotations
 
-import importlib
 import inspect
 import os
 import socket
-from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.distributed as dist
 from torch import nn
 
+from data_prep.configtree import import_object
 from pretrain.config import ConfigError, TrainConfig
+
+if TYPE_CHECKING:
+    from pretrain.plan import Plan
+
+__all__ = ["import_object"]  # re-exported: ``"module:function"`` specs resolve through data_prep.configtree
 
 NO_DECAY_MODULES = (nn.LayerNorm, nn.GroupNorm, nn.BatchNorm1d, nn.BatchNorm2d, nn.Embedding, nn.RMSNorm)
 NO_DECAY_NAMES = ("pos_embed", "cls_token", "mask_token", "register_tokens")
-
-
-def import_object(spec: str) -> Callable:
-    """``"package.module:function"`` -> the function (clear error when it does not exist)."""
-    mod_name, _, attr = spec.partition(":")
-    try:
-        mod = importlib.import_module(mod_name)
-    except ImportError as e:
-        raise ConfigError(f"cannot import module {mod_name!r} (from {spec!r}): {e}") from None
-    try:
-        return getattr(mod, attr)
-    except AttributeError:
-        raise ConfigError(f"module {mod_name!r} has no {attr!r} (from {spec!r})") from None
 
 
 def _free_port() -> int:
@@ -158,7 +151,7 @@ def check_zero_support(cfg: TrainConfig) -> None:
                           "encoder is updated outside DeepSpeed's gather hooks); use zero_stage 0, 1 or 2")
 
 
-def construct_model(cfg: TrainConfig, world_size: int) -> nn.Module:
+def construct_model(plan: Plan) -> nn.Module:
     """Build ``cfg.model`` with its builder; under ZeRO-3, inside ``deepspeed.zero.Init`` when the builder
     says its models support it.
 
@@ -171,6 +164,7 @@ def construct_model(cfg: TrainConfig, world_size: int) -> nn.Module:
     ``zero_init_safe = True``; without it the model is built whole and ``deepspeed.initialize``
     partitions it (a transient full copy per rank at build time).
     """
+    cfg = plan.cfg
     check_zero_support(cfg)
     build_model = import_object(cfg.model.builder)
     m = cfg.model
@@ -181,7 +175,7 @@ def construct_model(cfg: TrainConfig, world_size: int) -> nn.Module:
     if cfg.parallel.zero_stage == 3 and getattr(build_model, "zero_init_safe", False):
         import deepspeed
 
-        with deepspeed.zero.Init(config_dict_or_path=deepspeed_config(cfg, world_size)):
+        with deepspeed.zero.Init(config_dict_or_path=plan.deepspeed):
             return build()
     return build()
 
@@ -237,10 +231,11 @@ def disable_activation_checkpointing(model: nn.Module) -> None:
                     blocks[i] = b.block
 
 
-def build_engine(model: nn.Module, cfg: TrainConfig, world_size: int) -> Any:
+def build_engine(model: nn.Module, plan: Plan) -> Any:
     """``deepspeed.initialize`` with a torch AdamW (no fused-op compile) over :func:`param_groups`."""
     import deepspeed
 
+    cfg = plan.cfg
     if cfg.model.activation_checkpointing:
         if hasattr(model, "set_grad_checkpointing"):
             model.set_grad_checkpointing(True)
@@ -248,7 +243,7 @@ def build_engine(model: nn.Module, cfg: TrainConfig, world_size: int) -> Any:
             enable_activation_checkpointing(model)
     opt = torch.optim.AdamW(param_groups(model, cfg.optim.weight_decay), lr=cfg.optim.lr,
                             betas=tuple(cfg.optim.betas), eps=cfg.optim.eps)
-    engine, _, _, _ = deepspeed.initialize(model=model, optimizer=opt, config=deepspeed_config(cfg, world_size))
+    engine, _, _, _ = deepspeed.initialize(model=model, optimizer=opt, config=plan.deepspeed)
     return engine
 
 
@@ -257,10 +252,11 @@ def set_lr(engine: Any, lr: float) -> None:
         g["lr"] = lr
 
 
-def export_encoder(engine: Any, cfg: TrainConfig, out_dir: Path, rank: int, extra: dict | None = None) -> None:
+def export_encoder(engine: Any, plan: Plan, out_dir: Path, rank: int, extra: dict | None = None) -> None:
     """Write the consolidated encoder export (collective under ZeRO-3: parameters are gathered first)."""
     import deepspeed
 
+    cfg = plan.cfg
     exporter = import_object(cfg.model.exporter)
     model = engine.module
     wrapped = cfg.model.activation_checkpointing and not hasattr(model, "set_grad_checkpointing")
@@ -287,13 +283,13 @@ def load_export_into(model: nn.Module, export_dir: Path) -> None:
     the same file and loads it (buffers are not partitioned, so each rank needs them), rank 0's parameters
     are then partitioned out to all. Collective in that case: call it on every rank.
     """
-    from safetensors.torch import load_file
+    from pretrain.models.export import read_weights
 
     f = Path(export_dir) / "encoder.safetensors"
     if not f.is_file():
         raise ConfigError(f"export {export_dir} has no encoder.safetensors: the stage it comes from has not "
                           f"finished (or init_from points at the wrong directory)")
-    sd = load_file(str(f))
+    sd = read_weights(f)
     enc = model.encoder
     own = {n: tuple(getattr(p, "ds_shape", p.shape)) for n, p in enc.named_parameters()}
     keys = set(enc.state_dict())

@@ -14,6 +14,7 @@ from typing import Any
 import torch
 
 from pretrain.config import LoggingConfig
+from pretrain.layout import RunLayout
 
 log = logging.getLogger("specfm.pretrain")
 
@@ -51,16 +52,27 @@ def throughput(*, samples: int, seconds: float, tokens_per_sample: int, flops_pe
     return out
 
 
+def write_summary(layout: RunLayout, rss_mb: list[float], train_rss_mb: list[float], samples_per_s: float | None,
+                  figures: list[Path]) -> None:
+    """``summary.json`` of this launch: per-rank peak memory (whole launch, and training before any save or
+    export), median samples/s, the figures written."""
+    layout.summary_file.write_text(json.dumps({
+        "peak_rss_mb_per_rank": [round(r, 1) for r in rss_mb],
+        "train_peak_rss_mb_per_rank": [round(r, 1) for r in train_rss_mb],
+        "samples_per_s": samples_per_s,
+        "figures": [str(f) for f in figures]}))
+
+
 class RunLogger:
-    """Writes records to the console (rank 0), ``<run_dir>/metrics.jsonl`` (rank 0) and wandb (rank 0).
+    """Writes records to the console (rank 0), ``metrics.jsonl`` (rank 0) and wandb (rank 0).
 
     The JSONL file is appended to, so a resumed run continues the same file; each record holds ``stage``,
     ``step`` (within the stage) and ``global_step``.
     """
 
-    def __init__(self, cfg: LoggingConfig, run_dir: Path, rank: int, config_dict: dict[str, Any]):
-        self.cfg, self.run_dir, self.rank = cfg, Path(run_dir), rank
-        self.jsonl = self.run_dir / "metrics.jsonl" if cfg.jsonl and rank == 0 else None
+    def __init__(self, cfg: LoggingConfig, layout: RunLayout, rank: int, config_dict: dict[str, Any]):
+        self.cfg, self.layout, self.rank = cfg, layout, rank
+        self.jsonl = layout.metrics_file if cfg.jsonl and rank == 0 else None
         self.wandb = None
         if rank == 0 and cfg.wandb != "disabled":
             self._init_wandb(config_dict)
@@ -69,11 +81,11 @@ class RunLogger:
         os.environ.setdefault("WANDB_SILENT", "true")
         import wandb
 
-        id_file = self.run_dir / "wandb_id.txt"
+        id_file = self.layout.wandb_id_file
         run_id = id_file.read_text().strip() if id_file.exists() else uuid.uuid4().hex[:12]
         id_file.write_text(run_id)
-        self.wandb = wandb.init(project=self.cfg.project, dir=str(self.run_dir), mode=self.cfg.wandb,
-                                id=run_id, resume="allow", config=config_dict, name=self.run_dir.name)
+        self.wandb = wandb.init(project=self.cfg.project, dir=str(self.layout.root), mode=self.cfg.wandb,
+                                id=run_id, resume="allow", config=config_dict, name=self.layout.root.name)
 
     def log(self, record: dict[str, Any], console: bool = False) -> None:
         if self.rank != 0:

@@ -4,9 +4,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
-
-from data_prep.store import StoreError
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -24,11 +21,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     from data_prep.wds import export_wds
 
-    try:
-        res = export_wds(args.store, args.out, maxcount=args.maxcount, maxsize=args.maxsize,
-                         progress=not args.no_progress)
-    except (StoreError, OSError, ValueError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    res = export_wds(args.store, args.out, maxcount=args.maxcount, maxsize=args.maxsize,
+                     progress=not args.no_progress)
     print(json.dumps(res))
     return 0

@@ -6,9 +6,6 @@ import argparse
 import json
 import sys
 
-from data_prep.granule import ProductError
-from data_prep.store import StoreError
-
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.description = (
@@ -35,13 +32,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     from data_prep.ingest import ingest
 
-    try:
-        summary = ingest(args.inputs, args.out, patch_size=args.patch_size, max_invalid=args.max_invalid,
-                         workers=args.workers, shard=args.shard, progress=not args.no_progress,
-                         keep_going=args.keep_going)
-    except (ProductError, StoreError, ValueError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    summary = ingest(args.inputs, args.out, patch_size=args.patch_size, max_invalid=args.max_invalid,
+                     workers=args.workers, shard=args.shard, progress=not args.no_progress,
+                     keep_going=args.keep_going)
     if args.json:
         print(json.dumps(summary))
     else:

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 
 import numpy as np
 
@@ -89,11 +88,7 @@ def summarise(target: str) -> dict:
 
 
 def run(args: argparse.Namespace) -> int:
-    try:
-        out = summarise(args.target)
-    except (StoreError, OSError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    out = summarise(args.target)
     if args.json:
         print(json.dumps(out))
         return 0

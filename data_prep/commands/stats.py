@@ -4,11 +4,8 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 
 import numpy as np
-
-from data_prep.store import StoreError
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -29,15 +26,11 @@ def run(args: argparse.Namespace) -> int:
     from data_prep.stats import recompute, store_partials
     from data_prep.store import PatchStore, _open_group
 
-    try:
-        store = PatchStore(args.store)
-        if args.from_accumulator:
-            acc = store_partials(args.store)
-        else:
-            acc = recompute(store, progress=not args.no_progress)
-    except (StoreError, ValueError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    store = PatchStore(args.store)
+    if args.from_accumulator:
+        acc = store_partials(args.store)
+    else:
+        acc = recompute(store, progress=not args.no_progress)
     new = acc.band_stats()
     old = store.attrs.get("stats")
     diff = None

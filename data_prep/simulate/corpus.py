@@ -16,6 +16,7 @@ from pathlib import Path
 
 import numpy as np
 
+from data_prep.errors import UserError
 from data_prep.registry import get_sensor
 from data_prep.simulate.atmosphere import Atmosphere
 from data_prep.simulate.library import load_library, select_materials
@@ -190,13 +191,13 @@ def _check_args(sensors, levels, scenes, size, lines, ratio) -> None:
         for lev in levels:
             sen.level(lev)  # RegistryError naming the missing level
     if scenes < 1:
-        raise ValueError(f"scenes must be >= 1, got {scenes}")
+        raise UserError(f"scenes must be >= 1, got {scenes}")
     if size < 8:
-        raise ValueError(f"size must be >= 8 pixels, got {size}")
+        raise UserError(f"size must be >= 8 pixels, got {size}")
     if lines is not None and lines < 8:
-        raise ValueError(f"lines must be >= 8, got {lines}")
+        raise UserError(f"lines must be >= 8, got {lines}")
     if ratio < 2:
-        raise ValueError(f"fusion ratio must be >= 2, got {ratio}")
+        raise UserError(f"fusion ratio must be >= 2, got {ratio}")
 
 
 def simulate_corpus(out_dir: str | Path, *, sensors: Sequence[str] = HYPERSPECTRAL,

@@ -14,12 +14,15 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from data_prep.configtree import ConfigError
+from data_prep.errors import UserError
+
 
 class SiameseChange(nn.Module):
     def __init__(self, encoder: nn.Module, patch: int = 15, token_patch: int = 3, hidden: int = 128) -> None:
         super().__init__()
         if patch % token_patch:
-            raise ValueError(f"patch {patch} must be a multiple of token_patch {token_patch}")
+            raise ConfigError(f"patch {patch} must be a multiple of token_patch {token_patch}")
         self.encoder = encoder
         self.patch = patch
         self.token_patch = token_patch
@@ -62,7 +65,7 @@ def balanced_split(change: np.ndarray, n_per_class: int, seed: int = 0) -> tuple
     for cls in (1, 0):
         idx = np.flatnonzero(flat == cls)
         if idx.size == 0:
-            raise ValueError(f"the change map has no {'changed' if cls else 'unchanged'} pixels; need both")
+            raise UserError(f"the change map has no {'changed' if cls else 'unchanged'} pixels; need both")
         take = min(n_per_class, max(1, idx.size // 2))
         train.append(rng.choice(idx, size=take, replace=False))
     train_idx = np.concatenate(train)

@@ -14,6 +14,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from data_prep.configtree import ConfigError
+
 
 def _cnr(cin: int, cout: int, k: int) -> nn.Sequential:
     return nn.Sequential(nn.Conv2d(cin, cout, k, padding=k // 2, bias=False),
@@ -45,7 +47,7 @@ class UperNet(nn.Module):
         self.encoder = encoder
         self.layers = tuple(layers) if layers is not None else tuple(encoder.default_layers())
         if len(self.layers) != 4:
-            raise ValueError(f"UperNet needs four feature layers, got {self.layers}")
+            raise ConfigError(f"UperNet needs four feature layers, got {self.layers}")
         d = encoder.embed_dim
         self.rescale = nn.ModuleList([
             nn.Sequential(nn.ConvTranspose2d(d, d, 2, 2), nn.GroupNorm(min(8, d), d), nn.GELU(),

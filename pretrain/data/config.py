@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass
 from typing import Any
 
+from data_prep import configtree
 from data_prep.errors import UserError
 
 
@@ -116,14 +117,10 @@ class DataConfig:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> DataConfig:
-        """Build from a plain mapping (e.g. a YAML section); ``sources`` may be a list of mappings."""
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(d) - known)
-        if unknown:
-            raise DataError(f"unknown data config key(s) {unknown}; known: {sorted(known)}")
-        if "sources" not in d:
-            raise DataError("data config needs 'sources'")
-        return cls(**{k: v for k, v in d.items()})
+        """Build from a plain mapping (e.g. a YAML section); ``sources`` may be a list of mappings.
+
+        Keys and types are checked by :mod:`data_prep.configtree` (the one config mechanism)."""
+        return configtree.build(cls, d, "data", DataError, what="data config key")
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)

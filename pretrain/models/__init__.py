@@ -34,5 +34,16 @@ def build_model(name: str, objective: str = "mae", *, sensor_names: Sequence[str
     raise ModelError(f"unknown objective {objective!r}; choose one of {OBJECTIVES}")
 
 
+def check_args(name: str, objective: str = "mae", **overrides: Any) -> ModelArgs:
+    """What :func:`build_model` would build, checked without building it (a bad name, objective or override
+    raises :class:`ModelError`); the config loader calls it through ``build_model.check_args``."""
+    if objective not in OBJECTIVES:
+        raise ModelError(f"unknown objective {objective!r}; choose one of {OBJECTIVES}")
+    return get_args(name, **overrides)
+
+
+build_model.check_args = check_args
+
+
 __all__ = ["MAE", "MODEL_SIZES", "ModelArgs", "ModelError", "SpectralEncoder", "build_model", "get_args",
            "random_mask"]

@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, fields, replace
+from dataclasses import asdict, dataclass
 from typing import Any
 
+from data_prep import configtree
 from data_prep.errors import UserError
 
 
@@ -116,25 +117,12 @@ class ModelArgs:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> ModelArgs:
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(d) - known)
-        if unknown:
-            raise ModelError(f"unknown model arg(s) {unknown}; known: {sorted(known)}")
-        d = dict(d)
-        for k in ("jepa_band_frac", "jepa_crop_frac"):
-            if k in d:
-                d[k] = tuple(d[k])
-        return cls(**d)
+        """From a plain mapping (``model_args.json``): unknown keys and wrong types are a ModelError."""
+        return configtree.build(cls, d, "model args", ModelError, what="model arg")
 
     def override(self, **overrides: Any) -> ModelArgs:
-        known = {f.name for f in fields(self)}
-        unknown = sorted(set(overrides) - known)
-        if unknown:
-            raise ModelError(f"unknown model override(s) {unknown}; known: {sorted(known)}")
-        for k in ("jepa_band_frac", "jepa_crop_frac"):
-            if k in overrides:
-                overrides[k] = tuple(overrides[k])
-        return replace(self, **overrides)
+        """A copy with ``overrides`` applied (checked for unknown keys and field types)."""
+        return configtree.replace(self, overrides, "overrides", ModelError, what="model override")
 
 
 MODEL_SIZES: dict[str, ModelArgs] = {

@@ -57,11 +57,21 @@ def save_encoder(model: nn.Module, out_dir: str | os.PathLike, state_dict: dict 
     return out
 
 
+def read_weights(path: str | os.PathLike, device: str = "cpu") -> dict[str, torch.Tensor]:
+    """The tensors of a ``.safetensors`` file; ModelError naming the file when it is truncated or not one."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    try:
+        return load_file(str(path), device=device)
+    except SafetensorError as e:
+        raise ModelError(f"{path}: not a readable safetensors file ({e}); the export is truncated or "
+                         f"overwritten, export it again") from None
+
+
 def load_encoder(out_dir: str | os.PathLike, map_location: str | torch.device = "cpu") -> SpectralEncoder:
     """Rebuild the encoder from an export folder (eval mode). Clear errors for missing files, another format,
     or weights whose names/shapes do not match the arguments."""
-    from safetensors.torch import load_file
-
     folder = Path(out_dir)
     jpath, wpath = folder / ARGS, folder / WEIGHTS
     for pth in (jpath, wpath):
@@ -77,7 +87,7 @@ def load_encoder(out_dir: str | os.PathLike, map_location: str | torch.device = 
         raise ModelError(f"{jpath}: field 'version' is {meta.get('version')!r}, this code reads {VERSION}")
     args = ModelArgs.from_dict(meta["args"])
     enc = SpectralEncoder(args, meta["sensor_vocab"], meta["level_vocab"], compute_text=False)
-    sd = load_file(str(wpath), device=str(map_location) if not isinstance(map_location, str) else map_location)
+    sd = read_weights(wpath, device=str(map_location) if not isinstance(map_location, str) else map_location)
     own = enc.state_dict()
     missing = sorted(set(own) - set(sd))
     unexpected = sorted(set(sd) - set(own))

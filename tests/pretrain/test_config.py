@@ -67,10 +67,10 @@ def test_stage_data_uses_stage_sources_or_the_default(base_yaml: Path):
 
 
 @pytest.mark.parametrize(("override", "expect"), [
-    ("optim.lrr=1", "unknown config key(s) ['lrr'] in 'optim'; valid keys: ['lr', 'min_lr'"),
-    ("paralel.zero_stage=1", "unknown config key(s) ['paralel'] at the top level; valid keys: ['run_dir'"),
-    ("data.crops=3", "unknown config key(s) ['crops'] in 'data'"),
-    ("stages.0.stepz=3", "unknown config key(s) ['stepz'] in 'stages.0'"),
+    ("optim.lrr=1", "unknown key(s) ['lrr'] in 'optim'; valid keys: ['lr', 'min_lr'"),
+    ("paralel.zero_stage=1", "unknown key(s) ['paralel'] at the top level; valid keys: ['run_dir'"),
+    ("data.crops=3", "unknown key(s) ['crops'] in 'data'"),
+    ("stages.0.stepz=3", "unknown key(s) ['stepz'] in 'stages.0'"),
     ("stages.5.steps=3", "stages has 2 entries, '5' is not an index"),
     ("parallel.zero_stage=4", "zero_stage must be 0, 1, 2 or 3, got 4"),
     ("parallel.micro_batch=two", "parallel.micro_batch: expected int, got 'two'"),
@@ -122,3 +122,29 @@ def test_dump_round_trips(base_yaml: Path, tmp_path: Path):
     out.write_text(dump_config(cfg))
     again = load_config(out)
     assert again.to_dict() == cfg.to_dict()
+
+
+@pytest.mark.parametrize(("override", "expect"), [
+    ("model.name=debugg", "unknown model size 'debugg'; known sizes: ['base', 'debug'"),
+    ("model.overrides={dimm: 64}", "unknown model override(s) ['dimm']"),
+    ("model.overrides={dim: 63}", "dim/heads: 63 is not divisible by 2"),
+    ("model.overrides={mask_ratio: high}", "overrides.mask_ratio: expected float, got 'high'"),
+    ("model.builder=pretrain.models:nope", "has no 'nope'"),
+    ("logging.instruments=[pretrain.nowhere:fn]", "cannot import module 'pretrain.nowhere'"),
+])
+def test_model_name_and_overrides_checked_when_the_config_loads(base_yaml: Path, override: str, expect: str):
+    """No process group, no DeepSpeed, no model built: the builder's check_args sees the name and overrides."""
+    with pytest.raises(ConfigError) as e:
+        load_config(base_yaml, [override])
+    assert expect in str(e.value)
+
+
+def test_float_overrides_in_yaml_and_model_overrides(base_yaml: Path, tmp_path: Path):
+    doc = yaml.safe_load(base_yaml.read_text())
+    doc["optim"] = {"lr": "3e-4", "min_lr": "1e-6"}  # as PyYAML reads `lr: 3e-4`
+    doc["model"] = {"overrides": {"mask_ratio": "6e-1"}}
+    p = tmp_path / "f.yaml"
+    p.write_text(yaml.safe_dump(doc))
+    cfg = load_config(p, ["stages.0.lr=2e-4"])
+    assert cfg.optim.lr == 3e-4 and cfg.optim.min_lr == 1e-6 and cfg.stages[0].lr == 2e-4
+    assert cfg.model.overrides == {"mask_ratio": 0.6}

@@ -32,7 +32,7 @@ def config(tmp_path: Path) -> Path:
 
 
 @pytest.mark.parametrize(("overrides", "expect"), [
-    (["optim.learning_rate=1"], "unknown config key(s) ['learning_rate'] in 'optim'; valid keys"),
+    (["optim.learning_rate=1"], "unknown key(s) ['learning_rate'] in 'optim'; valid keys"),
     (["data.sources.0.url=/nowhere/x.zarr"], "patch store(s) not found: ['/nowhere/x.zarr']"),
     (["stages.1.init_from=/nowhere/export"], "init_from='/nowhere/export' is not an export directory"),
     (["model.builder=pretrain.models:nope"], "has no 'nope'"),

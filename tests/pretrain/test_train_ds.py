@@ -241,6 +241,7 @@ from torch import nn
 from pretrain import engine as eng
 from pretrain.config import ConfigError, load_config
 from pretrain.models.layers import Block
+from pretrain.plan import make_plan
 
 
 def _init(m):
@@ -292,8 +293,9 @@ def main(config, out):
     out = Path(out)
     rank, world, _ = eng.init_distributed()
     cfg = load_config(config, ["model.builder=__main__:build", "parallel.zero_stage=3"])
+    plan = make_plan(cfg, world)
     torch.manual_seed(0)
-    model = eng.construct_model(cfg, world)
+    model = eng.construct_model(plan)
     # partitioned as built: no rank holds a whole parameter
     assert eng.is_partitioned(model) and all(p.data.numel() == 0 for p in model.parameters())
     torch.manual_seed(0)
@@ -317,7 +319,7 @@ def main(config, out):
         assert "qkv.weight: export [48, 16] vs model [96, 32]" in str(e), e
     # the first step's loss equals the whole model's on the same batch; the step runs
     ref.encoder.load_state_dict(prev.encoder.state_dict())
-    engine = eng.build_engine(model, cfg, world)
+    engine = eng.build_engine(model, plan)
     g = torch.Generator().manual_seed(2)
     batch = {"x": torch.randn(2, 5, 32, generator=g), "y": torch.randn(2, 5, 1, generator=g)}
     loss = engine(batch)["loss"]
