@@ -16,7 +16,7 @@ from data_prep.configtree import ConfigError
 
 MODES = ("linear_probe", "finetune")
 
-__all__ = ["KINDS", "MODES", "ConfigError", "EvalConfig", "SuiteConfig", "TaskConfig", "TrainConfig",
+__all__ = ["MODES", "ConfigError", "EvalConfig", "SuiteConfig", "TaskConfig", "TrainConfig",
            "load_suite", "load_task"]
 
 
