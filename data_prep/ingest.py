@@ -41,7 +41,6 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import zarr
 
 from data_prep import store as st
 from data_prep.errors import UserError
@@ -113,17 +112,6 @@ def check_root(out_root: str, storage_options: dict | None = None) -> None:
             raise st.StoreError(f"output root {out_root!r} is not writable (permission denied)")
 
 
-def _open_existing(url: str, storage_options: dict | None) -> zarr.Group | None:
-    try:
-        g = st._open_group(url, "r+", storage_options)
-    except (FileNotFoundError, zarr.errors.GroupNotFoundError, zarr.errors.NodeTypeValidationError):
-        return None
-    if dict(g.attrs).get("schema_version") != st.SCHEMA_VERSION:
-        raise st.StoreError(f"{url}: exists but schema_version is {g.attrs.get('schema_version')!r}, "
-                            f"expected {st.SCHEMA_VERSION}")
-    return g
-
-
 def _validate(g: Granule, patch_size: int) -> tuple[float, float]:
     """Registry and shape checks of one granule; returns the level's clip range."""
     try:
@@ -156,8 +144,8 @@ def _validate(g: Granule, patch_size: int) -> tuple[float, float]:
     return spec.clip
 
 
-def _check_compatible(g: Granule, grp: zarr.Group, url: str, patch_size: int) -> None:
-    a = grp.attrs
+def _check_compatible(g: Granule, w: st.StoreWriter, url: str, patch_size: int) -> None:
+    a = w.attrs
     if int(a["patch_size"]) != patch_size:
         raise st.StoreError(f"{url}: store has patch_size {a['patch_size']}, this run asks for {patch_size} "
                             f"(use another --out root or the store's patch size)")
@@ -203,45 +191,45 @@ def _work(i: int, r0: int, clip: tuple[float, float]) -> StripTiles:
 
 
 # ---------------------------------------------------------------- parent side
-class _StoreWriter:
-    """Opens or creates stores lazily; tracks what this run created (removed if left empty by a failure)."""
+class _Writers:
+    """The run's :class:`StoreWriter` per store, opened or created lazily; removes a store this run
+    created when a failure leaves it empty (so the root is as it was)."""
 
     def __init__(self, patch_size: int, storage_options: dict | None, hist_bins: int):
         self.patch_size, self.storage_options, self.hist_bins = patch_size, storage_options, hist_bins
-        self.groups: dict[str, zarr.Group] = {}
+        self.writers: dict[str, st.StoreWriter] = {}
         self.created: set[str] = set()
 
-    def get(self, url: str, g: Granule, clip: tuple[float, float]) -> zarr.Group:
-        grp = self.groups.get(url)
-        if grp is not None:
-            return grp
-        grp = _open_existing(url, self.storage_options)
-        if grp is None:
+    def get(self, url: str, g: Granule, clip: tuple[float, float]) -> st.StoreWriter:
+        w = self.writers.get(url)
+        if w is not None:
+            return w
+        w = st.StoreWriter.open(url, self.storage_options, missing_ok=True)
+        if w is None:
             good = np.asarray(g.good_bands, dtype=bool)
             bc, sc, amp = st.choose_chunks(good, self.patch_size)
             try:
-                grp = st.create_store(url, sensor=g.sensor, level=g.level, wavelengths_nm=g.wavelengths_nm,
-                                      fwhm_nm=g.fwhm_nm, good_bands=good, patch_size=self.patch_size,
-                                      band_chunk=bc, spatial_chunk=sc, storage_options=self.storage_options,
-                                      hist_range=clip, hist_bins=self.hist_bins)
+                w = st.StoreWriter.create(url, sensor=g.sensor, level=g.level, wavelengths_nm=g.wavelengths_nm,
+                                          fwhm_nm=g.fwhm_nm, good_bands=good, patch_size=self.patch_size,
+                                          band_chunk=bc, spatial_chunk=sc, storage_options=self.storage_options,
+                                          hist_range=clip, hist_bins=self.hist_bins,
+                                          attrs={"read_amplification": round(float(amp), 4)})
             except OSError as e:
                 raise st.StoreError(f"{url}: cannot create the store: {e}") from None
-            grp.attrs["read_amplification"] = round(float(amp), 4)
             self.created.add(url)
-            log.info("created %s: chunks %s, read amplification %.3f", url, grp["patches"].chunks, amp)
-        self.groups[url] = grp
-        return grp
+            log.info("created %s: chunks %s, read amplification %.3f", url, w.chunks, amp)
+        self.writers[url] = w
+        return w
 
     def discard_if_empty(self, url: str) -> None:
-        """Remove a store this run created if nothing was committed to it (the root is as it was)."""
-        grp = self.groups.get(url)
-        if url in self.created and grp is not None and int(grp.attrs["n_patches"]) == 0 and not grp.attrs["granules"]:
-            fs, path = _fs(url, self.storage_options)
+        """Remove a store this run created if nothing was committed to it."""
+        w = self.writers.get(url)
+        if url in self.created and w is not None and w.n_patches == 0 and not w.granules:
             try:
-                fs.rm(path, recursive=True)
+                w.remove()
             except OSError as e:  # pragma: no cover - best effort
                 log.warning("could not remove empty store %s: %s", url, e)
-            self.groups.pop(url, None)
+            self.writers.pop(url, None)
             self.created.discard(url)
 
 
@@ -278,21 +266,21 @@ def ingest_granules(granules: Sequence[Granule], out_root: str, *, patch_size: i
                                "patches_added": 0, "failed": [], "bytes_read": 0}
     plans: list[tuple[int, _Plan]] = []
     seen: set[tuple[str, str]] = set()
-    existing: dict[str, zarr.Group | None] = {}
+    existing: dict[str, st.StoreWriter | None] = {}
     for i, (g, clip) in enumerate(zip(granules, clips, strict=True)):
         url = st.store_url(out_root, g.sensor, g.level)
         if url not in existing:
-            existing[url] = _open_existing(url, storage_options)
-        grp = existing[url]
+            existing[url] = st.StoreWriter.open(url, storage_options, missing_ok=True)
+        w = existing[url]
         s = summary["stores"].setdefault(url, {"sensor": g.sensor, "level": g.level, "granules_added": [],
                                                "granules_skipped": [], "patches_added": 0})
-        if (url, g.granule_id) in seen or (grp is not None and g.granule_id in grp.attrs["granules"]):
+        if (url, g.granule_id) in seen or (w is not None and w.has(g.granule_id)):
             s["granules_skipped"].append(g.granule_id)
             summary["granules_skipped"] += 1
             continue
         seen.add((url, g.granule_id))
-        if grp is not None:
-            _check_compatible(g, grp, url, patch_size)
+        if w is not None:
+            _check_compatible(g, w, url, patch_size)
         plans.append((i, _Plan(g, url, clip, strip_starts(g.n_rows, patch_size))))
     if not plans:
         summary["seconds"] = time.perf_counter() - t_start
@@ -301,7 +289,7 @@ def ingest_granules(granules: Sequence[Granule], out_root: str, *, patch_size: i
 
     # 2. tile (in workers or here) and write (here, serially, in order)
     tile_kw = {"patch_size": patch_size, "max_invalid": max_invalid, "hist_bins": hist_bins, "row_block": row_block}
-    writer = _StoreWriter(patch_size, storage_options, hist_bins)
+    writers = _Writers(patch_size, storage_options, hist_bins)
     tasks = [(i, r0, plan.clip) for i, plan in plans for r0 in plan.strips]
     plan_of = dict(plans)
     bar = None
@@ -319,13 +307,13 @@ def ingest_granules(granules: Sequence[Granule], out_root: str, *, patch_size: i
         executor = cf.ThreadPoolExecutor(max_workers=1, thread_name_prefix="ingest-tile")
     try:
         results = _ordered_results(tasks, executor, lookahead=max(2, 2 * workers))
-        _consume(results, plan_of, writer, summary, keep_going, bar)
+        _consume(results, plan_of, writers, summary, keep_going, bar)
     finally:
         executor.shutdown(wait=True, cancel_futures=True)
         if bar is not None:
             bar.close()
-        for url in list(writer.created):
-            writer.discard_if_empty(url)
+        for url in list(writers.created):
+            writers.discard_if_empty(url)
     summary["seconds"] = time.perf_counter() - t_start
     _finish_summary(summary, storage_options)
     return summary
@@ -351,11 +339,11 @@ def _ordered_results(tasks: list[tuple[int, int, tuple[float, float]]], executor
         yield t, res
 
 
-def _consume(results: Iterable, plan_of: dict[int, _Plan], writer: _StoreWriter, summary: dict, keep_going: bool,
+def _consume(results: Iterable, plan_of: dict[int, _Plan], writers: _Writers, summary: dict, keep_going: bool,
              bar) -> None:
     cur: int | None = None
     failed: set[int] = set()
-    grp = None
+    w: st.StoreWriter | None = None
     offset = start = 0
     meta: dict[str, list[np.ndarray]] = {}
     partial: PartialStats | None = None
@@ -364,10 +352,10 @@ def _consume(results: Iterable, plan_of: dict[int, _Plan], writer: _StoreWriter,
 
     def fail(i: int, err: Exception) -> None:
         plan = plan_of[i]
-        if grp is not None:
-            st.rollback(grp)
+        if w is not None:
+            w.rollback()
         failed.add(i)
-        writer.discard_if_empty(plan.url)
+        writers.discard_if_empty(plan.url)
         if not keep_going:
             raise err
         log.error("skipping %s: %s", plan.granule.path, err)
@@ -385,28 +373,28 @@ def _consume(results: Iterable, plan_of: dict[int, _Plan], writer: _StoreWriter,
             cur, done_strips, valid_pixels = i, 0, 0
             meta = {k: [] for k in st.META_FIELDS if k != "granule"}
             partial = None
-            grp = None
+            w = None
         try:
             if isinstance(res, Exception):
                 raise res
-            if grp is None:
-                grp = writer.get(plan.url, g, plan.clip)
-                start = offset = st.begin_granule(grp)
+            if w is None:
+                w = writers.get(plan.url, g, plan.clip)
+                start = offset = w.begin()
             if res.count:
-                offset = st.write_patches(grp, offset, res.patches, res.valid)
+                offset = w.write(offset, res.patches, res.valid)
             for k in meta:
                 meta[k].append(res.meta[k])
             partial = res.partial if partial is None else partial.merge(res.partial)
             valid_pixels += res.valid_pixels
-            summary["bytes_read"] += g.n_bands * (min(r0 + writer.patch_size, g.n_rows) - r0) * g.n_cols * 4
+            summary["bytes_read"] += g.n_bands * (min(r0 + writers.patch_size, g.n_rows) - r0) * g.n_cols * 4
             done_strips += 1
             if done_strips == len(plan.strips):
                 if valid_pixels == 0:
                     raise ProductError(f"{g.path}: all-nodata granule: no valid pixel in {g.n_rows} x {g.n_cols} "
                                        f"(every pixel is nodata, NaN in a good band, or outside the coverage)")
                 n = offset - start
-                st.commit_granule(grp, granule_id=g.granule_id, source=str(g.path), start=start, count=n,
-                                  meta={k: np.concatenate(v) for k, v in meta.items()}, partial=partial)
+                w.commit(granule_id=g.granule_id, source=str(g.path), start=start, count=n,
+                         meta={k: np.concatenate(v) for k, v in meta.items()}, partial=partial)
                 s = summary["stores"][plan.url]
                 s["granules_added"].append(g.granule_id)
                 s["patches_added"] += n
@@ -416,22 +404,22 @@ def _consume(results: Iterable, plan_of: dict[int, _Plan], writer: _StoreWriter,
                     log.warning("%s: every patch is over the invalid threshold; committed with 0 patches", g.path)
                 if bar is not None:
                     bar.set_postfix(patches=summary["patches_added"])
-                grp = None
+                w = None
         except (ProductError, st.StoreError, OSError, ValueError) as e:
             if isinstance(e, OSError):
                 e = st.StoreError(f"{plan.url}: writing {g.path}: {e}")
             fail(i, e)
         except BaseException:
-            if grp is not None:
-                st.rollback(grp)
+            if w is not None:
+                w.rollback()
             raise
 
 
 def _finish_summary(summary: dict, storage_options: dict | None) -> None:
     for url, s in summary["stores"].items():
-        grp = _open_existing(url, storage_options)
-        s["n_patches"] = int(grp.attrs["n_patches"]) if grp is not None else 0
-        s["n_granules"] = len(grp.attrs["granules"]) if grp is not None else 0
+        w = st.StoreWriter.open(url, storage_options, missing_ok=True)
+        s["n_patches"] = w.n_patches if w is not None else 0
+        s["n_granules"] = len(w.granules) if w is not None else 0
     secs = summary.get("seconds") or 0.0
     summary["mb_per_s"] = summary["bytes_read"] / 1e6 / secs if secs > 0 else 0.0
 

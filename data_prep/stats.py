@@ -16,20 +16,39 @@ is at most one bin width, ``(hi - lo) / bins``: 0.00038 reflectance or 0.020 rad
 (4096 bins; clip ``[-0.05, 1.5]`` and ``[-1, 80]``), far below float16's own step near the top of
 the radiance range. Against numpy's default (linear between ranks) definition the gap between
 two neighbouring samples adds to that, which only matters in sparse tails of small samples.
+
+This module knows nothing of stores: :mod:`data_prep.store` keeps the accumulator in a store (and
+imports this module), never the reverse.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from dataclasses import dataclass
 
 import numpy as np
 
-from data_prep.store import BandStats
-
 DEFAULT_BINS = 4096
 #: band rows processed at once when accumulating a patch (bounds float64 temporaries to ~16 MB)
 _BAND_BLOCK = 32
+
+
+@dataclass(frozen=True)
+class BandStats:
+    """Per-band statistics over valid pixels (float64 arrays of length ``bands``): what a store's
+    ``stats`` attribute holds and what the loader normalises with."""
+
+    count: np.ndarray
+    mean: np.ndarray
+    std: np.ndarray
+    p01: np.ndarray
+    p99: np.ndarray
+
+    def to_json(self) -> dict:
+        return {k: np.asarray(getattr(self, k)).tolist() for k in ("count", "mean", "std", "p01", "p99")}
+
+    @classmethod
+    def from_json(cls, d: dict) -> BandStats:
+        return cls(**{k: np.asarray(d[k], dtype=np.float64) for k in ("count", "mean", "std", "p01", "p99")})
 
 
 @dataclass
@@ -135,18 +154,12 @@ class PartialStats:
                          p99=self.percentile(0.99))
 
 
-def iter_committed(store, batch: int = 8) -> Iterator[tuple[np.ndarray, np.ndarray]]:
-    """(patch float16 (bands, P, P), valid (P, P)) of every committed patch of a :class:`PatchStore`."""
-    for i0 in range(0, store.n_patches, batch):
-        i1 = min(i0 + batch, store.n_patches)
-        px = store.patches[i0:i1]
-        va = store.valid[i0:i1]
-        for j in range(i1 - i0):
-            yield px[j], va[j]
-
-
 def recompute(store, bins: int | None = None, progress: bool = False) -> PartialStats:
-    """Rescan every committed patch of ``store`` (a PatchStore) and return fresh partials."""
+    """Rescan every committed patch of ``store`` (a :class:`data_prep.store.PatchStore`) into fresh partials.
+
+    The histogram range is the store's (``stats_hist``), else the level's clip range in the registry.
+    A patch that does not read (corrupt or missing) raises the store's error for it.
+    """
     h = store.attrs.get("stats_hist") or {}
     lo, hi = h.get("lo"), h.get("hi")
     if lo is None:
@@ -154,7 +167,7 @@ def recompute(store, bins: int | None = None, progress: bool = False) -> Partial
 
         lo, hi = get_sensor(store.sensor).level(store.level).clip
     acc = PartialStats.empty(store.n_bands, lo, hi, bins or int(h.get("bins", DEFAULT_BINS)))
-    it = iter_committed(store)
+    it = store.iter_patches()
     if progress:
         from tqdm import tqdm
 
@@ -162,24 +175,3 @@ def recompute(store, bins: int | None = None, progress: bool = False) -> Partial
     for px, va in it:
         acc.add_patch(px, va)
     return acc
-
-
-def store_partials(url: str, storage_options: dict | None = None) -> PartialStats:
-    """The committed statistics accumulator of a store (what its ``stats`` were finalised from).
-
-    Merging those of several stores of one sensor and level (e.g. the per-shard stores of a job
-    array, ``ingest --shard k/N`` into ``ROOT/shard-k``) gives the statistics of their union:
-    ``reduce(PartialStats.merge, [store_partials(u) for u in urls]).band_stats()``.
-    """
-    from data_prep.store import PatchStore, StoreError
-
-    s = PatchStore(url, storage_options)
-    h = s.attrs.get("stats_hist")
-    slot = int(s.attrs.get("stats_slot", -1))
-    if not h or "stats_acc" not in s.group:
-        raise StoreError(f"{url}: has no statistics accumulator (not written by data_prep.ingest)")
-    if slot < 0:
-        return PartialStats.empty(s.n_bands, h["lo"], h["hi"], h["bins"])
-    a = s.group["stats_acc"]
-    return PartialStats(count=a["count"][slot], mean=a["mean"][slot], m2=a["m2"][slot], hist=a["hist"][slot],
-                        lo=float(h["lo"]), hi=float(h["hi"]))

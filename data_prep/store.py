@@ -20,13 +20,28 @@ beyond it), ``granules`` (ordered manifest: granule id -> ``{"start", "count", "
 ``stats`` (per band, over valid pixels of committed patches: ``count``, ``mean``, ``std``,
 ``p01``, ``p99``).
 
-Only :class:`PatchStore` reads stores; everything that writes goes through this module too.
+Only :class:`PatchStore` reads stores and only :class:`StoreWriter` writes them: nothing else opens
+a store's arrays or attributes for writing. The writer's guarantees (what ingest builds on):
+
+- **Never half-written.** Patches are written beyond ``n_patches`` (:meth:`StoreWriter.begin`,
+  :meth:`StoreWriter.write`) and become visible only at :meth:`StoreWriter.commit`, whose last step
+  is ONE attribute write (``n_patches``, manifest entry, ``stats``, ``stats_slot``). An interruption
+  at any point leaves the committed view as it was; the next :meth:`StoreWriter.begin` truncates
+  the uncommitted tail.
+- **Idempotent per granule.** A granule id is committed at most once (:class:`StoreError` otherwise).
+- **The statistics accumulator** (``stats_acc``: per-band count, mean, m2 and histogram, see
+  :mod:`data_prep.stats`) has two slots used alternately: a commit merges the granule's partial
+  sums into the committed slot's and writes the result into the other slot, so the committed slot
+  is never overwritten before the attribute write that switches ``stats_slot`` to the new one.
+- One writer per store at a time (the commit is a read-modify-write of the attributes).
 """
 
 from __future__ import annotations
 
+import logging
 import math
-from dataclasses import dataclass
+from collections.abc import Iterator
+from types import MappingProxyType
 from typing import Any
 
 import numpy as np
@@ -34,6 +49,9 @@ import zarr
 from zarr.codecs import BloscCodec
 
 from data_prep.errors import UserError
+from data_prep.stats import DEFAULT_BINS, BandStats, PartialStats
+
+log = logging.getLogger(__name__)
 
 SCHEMA_VERSION = 1
 NO_TIME = np.iinfo(np.int64).min
@@ -53,6 +71,10 @@ META_FIELDS: dict[str, str] = {
 
 class StoreError(UserError):
     """A store is missing, of another schema version, empty where data is needed, or inconsistent."""
+
+
+#: the statistics accumulator's arrays (``stats_acc/<name>``), two slots each
+_ACC_FIELDS = ("count", "mean", "m2", "hist")
 
 
 def store_url(root: str, sensor: str, level: str) -> str:
@@ -162,75 +184,6 @@ def choose_chunks(good_bands, patch_size: int, *, budget: float = AMPLIFICATION_
     return bc_, sc_, float(amp)
 
 
-def create_store(url: str, *, sensor: str, level: str, wavelengths_nm, fwhm_nm, good_bands,
-                 patch_size: int, band_chunk: int = DEFAULT_BAND_CHUNK,
-                 spatial_chunk: int = DEFAULT_SPATIAL_CHUNK, storage_options: dict | None = None,
-                 hist_range: tuple[float, float] | None = None, hist_bins: int = 4096) -> zarr.Group:
-    """Create an empty store (n = 0) with the schema above. Fails if one already exists at ``url``.
-
-    With ``hist_range`` (the level's clip range) the store also keeps the running statistics
-    accumulator ``stats_acc/{count,mean,m2,hist}`` (two slots, used alternately so that the
-    committed one is never overwritten; ``attrs["stats_slot"]`` names it), updated at each commit.
-    """
-    wl = np.asarray(wavelengths_nm, dtype=np.float64)
-    n_bands = int(wl.shape[0])
-    chunks, shards = chunk_layout(n_bands, patch_size, band_chunk, spatial_chunk)
-    g = _open_group(url, "w-", storage_options)
-    sc = chunks[2]
-    g.create_array("patches", shape=(0, n_bands, patch_size, patch_size), dtype="float16", chunks=chunks,
-                   shards=shards, compressors=compressor(), fill_value=0.0,
-                   dimension_names=("patch", "band", "y", "x"))
-    g.create_array("valid", shape=(0, patch_size, patch_size), dtype="bool", chunks=(1, sc, sc),
-                   shards=(1, patch_size, patch_size), compressors=compressor(), fill_value=False,
-                   dimension_names=("patch", "y", "x"))
-    meta = g.create_group("meta")
-    for name, dtype in META_FIELDS.items():
-        meta.create_array(name, shape=(0,), dtype=dtype, chunks=(4096,), compressors=compressor(),
-                          dimension_names=("patch",))
-    extra: dict[str, Any] = {}
-    if hist_range is not None:
-        acc = g.create_group("stats_acc")
-        for name in ("count", "mean", "m2"):
-            acc.create_array(name, shape=(2, n_bands), dtype="float64", chunks=(1, n_bands), fill_value=0.0)
-        acc.create_array("hist", shape=(2, n_bands, hist_bins), dtype="uint64", chunks=(1, n_bands, hist_bins),
-                         compressors=BloscCodec(cname="zstd", clevel=3, shuffle="bitshuffle", typesize=8),
-                         fill_value=0)
-        extra = {"stats_hist": {"lo": float(hist_range[0]), "hi": float(hist_range[1]), "bins": int(hist_bins)},
-                 "stats_slot": -1}
-    g.attrs.update({
-        "schema_version": SCHEMA_VERSION,
-        "sensor": sensor,
-        "level": level,
-        "patch_size": int(patch_size),
-        "wavelengths_nm": wl.tolist(),
-        "fwhm_nm": np.asarray(fwhm_nm, dtype=np.float64).tolist(),
-        "good_bands": [bool(b) for b in np.asarray(good_bands, dtype=bool)],
-        "n_patches": 0,
-        "granules": {},
-        "stats": None,
-        **extra,
-    })
-    return g
-
-
-@dataclass(frozen=True)
-class BandStats:
-    """Per-band statistics over valid pixels (float64 arrays of length ``bands``)."""
-
-    count: np.ndarray
-    mean: np.ndarray
-    std: np.ndarray
-    p01: np.ndarray
-    p99: np.ndarray
-
-    def to_json(self) -> dict:
-        return {k: np.asarray(getattr(self, k)).tolist() for k in ("count", "mean", "std", "p01", "p99")}
-
-    @classmethod
-    def from_json(cls, d: dict) -> BandStats:
-        return cls(**{k: np.asarray(d[k], dtype=np.float64) for k in ("count", "mean", "std", "p01", "p99")})
-
-
 class PatchStore:
     """Read-only view of a committed store. Checks the schema on open.
 
@@ -273,6 +226,18 @@ class PatchStore:
         return tuple(self.patches.chunks)
 
     @property
+    def has_accumulator(self) -> bool:
+        return bool(self.attrs.get("stats_hist")) and "stats_acc" in self.group
+
+    def partials(self) -> PartialStats:
+        """The committed statistics accumulator (what ``stats`` was finalised from).
+
+        Merging those of several stores of one sensor and level (e.g. the shard stores of a job
+        array) gives the statistics of their union: ``reduce(PartialStats.merge, parts).band_stats()``.
+        """
+        return _read_accumulator(self.group, self.attrs, self.url)
+
+    @property
     def stats(self) -> BandStats:
         s = self.attrs.get("stats")
         if not s:
@@ -293,112 +258,272 @@ class PatchStore:
         valid = self.valid[i, y0:y0 + size, x0:x0 + size]
         return px, valid
 
-
-def _resize_all(group: zarr.Group, n: int) -> None:
-    for arr in (group["patches"], group["valid"], *(group["meta"][k] for k in META_FIELDS)):
-        if arr.shape[0] != n:
-            arr.resize((n, *arr.shape[1:]))
-
-
-def begin_granule(group: zarr.Group) -> int:
-    """Drop any uncommitted tail (left by an interrupted run) and return where new patches start."""
-    start = int(group.attrs["n_patches"])
-    _resize_all(group, start)
-    return start
+    def iter_patches(self, batch: int = 8) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+        """(pixels float16 ``(bands, P, P)``, valid ``(P, P)``) of every committed patch, in order."""
+        for i0 in range(0, self.n_patches, batch):
+            i1 = min(i0 + batch, self.n_patches)
+            px = self.patches[i0:i1]
+            va = self.valid[i0:i1]
+            for j in range(i1 - i0):
+                yield px[j], va[j]
 
 
-def write_patches(group: zarr.Group, offset: int, patches: np.ndarray, valid: np.ndarray) -> int:
-    """Write patches at ``offset`` (beyond ``n_patches``: invisible until committed); returns the new end."""
-    patches = np.asarray(patches)
-    if patches.dtype != np.float16:
-        raise StoreError(f"patches must be float16, got {patches.dtype}")
-    committed = int(group.attrs["n_patches"])
-    if offset < committed:
-        raise StoreError(f"refusing to overwrite committed patches ({offset} < n_patches={committed})")
-    n_new = int(patches.shape[0])
-    stop = offset + n_new
-    pa, va = group["patches"], group["valid"]
-    if pa.shape[0] < stop:
-        pa.resize((stop, *pa.shape[1:]))
-        va.resize((stop, *va.shape[1:]))
-    if n_new:
-        pa[offset:stop] = patches
-        va[offset:stop] = np.asarray(valid, dtype=bool)
-    return stop
-
-
-def rollback(group: zarr.Group) -> None:
-    """Remove the uncommitted tail so the arrays end at ``n_patches`` again."""
-    begin_granule(group)
-
-
-def commit_granule(group: zarr.Group, *, granule_id: str, source: str, start: int, count: int,
-                   meta: dict[str, np.ndarray], partial=None) -> None:
-    """Make patches ``start:start+count`` (already written) visible as granule ``granule_id``.
-
-    Writes the per-patch metadata and, when the store keeps a statistics accumulator and
-    ``partial`` (a :class:`data_prep.stats.PartialStats`) is given, the merged accumulator into the
-    free slot; then updates ``n_patches``, the manifest, ``stats`` and ``stats_slot`` in ONE
-    attribute write, the commit point.
-    """
-    a = dict(group.attrs)
-    if granule_id in a["granules"]:
-        raise StoreError(f"granule {granule_id!r} is already committed to this store")
-    if start != int(a["n_patches"]):
-        raise StoreError(f"granule {granule_id!r} starts at {start}, but the store has {a['n_patches']} patches")
-    stop = start + count
-    if group["patches"].shape[0] < stop:
-        raise StoreError(f"granule {granule_id!r}: {count} patches were not all written")
-    gidx = len(a["granules"])
+def _create_arrays(g: zarr.Group, n_bands: int, patch_size: int, chunks: tuple[int, ...],
+                   shards: tuple[int, ...]) -> None:
+    sc = chunks[2]
+    g.create_array("patches", shape=(0, n_bands, patch_size, patch_size), dtype="float16", chunks=chunks,
+                   shards=shards, compressors=compressor(), fill_value=0.0,
+                   dimension_names=("patch", "band", "y", "x"))
+    g.create_array("valid", shape=(0, patch_size, patch_size), dtype="bool", chunks=(1, sc, sc),
+                   shards=(1, patch_size, patch_size), compressors=compressor(), fill_value=False,
+                   dimension_names=("patch", "y", "x"))
+    meta = g.create_group("meta")
     for name, dtype in META_FIELDS.items():
-        arr = group["meta"][name]
-        if arr.shape[0] != stop:
-            arr.resize((stop,))
-        if count:
-            values = np.full(count, gidx, dtype=dtype) if name == "granule" else np.asarray(meta[name], dtype=dtype)
-            if values.shape != (count,):
-                raise StoreError(f"granule {granule_id!r}: meta {name!r} has shape {values.shape}, expected ({count},)")
-            arr[start:stop] = values
-    update: dict[str, Any] = {}
-    if partial is not None and "stats_acc" in group and a.get("stats_hist"):
-        from data_prep.stats import PartialStats
-
-        h = a["stats_hist"]
-        slot = int(a.get("stats_slot", -1))
-        acc_g = group["stats_acc"]
-        if slot >= 0:
-            total = PartialStats(count=acc_g["count"][slot], mean=acc_g["mean"][slot], m2=acc_g["m2"][slot],
-                                 hist=acc_g["hist"][slot], lo=h["lo"], hi=h["hi"])
-        else:
-            total = PartialStats.empty(group["patches"].shape[1], h["lo"], h["hi"], h["bins"])
-        total.merge(partial)
-        new_slot = 1 - slot if slot >= 0 else 0
-        acc_g["count"][new_slot] = total.count
-        acc_g["mean"][new_slot] = total.mean
-        acc_g["m2"][new_slot] = total.m2
-        acc_g["hist"][new_slot] = total.hist
-        update = {"stats_slot": new_slot, "stats": total.band_stats().to_json()}
-    granules = dict(a["granules"])
-    granules[granule_id] = {"start": start, "count": count, "source": source}
-    group.attrs.update({"granules": granules, "n_patches": stop, **update})
+        meta.create_array(name, shape=(0,), dtype=dtype, chunks=(4096,), compressors=compressor(),
+                          dimension_names=("patch",))
 
 
-def append_patches(group: zarr.Group, *, granule_id: str, source: str, patches: np.ndarray,
-                   valid: np.ndarray, meta: dict[str, np.ndarray], partial=None) -> tuple[int, int]:
-    """Append one granule's patches and commit it in the manifest; returns (start, count).
+def _create_accumulator(g: zarr.Group, n_bands: int, bins: int) -> None:
+    acc = g.create_group("stats_acc")
+    for name in ("count", "mean", "m2"):
+        acc.create_array(name, shape=(2, n_bands), dtype="float64", chunks=(1, n_bands), fill_value=0.0)
+    acc.create_array("hist", shape=(2, n_bands, bins), dtype="uint64", chunks=(1, n_bands, bins),
+                     compressors=BloscCodec(cname="zstd", clevel=3, shuffle="bitshuffle", typesize=8),
+                     fill_value=0)
 
-    Data is written beyond ``n_patches`` first and becomes visible only when the attributes
-    (``n_patches`` and the manifest entry) are updated last, so an interruption leaves the
-    committed view as it was. Serial: one writer per store at a time.
+
+def _read_accumulator(group: zarr.Group, attrs: dict, url: str) -> PartialStats:
+    """The committed accumulator (all zeros before the first commit); StoreError if the store keeps none."""
+    h = attrs.get("stats_hist")
+    if not h or "stats_acc" not in group:
+        raise StoreError(f"{url}: has no statistics accumulator (not written by data_prep.ingest)")
+    slot = int(attrs.get("stats_slot", -1))
+    n_bands = len(attrs["wavelengths_nm"])
+    if slot < 0:
+        return PartialStats.empty(n_bands, h["lo"], h["hi"], h["bins"])
+    a = group["stats_acc"]
+    return PartialStats(count=a["count"][slot], mean=a["mean"][slot], m2=a["m2"][slot], hist=a["hist"][slot],
+                        lo=float(h["lo"]), hi=float(h["hi"]))
+
+
+class StoreWriter:
+    """The one way to write a store: create or open it, then begin / write / commit granules.
+
+    See the module docstring for the guarantees. Get one with :meth:`create` (a new, empty store)
+    or :meth:`open` (an existing one, schema checked).
     """
-    if granule_id in group.attrs["granules"]:
-        raise StoreError(f"granule {granule_id!r} is already committed to this store")
-    start = begin_granule(group)
-    stop = write_patches(group, start, patches, valid)
-    commit_granule(group, granule_id=granule_id, source=source, start=start, count=stop - start, meta=meta,
-                   partial=partial)
-    return start, stop - start
+
+    def __init__(self, group: zarr.Group, url: str, storage_options: dict | None = None):
+        self.group, self.url, self.storage_options = group, url, storage_options
+
+    # ------------------------------------------------------------------ opening
+    @classmethod
+    def create(cls, url: str, *, sensor: str, level: str, wavelengths_nm, fwhm_nm, good_bands, patch_size: int,
+               band_chunk: int = DEFAULT_BAND_CHUNK, spatial_chunk: int = DEFAULT_SPATIAL_CHUNK,
+               storage_options: dict | None = None, hist_range: tuple[float, float] | None = None,
+               hist_bins: int = DEFAULT_BINS, attrs: dict | None = None) -> StoreWriter:
+        """Create an empty store (n = 0) with the schema above. Fails if one already exists at ``url``.
+
+        With ``hist_range`` (the level's clip range) the store also keeps the statistics accumulator,
+        updated at each commit that brings partial sums. ``attrs``: extra attributes (e.g. the
+        layout's ``read_amplification``), written with the schema's in the same first write.
+        """
+        wl = np.asarray(wavelengths_nm, dtype=np.float64)
+        n_bands = int(wl.shape[0])
+        chunks, shards = chunk_layout(n_bands, patch_size, band_chunk, spatial_chunk)
+        g = _open_group(url, "w-", storage_options)
+        _create_arrays(g, n_bands, patch_size, chunks, shards)
+        extra: dict[str, Any] = {}
+        if hist_range is not None:
+            _create_accumulator(g, n_bands, hist_bins)
+            extra = {"stats_hist": {"lo": float(hist_range[0]), "hi": float(hist_range[1]), "bins": int(hist_bins)},
+                     "stats_slot": -1}
+        g.attrs.update({
+            "schema_version": SCHEMA_VERSION,
+            "sensor": sensor,
+            "level": level,
+            "patch_size": int(patch_size),
+            "wavelengths_nm": wl.tolist(),
+            "fwhm_nm": np.asarray(fwhm_nm, dtype=np.float64).tolist(),
+            "good_bands": [bool(b) for b in np.asarray(good_bands, dtype=bool)],
+            "n_patches": 0,
+            "granules": {},
+            "stats": None,
+            **extra,
+            **(attrs or {}),
+        })
+        return cls(g, url, storage_options)
+
+    @classmethod
+    def open(cls, url: str, storage_options: dict | None = None, *, missing_ok: bool = False) -> StoreWriter | None:
+        """Open an existing store for writing; None when there is none and ``missing_ok``, else StoreError."""
+        try:
+            g = _open_group(url, "r+", storage_options)
+        except (FileNotFoundError, zarr.errors.GroupNotFoundError, zarr.errors.NodeTypeValidationError) as e:
+            if missing_ok:
+                return None
+            raise StoreError(f"no patch store at {url!r}: {e}") from None
+        version = dict(g.attrs).get("schema_version")
+        if version != SCHEMA_VERSION:
+            raise StoreError(f"{url}: exists but schema_version is {version!r}, expected {SCHEMA_VERSION}")
+        return cls(g, url, storage_options)
+
+    # ------------------------------------------------------------------ the committed view
+    @property
+    def attrs(self) -> MappingProxyType:
+        """The attributes as they are now (read-only: writes go through the methods below)."""
+        return MappingProxyType(dict(self.group.attrs))
+
+    @property
+    def n_patches(self) -> int:
+        return int(self.group.attrs["n_patches"])
+
+    @property
+    def granules(self) -> dict[str, dict]:
+        """The manifest: granule id -> ``{"start", "count", "source"}``, in commit order."""
+        return dict(self.group.attrs["granules"])
+
+    def has(self, granule_id: str) -> bool:
+        return granule_id in self.group.attrs["granules"]
+
+    @property
+    def chunks(self) -> tuple[int, ...]:
+        return tuple(self.group["patches"].chunks)
+
+    # ------------------------------------------------------------------ writing granules
+    def _arrays(self) -> list:
+        g = self.group
+        return [g["patches"], g["valid"], *(g["meta"][k] for k in META_FIELDS)]
+
+    def begin(self) -> int:
+        """Drop any uncommitted tail (left by an interrupted run) and return where new patches start."""
+        start = self.n_patches
+        for arr in self._arrays():
+            if arr.shape[0] != start:
+                arr.resize((start, *arr.shape[1:]))
+        return start
+
+    def rollback(self) -> None:
+        """Remove the uncommitted tail so the arrays end at ``n_patches`` again."""
+        self.begin()
+
+    def write(self, offset: int, patches: np.ndarray, valid: np.ndarray) -> int:
+        """Write patches at ``offset`` (beyond ``n_patches``: invisible until committed); returns the new end."""
+        patches = np.asarray(patches)
+        if patches.dtype != np.float16:
+            raise StoreError(f"patches must be float16, got {patches.dtype}")
+        committed = self.n_patches
+        if offset < committed:
+            raise StoreError(f"refusing to overwrite committed patches ({offset} < n_patches={committed})")
+        n_new = int(patches.shape[0])
+        stop = offset + n_new
+        pa, va = self.group["patches"], self.group["valid"]
+        if pa.shape[0] < stop:
+            pa.resize((stop, *pa.shape[1:]))
+            va.resize((stop, *va.shape[1:]))
+        if n_new:
+            pa[offset:stop] = patches
+            va[offset:stop] = np.asarray(valid, dtype=bool)
+        return stop
+
+    def commit(self, *, granule_id: str, source: str, start: int, count: int, meta: dict[str, np.ndarray],
+               partial: PartialStats | None = None) -> None:
+        """Make patches ``start:start+count`` (already written) visible as granule ``granule_id``.
+
+        Writes the per-patch metadata and, when the store keeps a statistics accumulator and
+        ``partial`` is given, the merged accumulator into the free slot; then updates
+        ``n_patches``, the manifest, ``stats`` and ``stats_slot`` in ONE attribute write, the commit point.
+        """
+        g = self.group
+        a = dict(g.attrs)
+        if granule_id in a["granules"]:
+            raise StoreError(f"granule {granule_id!r} is already committed to this store")
+        if start != int(a["n_patches"]):
+            raise StoreError(f"granule {granule_id!r} starts at {start}, but the store has {a['n_patches']} patches")
+        stop = start + count
+        if g["patches"].shape[0] < stop:
+            raise StoreError(f"granule {granule_id!r}: {count} patches were not all written")
+        gidx = len(a["granules"])
+        for name, dtype in META_FIELDS.items():
+            arr = g["meta"][name]
+            if arr.shape[0] != stop:
+                arr.resize((stop,))
+            if count:
+                values = np.full(count, gidx, dtype=dtype) if name == "granule" else np.asarray(meta[name], dtype=dtype)
+                if values.shape != (count,):
+                    raise StoreError(f"granule {granule_id!r}: meta {name!r} has shape {values.shape}, "
+                                     f"expected ({count},)")
+                arr[start:stop] = values
+        update: dict[str, Any] = {}
+        if partial is not None and "stats_acc" in g and a.get("stats_hist"):
+            update = self._stage_statistics(_read_accumulator(g, a, self.url).merge(partial), a)
+        granules = dict(a["granules"])
+        granules[granule_id] = {"start": start, "count": count, "source": source}
+        g.attrs.update({"granules": granules, "n_patches": stop, **update})
+
+    def append(self, *, granule_id: str, source: str, patches: np.ndarray, valid: np.ndarray,
+               meta: dict[str, np.ndarray], partial: PartialStats | None = None) -> tuple[int, int]:
+        """Write and commit one granule's patches in one call; returns (start, count)."""
+        if self.has(granule_id):
+            raise StoreError(f"granule {granule_id!r} is already committed to this store")
+        start = self.begin()
+        stop = self.write(start, patches, valid)
+        self.commit(granule_id=granule_id, source=source, start=start, count=stop - start, meta=meta,
+                    partial=partial)
+        return start, stop - start
+
+    # ------------------------------------------------------------------ statistics
+    def _stage_statistics(self, total: PartialStats, a: dict) -> dict:
+        """Write ``total`` into the free accumulator slot; return the attribute update that commits it."""
+        slot = int(a.get("stats_slot", -1))
+        new_slot = 1 - slot if slot >= 0 else 0
+        acc = self.group["stats_acc"]
+        acc["count"][new_slot] = total.count
+        acc["mean"][new_slot] = total.mean
+        acc["m2"][new_slot] = total.m2
+        acc["hist"][new_slot] = total.hist
+        return {"stats_slot": new_slot, "stats": total.band_stats().to_json()}
+
+    def set_statistics(self, total: PartialStats) -> None:
+        """Replace the statistics by ``total`` (e.g. a rescan): accumulator and ``stats`` in one attribute write.
+
+        A store without an accumulator gets only ``stats``."""
+        a = dict(self.group.attrs)
+        if "stats_acc" in self.group and a.get("stats_hist"):
+            self.group.attrs.update(self._stage_statistics(total, a))
+        else:
+            self.write_stats(total.band_stats())
+
+    def write_stats(self, stats: BandStats) -> None:
+        """Set ``stats`` alone (stores built without an accumulator, e.g. test fixtures and benchmarks)."""
+        self.group.attrs["stats"] = stats.to_json()
+
+    def set_attrs(self, **attrs: Any) -> None:
+        """Set informational attributes (not schema fields) in one write."""
+        reserved = {"schema_version", "n_patches", "granules", "stats", "stats_slot", "stats_hist"} & set(attrs)
+        if reserved:
+            raise StoreError(f"{self.url}: {sorted(reserved)} are written by commits only")
+        self.group.attrs.update(attrs)
+
+    def remove(self) -> None:
+        """Delete the whole store (ingest removes a store it created when nothing was committed to it)."""
+        import fsspec
+
+        fs, path = fsspec.core.url_to_fs(self.url, **(self.storage_options or {}))
+        fs.rm(path, recursive=True)
 
 
-def write_stats(group: zarr.Group, stats: BandStats) -> None:
-    group.attrs["stats"] = stats.to_json()
+def create_store(url: str, **kw: Any) -> StoreWriter:
+    """:meth:`StoreWriter.create` (the writer of a new, empty store)."""
+    return StoreWriter.create(url, **kw)
+
+
+def append_patches(writer: StoreWriter, **kw: Any) -> tuple[int, int]:
+    """:meth:`StoreWriter.append`: write and commit one granule."""
+    return writer.append(**kw)
+
+
+def write_stats(writer: StoreWriter, stats: BandStats) -> None:
+    """:meth:`StoreWriter.write_stats`."""
+    writer.write_stats(stats)
+

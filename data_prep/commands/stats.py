@@ -23,12 +23,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from data_prep.stats import recompute, store_partials
-    from data_prep.store import PatchStore, _open_group
+    from data_prep.stats import recompute
+    from data_prep.store import PatchStore, StoreWriter
 
     store = PatchStore(args.store)
     if args.from_accumulator:
-        acc = store_partials(args.store)
+        acc = store.partials()
     else:
         acc = recompute(store, progress=not args.no_progress)
     new = acc.band_stats()
@@ -38,16 +38,7 @@ def run(args: argparse.Namespace) -> int:
         diff = {k: float(np.nanmax(np.abs(np.asarray(old[k], dtype=np.float64) - getattr(new, k)), initial=0.0))
                 for k in ("count", "mean", "std", "p01", "p99")}
     if not args.dry_run:
-        g = _open_group(args.store, "r+")
-        update = {"stats": new.to_json()}
-        if "stats_acc" in g and g.attrs.get("stats_hist"):
-            slot = int(g.attrs.get("stats_slot", -1))
-            new_slot = 1 - slot if slot >= 0 else 0
-            a = g["stats_acc"]
-            a["count"][new_slot], a["mean"][new_slot], a["m2"][new_slot] = acc.count, acc.mean, acc.m2
-            a["hist"][new_slot] = acc.hist
-            update["stats_slot"] = new_slot
-        g.attrs.update(update)
+        StoreWriter.open(args.store).set_statistics(acc)
     good = store.good_bands & (new.count > 0)
     out = {"store": args.store, "patches": store.n_patches, "valid_pixels": float(new.count.max(initial=0)),
            "max_abs_change": diff, "written": not args.dry_run,

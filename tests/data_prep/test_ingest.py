@@ -142,8 +142,8 @@ def test_interrupted_granule_leaves_no_visible_patches_and_rerun_completes(tmp_p
     def crash(*a, **k):
         raise Crash()
 
-    monkeypatch.setattr(st, "commit_granule", crash)
-    monkeypatch.setattr(st, "rollback", lambda g: None)
+    monkeypatch.setattr(st.StoreWriter, "commit", crash)
+    monkeypatch.setattr(st.StoreWriter, "rollback", lambda w: None)
     with pytest.raises(Crash):
         ingest_granules([g0, make_granule(cube1, "g1")], root, patch_size=32, progress=False)
     monkeypatch.undo()

@@ -1,5 +1,6 @@
 import numpy as np
 import pytest
+import zarr
 
 from data_prep.store import (
     NO_TIME,
@@ -53,7 +54,7 @@ def test_missing_store_and_wrong_schema(tmp_path):
     with pytest.raises(StoreError, match="no patch store"):
         PatchStore(str(tmp_path / "nope.zarr"))
     g, _, _ = _store(str(tmp_path / "old.zarr"))
-    g.attrs["schema_version"] = SCHEMA_VERSION + 1
+    zarr.open_group(str(tmp_path / "old.zarr"), mode="r+").attrs["schema_version"] = SCHEMA_VERSION + 1
     with pytest.raises(StoreError, match="schema_version"):
         PatchStore(str(tmp_path / "old.zarr"))
 
