@@ -1,4 +1,4 @@
-"""``python -m data_prep <command>``: simulate, ingest, inspect, stats, export-wds."""
+"""``python -m data_prep <command>``: simulate, ingest, inspect, stats, export-wds, verify, migrate."""
 
 from __future__ import annotations
 
@@ -15,6 +15,8 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "inspect": ("inspect", "summarise a patch store (patches, bands, chunking, bytes, statistics)"),
     "stats": ("stats", "recompute a store's per-band statistics (a rescan, or --from-accumulator: from the saved partial sums)"),
     "export-wds": ("export_wds", "write a store's patches as WebDataset tar shards"),
+    "verify": ("verify", "read every chunk of a store; list missing, corrupt and NaN patches (--repair re-ingests them)"),
+    "migrate": ("migrate", "rewrite a store of an older schema in the current one"),
 }
 
 

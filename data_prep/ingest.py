@@ -19,7 +19,8 @@ Guarantees:
   with the error (granules committed before it stay committed: a re-run skips them), with
   ``keep_going=True`` it is recorded in the summary's ``failed`` and the run goes on.
 - **Parallel.** ``workers > 1`` reads and tiles strips in worker processes; the parent alone
-  writes, in order, so memory is bounded by the strips in flight (about ``2 x workers``).
+  writes, in order, so memory is bounded by the strips in flight (about ``2 x workers``). A
+  worker exits within moments of its parent's death (kill -9 included): no orphan processes.
 - **Sharding.** ``shard=(k, n)`` keeps the products whose file name hashes (SHA-1) to ``k`` mod
   ``n``, stable across machines and runs, so a job array can split an archive. Two processes must
   never write to the same store at once (the commit is a read-modify-write of the attributes):
@@ -33,7 +34,9 @@ import concurrent.futures as cf
 import hashlib
 import logging
 import multiprocessing
+import multiprocessing.connection
 import os
+import threading
 import time
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
@@ -165,10 +168,28 @@ _OPENED: dict[int, Granule] = {}
 _TILE_KW: dict[str, Any] = {}
 
 
-def _init_worker(sources: list[Any], tile_kw: dict[str, Any]) -> None:
+def _exit_with_parent() -> None:
+    """In a worker process: exit as soon as the parent is gone (killed with -9 it cannot shut the pool down).
+
+    The spawned worker holds both ends of its task queue, so it would wait for work forever; this
+    thread waits on the parent's sentinel (a pipe that closes when the parent dies) instead."""
+    parent = multiprocessing.parent_process()
+    if parent is None:
+        return
+
+    def watch() -> None:
+        multiprocessing.connection.wait([parent.sentinel])
+        os._exit(1)
+
+    threading.Thread(target=watch, daemon=True, name="ingest-parent-watch").start()
+
+
+def _init_worker(sources: list[Any], tile_kw: dict[str, Any], watch_parent: bool = False) -> None:
     global _SOURCES, _TILE_KW
     _SOURCES, _TILE_KW = sources, tile_kw
     _OPENED.clear()
+    if watch_parent:
+        _exit_with_parent()
 
 
 def _granule(i: int) -> Granule:
@@ -195,8 +216,9 @@ class _Writers:
     """The run's :class:`StoreWriter` per store, opened or created lazily; removes a store this run
     created when a failure leaves it empty (so the root is as it was)."""
 
-    def __init__(self, patch_size: int, storage_options: dict | None, hist_bins: int):
+    def __init__(self, patch_size: int, storage_options: dict | None, hist_bins: int, max_invalid: float):
         self.patch_size, self.storage_options, self.hist_bins = patch_size, storage_options, hist_bins
+        self.max_invalid = max_invalid
         self.writers: dict[str, st.StoreWriter] = {}
         self.created: set[str] = set()
 
@@ -289,7 +311,7 @@ def ingest_granules(granules: Sequence[Granule], out_root: str, *, patch_size: i
 
     # 2. tile (in workers or here) and write (here, serially, in order)
     tile_kw = {"patch_size": patch_size, "max_invalid": max_invalid, "hist_bins": hist_bins, "row_block": row_block}
-    writers = _Writers(patch_size, storage_options, hist_bins)
+    writers = _Writers(patch_size, storage_options, hist_bins, max_invalid)
     tasks = [(i, r0, plan.clip) for i, plan in plans for r0 in plan.strips]
     plan_of = dict(plans)
     bar = None
@@ -300,7 +322,8 @@ def ingest_granules(granules: Sequence[Granule], out_root: str, *, patch_size: i
     executor: cf.Executor
     if workers > 1:
         # spawn, not fork: the parent runs zarr's event-loop thread, which a fork would copy mid-state
-        executor = cf.ProcessPoolExecutor(max_workers=workers, initializer=_init_worker, initargs=(srcs, tile_kw),
+        executor = cf.ProcessPoolExecutor(max_workers=workers, initializer=_init_worker,
+                                          initargs=(srcs, tile_kw, True),
                                           mp_context=multiprocessing.get_context("spawn"))
     else:  # one thread tiles the next strip while this one writes (numpy and blosc release the GIL)
         _init_worker(granules, tile_kw)
@@ -394,7 +417,8 @@ def _consume(results: Iterable, plan_of: dict[int, _Plan], writers: _Writers, su
                                        f"(every pixel is nodata, NaN in a good band, or outside the coverage)")
                 n = offset - start
                 w.commit(granule_id=g.granule_id, source=str(g.path), start=start, count=n,
-                         meta={k: np.concatenate(v) for k, v in meta.items()}, partial=partial)
+                         meta={k: np.concatenate(v) for k, v in meta.items()}, partial=partial,
+                         entry={"max_invalid": writers.max_invalid})
                 s = summary["stores"][plan.url]
                 s["granules_added"].append(g.granule_id)
                 s["patches_added"] += n
@@ -422,6 +446,68 @@ def _finish_summary(summary: dict, storage_options: dict | None) -> None:
         s["n_granules"] = len(w.granules) if w is not None else 0
     secs = summary.get("seconds") or 0.0
     summary["mb_per_s"] = summary["bytes_read"] / 1e6 / secs if secs > 0 else 0.0
+
+
+def retile_granule(w: st.StoreWriter, g: Granule, damaged: Sequence[int] | None = None,
+                   row_block: int = 64) -> int:
+    """Repair: tile ``g`` again exactly as ingest did and rewrite its damaged committed patches in place.
+
+    ``damaged``: store indices to rewrite (None: every patch of the granule). Every patch of the
+    granule that still reads must equal its re-tiling, and the patch positions must equal the
+    stored ``row``/``col`` where those read, else :class:`StoreError` (another product or other
+    settings) before that strip is written. The metadata of the granule is rewritten too.
+    Returns the number of patches rewritten.
+    """
+    e = w.granules.get(g.granule_id)
+    if e is None:
+        raise st.StoreError(f"{w.url}: granule {g.granule_id!r} ({g.path}) is not committed here: nothing to repair")
+    patch_size = int(w.attrs["patch_size"])
+    clip = _validate(g, patch_size)
+    _check_compatible(g, w, w.url, patch_size)
+    start, count = int(e["start"]), int(e["count"])
+    todo = set(range(start, start + count)) if damaged is None else set(damaged)
+    reader = st.PatchStore(w.url, w.storage_options)
+    stored_pos = None
+    try:
+        stored_pos = (reader.meta("row")[start:start + count], reader.meta("col")[start:start + count])
+    except st.StoreError:
+        pass  # lost metadata: positions are checked by count and pixels only
+    h = w.attrs.get("stats_hist") or {}
+    at, rewritten = 0, 0
+    for r0 in strip_starts(g.n_rows, patch_size):
+        t = tile_strip(g, r0, patch_size=patch_size, max_invalid=float(e.get("max_invalid", 0.2)), clip=clip,
+                       hist_bins=int(h.get("bins", DEFAULT_BINS)), row_block=row_block)
+        if at + t.count > count:
+            raise st.StoreError(f"{g.path}: tiling it again gives more than the {count} patches the store holds for "
+                                f"granule {g.granule_id!r}: not the product (or settings) it was ingested from")
+        if stored_pos is not None:
+            rows, cols = stored_pos[0][at:at + t.count], stored_pos[1][at:at + t.count]
+            if not (np.array_equal(rows, t.meta["row"]) and np.array_equal(cols, t.meta["col"])):
+                raise st.StoreError(f"{g.path}: patch positions of rows {r0}.. differ from the store's for granule "
+                                    f"{g.granule_id!r}: not the product it was ingested from")
+        for j in range(t.count):
+            i = start + at + j
+            if i in todo:
+                continue
+            try:
+                px, _ = reader.read(i)
+            except st.StoreError:
+                todo.add(i)  # damaged as well (not in the report): rewrite it too
+                continue
+            if not np.array_equal(px, t.patches[j]):
+                raise st.StoreError(f"{g.path}: patch {i} tiled again differs from the stored one: not the product "
+                                    f"granule {g.granule_id!r} was ingested from; nothing more rewritten")
+        for j in range(t.count):
+            if start + at + j in todo:
+                w.rewrite(g.granule_id, at + j, t.patches[j:j + 1], t.valid[j:j + 1])
+                rewritten += 1
+        if t.count:
+            w.rewrite_meta(g.granule_id, at, t.meta)
+        at += t.count
+    if at != count:
+        raise st.StoreError(f"{g.path}: tiling it again gives {at} patches, the store holds {count} for granule "
+                            f"{g.granule_id!r}: not the product (or settings) it was ingested from")
+    return rewritten
 
 
 def ingest(inputs: Sequence[str | Path] | str | Path, out_root: str | Path, *, patch_size: int = 256,

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -22,6 +23,6 @@ def run(args: argparse.Namespace) -> int:
     from data_prep.wds import export_wds
 
     res = export_wds(args.store, args.out, maxcount=args.maxcount, maxsize=args.maxsize,
-                     progress=not args.no_progress)
+                     progress=not args.no_progress and sys.stderr.isatty())
     print(json.dumps(res))
     return 0

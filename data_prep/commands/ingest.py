@@ -33,7 +33,7 @@ def run(args: argparse.Namespace) -> int:
     from data_prep.ingest import ingest
 
     summary = ingest(args.inputs, args.out, patch_size=args.patch_size, max_invalid=args.max_invalid,
-                     workers=args.workers, shard=args.shard, progress=not args.no_progress,
+                     workers=args.workers, shard=args.shard, progress=not args.no_progress and sys.stderr.isatty(),
                      keep_going=args.keep_going)
     if args.json:
         print(json.dumps(summary))

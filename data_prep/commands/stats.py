@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 
 import numpy as np
 
@@ -30,7 +31,7 @@ def run(args: argparse.Namespace) -> int:
     if args.from_accumulator:
         acc = store.partials()
     else:
-        acc = recompute(store, progress=not args.no_progress)
+        acc = recompute(store, progress=not args.no_progress and sys.stderr.isatty())
     new = acc.band_stats()
     old = store.attrs.get("stats")
     diff = None

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -143,3 +144,82 @@ def test_ingest_cli_stops_on_a_truncated_product_and_writes_nothing(tmp_path, ca
     err = capsys.readouterr().err
     assert err.startswith("error: ") and hdr.stem in err
     assert not out.exists()
+
+
+# ---------------------------------------------------------------- damaged stores: verify, repair, stats, inspect
+def _two_products(tmp_path):
+    formats = pytest.importorskip("data_prep.formats")
+    d = tmp_path / "in"
+    for k in range(2):
+        formats.write_product(d, sensor="aviris-ng", level="L1", name=f"ang2020010{k}t000000_rdn",
+                              cube=make_cube(rows=32, cols=32, sensor="aviris-ng", seed=10 + k) * 10)
+    return d
+
+
+def _shard(url, array, i):
+    return Path(url, array, "c", str(i), *(["0"] * (3 if array == "patches" else 2)))
+
+
+def test_verify_repair_rewrites_damaged_granules_from_their_products(tmp_path, capsys):
+    d = _two_products(tmp_path)
+    out, ref = str(tmp_path / "root"), str(tmp_path / "ref")
+    for r in (out, ref):
+        assert main(["ingest", str(d), "--out", r, "--patch-size", "16", "--no-progress"]) == 0
+    url = st.store_url(out, "aviris-ng", "L1")
+    assert main(["verify", url]) == 0 and "whole" in capsys.readouterr().out
+    _shard(url, "patches", 1).unlink()  # granule 0
+    f = _shard(url, "valid", 6)  # granule 1
+    f.write_bytes(f.read_bytes()[:10])
+    Path(url, "meta", "gsd", "c", "0").unlink()
+    # one product given: its granule is rewritten, the other is reported as not given
+    assert main(["verify", url, "--json", "--repair", str(d / "ang20200100t000000_rdn.hdr")]) == 1
+    rep = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert rep["repair"]["before"] == {"missing": [1], "corrupt": [6], "nan": []}
+    assert rep["repair"]["repaired"] == ["ang20200100t000000_rdn"] and rep["corrupt"] == [6]
+    assert [n["granule"] for n in rep["repair"]["not_given"]] == ["ang20200101t000000_rdn"]
+    assert main(["verify", url, "--repair", str(d)]) == 0
+    assert "whole" in capsys.readouterr().out
+    a, b = PatchStore(url), PatchStore(st.store_url(ref, "aviris-ng", "L1"))
+    np.testing.assert_array_equal(a.read_range(0, 8)[0], b.read_range(0, 8)[0])
+    np.testing.assert_array_equal(a.read_range(0, 8)[1], b.read_range(0, 8)[1])
+    for k in st.META_FIELDS:
+        np.testing.assert_array_equal(a.meta(k), b.meta(k))
+    assert a.attrs["stats"] == b.attrs["stats"] and a.attrs["granules"] == b.attrs["granules"]
+
+
+def test_verify_repair_refuses_another_product(tmp_path, capsys):
+    formats = pytest.importorskip("data_prep.formats")
+    d = _two_products(tmp_path)
+    out = str(tmp_path / "root")
+    assert main(["ingest", str(d), "--out", out, "--patch-size", "16", "--no-progress"]) == 0
+    url = st.store_url(out, "aviris-ng", "L1")
+    _shard(url, "patches", 0).unlink()
+    other = tmp_path / "other"  # same name (granule id), other pixels
+    formats.write_product(other, sensor="aviris-ng", level="L1", name="ang20200100t000000_rdn",
+                          cube=make_cube(rows=32, cols=32, sensor="aviris-ng", seed=99) * 10)
+    before = PatchStore(url).read(1)[0]
+    assert main(["verify", url, "--repair", str(other)]) == 2
+    assert "differs from the stored one" in capsys.readouterr().err
+    np.testing.assert_array_equal(PatchStore(url).read(1)[0], before)
+
+
+def test_stats_dry_run_on_a_corrupt_store_is_a_clear_error(root, capsys):
+    url = st.store_url(root, "enmap", "L2")
+    f = _shard(url, "patches", 3)
+    f.write_bytes(np.random.default_rng(0).integers(0, 256, f.stat().st_size, dtype=np.uint8).tobytes())
+    for extra in ([], ["--dry-run"]):
+        assert main(["stats", url, "--no-progress", *extra]) == 2
+        err = capsys.readouterr().err
+        assert err.startswith("error: ") and "patch 3: failed to read" in err and "verify" in err
+        assert "Traceback" not in err and "cannot schedule" not in err
+
+
+def test_inspect_warns_when_shard_objects_are_missing(root, capsys):
+    url = st.store_url(root, "enmap", "L2")
+    assert main(["inspect", url]) == 0 and "warning" not in capsys.readouterr().err
+    _shard(url, "patches", 2).unlink()
+    assert main(["inspect", url, "--json"]) == 0
+    cap = capsys.readouterr()
+    d = json.loads(cap.out.strip().splitlines()[-1])["stores"][0]
+    assert d["shard_objects"] == {"patches": 5, "valid": 6} and d["missing_objects"] == {"patches": [2]}
+    assert "warning: " in cap.err and "5 shard objects for 6 committed patches: 1 missing (patches [2])" in cap.err
