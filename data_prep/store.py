@@ -485,7 +485,7 @@ class StoreWriter:
             _create_accumulator(g, n_bands, hist_bins)
             extra = {"stats_hist": {"lo": float(hist_range[0]), "hi": float(hist_range[1]), "bins": int(hist_bins)},
                      "stats_slot": -1}
-        g.attrs.update({
+        g.update_attributes({
             "schema_version": SCHEMA_VERSION,
             "sensor": sensor,
             "level": level,
@@ -685,7 +685,9 @@ class StoreWriter:
                 update["good_bands"] = [bool(b) for b in gb]
         granules = dict(a["granules"])
         granules[granule_id] = {**(entry or {}), "start": start, "count": count, "source": source}
-        g.attrs.update({"granules": granules, "n_patches": stop, **update})
+        # ONE metadata write (zarr's ``attrs.update`` would write once per key: a kill between them left
+        # n_patches committed with the statistics of the granule before)
+        g.update_attributes({"granules": granules, "n_patches": stop, **update})
 
     def append(self, *, granule_id: str, source: str, patches: np.ndarray, valid: np.ndarray,
                meta: dict[str, np.ndarray], partial: PartialStats | None = None) -> tuple[int, int]:
@@ -716,7 +718,7 @@ class StoreWriter:
         A store without an accumulator gets only ``stats``."""
         a = dict(self.group.attrs)
         if "stats_acc" in self.group and a.get("stats_hist"):
-            self.group.attrs.update(self._stage_statistics(total, a))
+            self.group.update_attributes(self._stage_statistics(total, a))
         else:
             self.write_stats(total.band_stats())
 
@@ -729,7 +731,7 @@ class StoreWriter:
         reserved = {"schema_version", "n_patches", "granules", "stats", "stats_slot", "stats_hist"} & set(attrs)
         if reserved:
             raise StoreError(f"{self.url}: {sorted(reserved)} are written by commits only")
-        self.group.attrs.update(attrs)
+        self.group.update_attributes(attrs)
 
     def remove(self) -> None:
         """Delete the whole store (ingest removes a store it created when nothing was committed to it)."""

@@ -96,7 +96,7 @@ def test_round_trip_equals_clipped_input_with_metadata(tmp_path):
     assert s.meta("lat")[0] == pytest.approx(45.0 + 16e-4) and s.meta("lon")[0] == pytest.approx(7.0 + 16e-4)
     assert s.meta("time")[0] == int(dt.datetime(2024, 5, 1, 10, 30, tzinfo=dt.UTC).timestamp())
     np.testing.assert_allclose(s.meta("valid_fraction"), [v.mean() for *_, v in ref], rtol=1e-6)
-    assert s.attrs["granules"]["g0"] == {"start": 0, "count": len(ref), "source": g.path}
+    assert s.attrs["granules"]["g0"] == {"start": 0, "count": len(ref), "source": g.path, "max_invalid": 0.2}
     assert g.read_rows.max_rows <= 32  # read a strip at a time, never the whole granule
 
 

@@ -192,3 +192,31 @@ def test_commit_records_a_granules_own_band_table_and_ands_its_good_bands(tmp_pa
     np.testing.assert_array_equal(s.band_table(1)[0], own)
     with pytest.raises(TypeError):
         w.attrs["n_patches"] = 0  # the writer's view is read-only: writes go through its methods
+
+
+def test_a_commit_is_one_metadata_write(tmp_path, monkeypatch):
+    """The commit point: n_patches, manifest, stats and stats_slot change in ONE write of the group's zarr.json
+    (zarr's attrs.update writes once per key: a kill in between would commit patches with stale statistics)."""
+    from zarr.core.group import AsyncGroup
+
+    from data_prep.stats import PartialStats
+
+    w = create_store(str(tmp_path / "s.zarr"), sensor="emit", level="L2", wavelengths_nm=np.linspace(400, 900, 8),
+                     fwhm_nm=np.ones(8), good_bands=np.ones(8, bool), patch_size=8, hist_range=(0.0, 1.0))
+    x, v = np.full((1, 8, 8, 8), 0.5, np.float16), np.ones((1, 8, 8), bool)
+    part = PartialStats.empty(8, 0.0, 1.0)
+    part.add_patch(x[0], v[0])
+    start = w.begin()
+    w.write(start, x, v)
+    writes = []
+    orig = AsyncGroup._save_metadata
+
+    async def counting(self, *a, **k):
+        writes.append(dict(self.metadata.attributes))
+        return await orig(self, *a, **k)
+
+    monkeypatch.setattr(AsyncGroup, "_save_metadata", counting)
+    meta = {"row": [0], "col": [0], "lat": [0.0], "lon": [0.0], "time": [NO_TIME], "gsd": [30.0], "valid_fraction": [1.0]}
+    w.commit(granule_id="a", source="a", start=start, count=1, meta=meta, partial=part)
+    assert len(writes) == 1
+    assert writes[0]["n_patches"] == 1 and writes[0]["stats_slot"] == 0 and writes[0]["stats"]["count"][0] == 64
