@@ -56,8 +56,6 @@ def pretrain_briefly(out: Path, manifest: str, steps: int = 150) -> Path:
     model = build_model("debug")
     opt = torch.optim.AdamW(model.parameters(), lr=1e-3, weight_decay=0.05)
     g = np.random.default_rng(0)
-    from data_prep.registry import level_index, sensor_index
-
     for _ in range(steps):
         cube, spec = cubes[g.integers(len(cubes))]
         c = cube.shape[0]
@@ -70,7 +68,8 @@ def pretrain_briefly(out: Path, manifest: str, steps: int = 150) -> Path:
         batch = {"pixels": torch.from_numpy(np.stack(xs)).float(),
                  "wavelengths": torch.from_numpy(spec.wavelengths[b0:b0 + nb]).float().expand(8, -1),
                  "fwhm": torch.from_numpy(spec.fwhm[b0:b0 + nb]).float().expand(8, -1),
-                 "sensor": torch.full((8,), sensor_index(spec.sensor)), "level": torch.full((8,), level_index(spec.level))}
+                 "sensor": torch.full((8,), model.vocab.sensor_index(spec.sensor)),
+                 "level": torch.full((8,), model.vocab.level_index(spec.level))}
         loss = model(batch)["loss"]
         opt.zero_grad()
         loss.backward()
@@ -85,8 +84,7 @@ def random_twin(enc: Encoder, seed: int = 0) -> Encoder:
 
     inner = enc.inner
     torch.manual_seed(seed)
-    fresh = SpectralEncoder(ModelArgs.from_dict(enc.args["args"]), inner.sensor_names, inner.level_names,
-                            compute_text=False)
+    fresh = SpectralEncoder(ModelArgs.from_dict(enc.args["args"]), inner.vocab, compute_text=False)
     bufs = dict(inner.named_buffers())
     for name, b in fresh.named_buffers():
         if name in bufs:

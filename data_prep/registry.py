@@ -3,9 +3,10 @@
 Adding a sensor is a YAML file, no code. Every part of specfm that needs to know a sensor's
 bands, levels, nodata or clipping reads them from here.
 
-The vocabulary used in batches (``sensor`` and ``level`` indices) is derived from the registry:
-index 0 is always ``"unknown"`` (sensor-name dropout, unseen sensors), then the registry's
-sensor names in sorted order. Levels are ``("unknown", "L1", "L2")``.
+A fresh run's vocabulary (``pretrain.models.vocab.Vocabulary.from_registry``) comes from the registry:
+index 0 is always ``"unknown"`` (sensor-name dropout, unseen sensors), then the registry's sensor names in
+sorted order; levels are ``("unknown", "L1", "L2")``. After that the vocabulary travels with the model
+(checkpoint, export), so editing the registry never re-maps an existing run's indices.
 """
 
 from __future__ import annotations
@@ -168,14 +169,3 @@ def get_sensor(name: str) -> Sensor:
 def sensor_vocab() -> tuple[str, ...]:
     """Index 0 is ``unknown``; then the registry's sensor names, sorted."""
     return (UNKNOWN, *sorted(load_registry()))
-
-
-def sensor_index(name: str | None) -> int:
-    """Index of a sensor name in :func:`sensor_vocab`; None or an unseen name gives 0 (unknown)."""
-    vocab = sensor_vocab()
-    return vocab.index(name) if name in vocab else 0
-
-
-def level_index(level: str | None) -> int:
-    """Index of a level in :data:`LEVELS`; None or an unseen level gives 0 (unknown)."""
-    return LEVELS.index(level) if level in LEVELS else 0

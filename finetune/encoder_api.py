@@ -10,8 +10,10 @@ Wraps the encoder exported by ``pretrain.models.export.save_encoder`` (``encoder
 ``pixels`` is ``[B, C, H, W]`` (any C; H and W multiples of ``enc.patch_size``), ``wavelengths`` and
 ``fwhm`` are ``[B, C]`` or ``[C]`` in nm. ``sensor`` / ``level`` are a name, a list of B names, or
 None; None or a name the export's vocabulary does not hold means "unknown" (index 0, warned once per name).
-Names are matched as pretraining wrote them: sensors case-insensitively ("EMIT" is "emit"), levels by their
-product-level family ("l2", "L2A", "L2B" are "L2"; "L1B", "L1C" are "L1").
+Names are mapped by the export's own vocabulary (:class:`pretrain.models.vocab.Vocabulary`, the map
+pretraining used): sensors case-insensitively ("EMIT" is "emit"), levels by their product-level family
+("l2", "L2A", "L2B" are "L2"; "L1B", "L1C" are "L1"). Loading is ``pretrain.models.export``'s, with its
+:class:`ExportError`.
 
 Inputs should be prepared as pretraining prepared them (``pretrain.data.reader.normalise_into``): bad
 bands (the registry's water-vapour and edge ranges) dropped, each band clipped to its 1st/99th percentile and
@@ -23,7 +25,6 @@ export was trained with ``gsd_pos``).
 
 from __future__ import annotations
 
-import json
 import warnings
 from collections.abc import Sequence
 from pathlib import Path
@@ -31,33 +32,14 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from data_prep.errors import UserError
-from data_prep.registry import LEVELS, sensor_vocab
+from pretrain.models.export import EXPORT_FILES, ExportError, export_dir, read_meta
+from pretrain.models.vocab import Vocabulary
 
-EXPORT_FILES = ("encoder.safetensors", "model_args.json")
-
-
-class ExportError(UserError):
-    """An encoder export is missing, incomplete or does not match the model code."""
-
+__all__ = ["EXPORT_FILES", "Encoder", "ExportError", "check_export", "load_encoder", "wrap_encoder"]
 
 Names = str | Sequence[str | None] | None
 
 _WARNED: set[tuple[str, str]] = set()
-
-
-def canonical_name(name: str, vocab: Sequence[str]) -> str | None:
-    """``name`` as spelled in ``vocab`` (exact, then case-insensitive, then a level family such as
-    "L2A" -> "L2"); None when the vocabulary does not hold it."""
-    if name in vocab:
-        return name
-    low = {v.lower(): v for v in vocab}
-    key = str(name).strip().lower()
-    if key in low:
-        return low[key]
-    if len(key) >= 3 and key[0] == "l" and key[1].isdigit() and key[2:].isalpha() and key[:2] in low:
-        return low[key[:2]]
-    return None
 
 
 class Encoder(nn.Module):
@@ -68,10 +50,19 @@ class Encoder(nn.Module):
         self.inner = inner
         self.args = dict(args or {})
         self.source = source
-        vocab = self.args.get("sensor_vocab")
-        self.sensor_vocab: tuple[str, ...] = tuple(vocab) if vocab else sensor_vocab()
-        levels = self.args.get("level_vocab") or self.args.get("levels")
-        self.levels: tuple[str, ...] = tuple(levels) if levels else LEVELS
+        vocab = getattr(inner, "vocab", None)
+        if not isinstance(vocab, Vocabulary):
+            raise TypeError(f"the encoder API needs an encoder with a .vocab (pretrain.models.vocab.Vocabulary), "
+                            f"got {type(inner).__name__}")
+        self.vocab = vocab
+
+    @property
+    def sensor_vocab(self) -> tuple[str, ...]:
+        return self.vocab.sensors
+
+    @property
+    def levels(self) -> tuple[str, ...]:
+        return self.vocab.levels
 
     @property
     def embed_dim(self) -> int:
@@ -115,7 +106,7 @@ class Encoder(nn.Module):
         # A frozen encoder stays in eval mode even when the head around it trains.
         return super().train(mode and not self.frozen)
 
-    def _indices(self, names: Names, vocab: Sequence[str], batch: int, device: torch.device) -> torch.Tensor | None:
+    def _indices(self, names: Names, kind: str, batch: int, device: torch.device) -> torch.Tensor | None:
         if names is None:
             return None
         if isinstance(names, str):
@@ -123,14 +114,15 @@ class Encoder(nn.Module):
         names = list(names)
         if len(names) != batch:
             raise ValueError(f"got {len(names)} names for a batch of {batch}")
+        vocab = self.vocab.sensors if kind == "sensor" else self.vocab.levels
         idx = []
         for n in names:
-            c = None if n is None else canonical_name(n, vocab)
-            if n is not None and c is None and (n, vocab[-1]) not in _WARNED:
+            i = self.vocab.lookup(n, kind)
+            if n is not None and i is None and (n, vocab[-1]) not in _WARNED:
                 _WARNED.add((n, vocab[-1]))
                 warnings.warn(f"{n!r} is not in the encoder's vocabulary {list(vocab)}; using 'unknown' (index 0)",
                               stacklevel=4)
-            idx.append(0 if c is None else vocab.index(c))
+            idx.append(i or 0)
         return torch.tensor(idx, dtype=torch.int64, device=device)
 
     def _prepare(self, pixels, wavelengths, fwhm, sensor, level):
@@ -148,8 +140,8 @@ class Encoder(nn.Module):
             fw = fw.expand(b, -1)
         if wl.shape != (b, c) or fw.shape != (b, c):
             raise ValueError(f"wavelengths {tuple(wl.shape)} and fwhm {tuple(fw.shape)} must be [B, C] = [{b}, {c}]")
-        s = self._indices(sensor, self.sensor_vocab, b, pixels.device)
-        lv = self._indices(level, self.levels, b, pixels.device)
+        s = self._indices(sensor, "sensor", b, pixels.device)
+        lv = self._indices(level, "level", b, pixels.device)
         return pixels.float(), wl.contiguous(), fw.contiguous(), s, lv
 
     def forward(self, pixels: torch.Tensor, wavelengths: torch.Tensor, fwhm: torch.Tensor,
@@ -193,38 +185,18 @@ class Encoder(nn.Module):
 
 
 def check_export(path: str | Path) -> Path:
-    """The export directory, or an ExportError naming what is missing."""
-    p = Path(path)
-    if p.is_file() and p.name in EXPORT_FILES:
-        p = p.parent
-    if not p.is_dir():
-        raise ExportError(f"encoder export {p} does not exist; expected a directory holding {', '.join(EXPORT_FILES)} "
-                          "(written by pretrain.models.export.save_encoder)")
-    missing = [f for f in EXPORT_FILES if not (p / f).is_file()]
-    if missing:
-        raise ExportError(f"encoder export {p} lacks {', '.join(missing)}; expected {', '.join(EXPORT_FILES)} "
-                          "(written by pretrain.models.export.save_encoder)")
-    try:
-        json.loads((p / "model_args.json").read_text())
-    except json.JSONDecodeError as e:
-        raise ExportError(f"{p / 'model_args.json'} is not valid JSON: {e}") from e
+    """The export directory, or an :class:`ExportError` naming what is missing or malformed."""
+    p = export_dir(path)
+    read_meta(p)
     return p
 
 
 def load_encoder(path: str | Path, map_location: str = "cpu") -> Encoder:
     """Load an exported encoder (safetensors + model_args.json) as an :class:`Encoder`."""
-    p = check_export(path)
     from pretrain.models.export import load_encoder as _load
 
-    args = json.loads((p / "model_args.json").read_text())
-    try:
-        inner = _load(p, map_location=map_location)
-    except ExportError:
-        raise
-    except (RuntimeError, KeyError, ValueError, TypeError) as e:
-        raise ExportError(f"encoder export {p} does not match the model code (model_args.json: "
-                          f"{args.get('name', '?')}): {e}") from e
-    return Encoder(inner, args, source=str(p)).eval()
+    p = check_export(path)
+    return Encoder(_load(p, map_location=map_location), read_meta(p), source=str(p)).eval()
 
 
 def wrap_encoder(inner: nn.Module, args: dict | None = None) -> Encoder:

@@ -19,6 +19,7 @@ from torch import nn
 
 from data_prep.configtree import import_object
 from pretrain.config import ConfigError, TrainConfig
+from pretrain.models.vocab import Vocabulary
 
 if TYPE_CHECKING:
     from pretrain.plan import Plan
@@ -151,26 +152,30 @@ def check_zero_support(cfg: TrainConfig) -> None:
                           "encoder is updated outside DeepSpeed's gather hooks); use zero_stage 0, 1 or 2")
 
 
-def construct_model(plan: Plan) -> nn.Module:
+def construct_model(plan: Plan, vocab: Vocabulary | None = None) -> nn.Module:
     """Build ``cfg.model`` with its builder; under ZeRO-3, inside ``deepspeed.zero.Init`` when the builder
-    says its models support it.
+    says its models support it (``zero_init_safe = True``: the shipped :func:`pretrain.models.build_model`).
 
     Under ``zero.Init`` each module's parameters are broadcast from rank 0 and partitioned as soon as that
-    module's ``__init__`` returns, so no rank ever holds the whole model. That is only correct for models
-    that initialise a parameter inside the ``__init__`` of the module owning it or through
-    ``Module.apply`` (which DeepSpeed gathers): a parent that writes a child's parameters in place after
-    the child exists (``init_weights(self.blocks)`` looping over ``modules()``, scaling a child Linear's
-    weight) finds an empty partition there. A builder declares support with the attribute
-    ``zero_init_safe = True``; without it the model is built whole and ``deepspeed.initialize``
-    partitions it (a transient full copy per rank at build time).
+    module's ``__init__`` returns, so no rank ever holds the whole model. That is exact for models that
+    follow :mod:`pretrain.models.contract` (every module initialises only its own parameters, in its own
+    ``__init__`` or through ``Module.apply``, which DeepSpeed gathers): rank 0 then draws exactly what
+    the whole model draws from the same seed. A builder without the flag is built whole and
+    ``deepspeed.initialize`` partitions it (a transient full copy per rank at build time).
+
+    ``vocab`` (a :class:`~pretrain.models.vocab.Vocabulary`: a resumed run's or a previous stage's) is
+    passed to builders that take a ``vocab`` argument.
     """
     cfg = plan.cfg
     check_zero_support(cfg)
     build_model = import_object(cfg.model.builder)
     m = cfg.model
+    kw = dict(m.overrides)
+    if vocab is not None and "vocab" in inspect.signature(build_model).parameters:
+        kw["vocab"] = vocab
 
     def build() -> nn.Module:
-        return build_model(m.name, objective=m.objective, **m.overrides)
+        return build_model(m.name, objective=m.objective, **kw)
 
     if cfg.parallel.zero_stage == 3 and getattr(build_model, "zero_init_safe", False):
         import deepspeed
@@ -178,6 +183,47 @@ def construct_model(plan: Plan) -> nn.Module:
         with deepspeed.zero.Init(config_dict_or_path=plan.deepspeed):
             return build()
     return build()
+
+
+def stage_vocabulary(resume_tag: Path | None, init_export: Path | None) -> tuple[Vocabulary, Vocabulary]:
+    """``(build, run)`` vocabularies of a stage: the model is built with ``build`` (so a previous stage's
+    export loads into it exactly), then extended to ``run`` (:func:`extend_vocabulary`) before the engine.
+
+    ``build``: the init export's vocabulary, else the checkpoint's (a resumed first stage), else the
+    registry's (a fresh run). ``run``: the checkpoint's when resuming (recorded by the trainer in the
+    checkpoint's ``client_state["vocab"]``), else ``build`` with any registry sensor it lacks appended. So
+    indices never move: a sensor YAML added or renamed later only ever appends, at a stage's start.
+    A checkpoint whose vocabulary does not extend the export's is a :class:`CheckpointError`.
+    """
+    import json
+
+    from pretrain.checkpoint import MARKER, CheckpointError
+    from pretrain.models.export import read_vocab
+
+    saved = None
+    if resume_tag is not None:
+        client = json.loads((Path(resume_tag) / MARKER).read_text()).get("client_state") or {}
+        if "vocab" in client:
+            saved = Vocabulary.from_json(client["vocab"], f"{resume_tag / MARKER}: client_state.vocab")
+    exported = read_vocab(init_export) if init_export is not None else None
+    registry = Vocabulary.from_registry()
+    build = exported or saved or registry
+    run = saved or build.extended(registry.sensors)
+    if run.sensors[:len(build.sensors)] != build.sensors or run.levels != build.levels:
+        raise CheckpointError(f"checkpoint {resume_tag}: its vocabulary {list(run.sensors)} does not extend the "
+                              f"vocabulary {list(build.sensors)} of the export {init_export} it started from")
+    return build, run
+
+
+def extend_vocabulary(model: nn.Module, vocab: Vocabulary | None) -> None:
+    """Append the names of ``vocab`` that ``model.vocab`` lacks (``model.add_sensor``; before the engine)."""
+    have = getattr(model, "vocab", None)
+    if have is None or vocab is None:
+        return
+    for name in vocab.sensors[len(have.sensors):]:
+        model.add_sensor(name)
+    if model.vocab != vocab:
+        raise RuntimeError(f"model vocabulary {list(model.vocab.sensors)} did not extend to {list(vocab.sensors)}")
 
 
 def encoder_state(model: nn.Module) -> dict[str, torch.Tensor]:
@@ -191,44 +237,17 @@ def encoder_state(model: nn.Module) -> dict[str, torch.Tensor]:
         return {k: v.detach().clone() for k, v in enc.state_dict().items()}
 
 
-class _Checkpointed(nn.Module):
-    """Recomputes a block's forward in the backward pass (activation checkpointing)."""
-
-    def __init__(self, block: nn.Module):
-        super().__init__()
-        self.block = block
-
-    def forward(self, *args: Any, **kwargs: Any) -> Any:
-        if not self.training:
-            return self.block(*args, **kwargs)
-        return torch.utils.checkpoint.checkpoint(self.block, *args, use_reentrant=False, **kwargs)
-
-
-def enable_activation_checkpointing(model: nn.Module) -> int:
-    """Wrap every ``blocks`` ModuleList (encoder and decoder) in the model; returns blocks wrapped.
-
-    The export unwraps them again first (:func:`export_encoder`), so exported parameter names do not change.
-    """
-    n = 0
-    for mod in list(model.modules()):
-        blocks = getattr(mod, "blocks", None)
-        if isinstance(blocks, nn.ModuleList):
-            for i, b in enumerate(blocks):
-                if not isinstance(b, _Checkpointed):
-                    blocks[i] = _Checkpointed(b)
-                    n += 1
-    if n == 0:
-        raise ConfigError("model.activation_checkpointing: the model has no 'blocks' ModuleList to checkpoint")
-    return n
-
-
-def disable_activation_checkpointing(model: nn.Module) -> None:
-    for mod in list(model.modules()):
-        blocks = getattr(mod, "blocks", None)
-        if isinstance(blocks, nn.ModuleList):
-            for i, b in enumerate(blocks):
-                if isinstance(b, _Checkpointed):
-                    blocks[i] = b.block
+def apply_activation_checkpointing(model: nn.Module, cfg: TrainConfig) -> None:
+    """``model.activation_checkpointing``: the model's own switch (the contract's ``set_grad_checkpointing``,
+    which recomputes each block of its transformer stacks in backward; parameter names do not change)."""
+    if not cfg.model.activation_checkpointing:
+        return
+    fn = getattr(model, "set_grad_checkpointing", None)
+    if not callable(fn):
+        raise ConfigError(f"model.activation_checkpointing: the model built by {cfg.model.builder!r} "
+                          f"({type(model).__name__}) has no set_grad_checkpointing(enabled) (see "
+                          f"pretrain.models.contract)")
+    fn(True)
 
 
 def build_engine(model: nn.Module, plan: Plan) -> Any:
@@ -236,11 +255,7 @@ def build_engine(model: nn.Module, plan: Plan) -> Any:
     import deepspeed
 
     cfg = plan.cfg
-    if cfg.model.activation_checkpointing:
-        if hasattr(model, "set_grad_checkpointing"):
-            model.set_grad_checkpointing(True)
-        else:
-            enable_activation_checkpointing(model)
+    apply_activation_checkpointing(model, cfg)
     opt = torch.optim.AdamW(param_groups(model, cfg.optim.weight_decay), lr=cfg.optim.lr,
                             betas=tuple(cfg.optim.betas), eps=cfg.optim.eps)
     engine, _, _, _ = deepspeed.initialize(model=model, optimizer=opt, config=plan.deepspeed)
@@ -259,9 +274,6 @@ def export_encoder(engine: Any, plan: Plan, out_dir: Path, rank: int, extra: dic
     cfg = plan.cfg
     exporter = import_object(cfg.model.exporter)
     model = engine.module
-    wrapped = cfg.model.activation_checkpointing and not hasattr(model, "set_grad_checkpointing")
-    if wrapped:
-        disable_activation_checkpointing(model)
     kw = {"extra": extra} if extra and "extra" in inspect.signature(exporter).parameters else {}
     if cfg.parallel.zero_stage == 3:
         # only the encoder is written: gather only its parameters (the decoder stays partitioned)
@@ -271,35 +283,24 @@ def export_encoder(engine: Any, plan: Plan, out_dir: Path, rank: int, extra: dic
                 exporter(model, out_dir, **kw)
     elif rank == 0:
         exporter(model, out_dir, **kw)
-    if wrapped:
-        enable_activation_checkpointing(model)
     dist.barrier()
 
 
 def load_export_into(model: nn.Module, export_dir: Path) -> None:
-    """Initialise ``model.encoder`` from a previous stage's ``encoder.safetensors`` (strict, clear errors).
+    """Initialise ``model.encoder`` from a previous stage's export (strict; :class:`ExportError` otherwise).
 
-    A partitioned encoder (built under ``zero.Init``) is gathered with ``modifier_rank=0``: every rank reads
-    the same file and loads it (buffers are not partitioned, so each rank needs them), rank 0's parameters
-    are then partitioned out to all. Collective in that case: call it on every rank.
+    Names and full shapes must match (:func:`pretrain.models.export.check_fits`), and, where both the export
+    and the model carry a vocabulary, the vocabularies too. A partitioned encoder (built under
+    ``zero.Init``) is gathered with ``modifier_rank=0``: every rank reads the same file and loads it
+    (buffers are not partitioned, so each rank needs them), rank 0's parameters are then partitioned out to
+    all. Collective in that case: call it on every rank.
     """
-    from pretrain.models.export import read_weights
+    from pretrain.models import export
 
-    f = Path(export_dir) / "encoder.safetensors"
-    if not f.is_file():
-        raise ConfigError(f"export {export_dir} has no encoder.safetensors: the stage it comes from has not "
-                          f"finished (or init_from points at the wrong directory)")
-    sd = read_weights(f)
     enc = model.encoder
-    own = {n: tuple(getattr(p, "ds_shape", p.shape)) for n, p in enc.named_parameters()}
-    keys = set(enc.state_dict())
-    own.update({n: tuple(b.shape) for n, b in enc.named_buffers() if n in keys})
-    bad = [f"{k}: export {list(v.shape)} vs model {list(own[k])}" for k, v in sd.items()
-           if k in own and own[k] != tuple(v.shape)]
-    missing, extra = sorted(set(own) - set(sd)), sorted(set(sd) - set(own))
-    if bad or missing or extra:
-        raise ConfigError(f"export {f} does not fit model.name/overrides of this stage: "
-                          f"{'; '.join(bad[:5])} missing={missing[:5]} unexpected={extra[:5]}")
+    sd = export.read_weights(export_dir)
+    export.check_fits(sd, export.state_shapes(enc), str(export_dir))
+    export.check_vocab(enc, export_dir)
     if not is_partitioned(enc):
         enc.load_state_dict(sd, strict=True)
         return

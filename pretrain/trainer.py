@@ -52,15 +52,22 @@ MetricSource = Callable[[Any, dict, dict], dict[str, float]]
 
 
 class TrainState:
-    """Counters of the running stage; its ``state_dict`` is the checkpoint's ``client_state``."""
+    """Counters of the running stage; its ``state_dict`` is the checkpoint's ``client_state``.
 
-    def __init__(self, stage: StagePlan, global_step: int = 0):
+    It also records the model's vocabulary (``vocab``), which a resumed stage is built with
+    (``engine.stage_vocabulary`` reads it from the marker before the model exists)."""
+
+    def __init__(self, stage: StagePlan, global_step: int = 0, vocab: Any = None):
         self.stage, self.stage_name = stage.index, stage.name
         self.step, self.samples_seen, self.global_step = 0, 0, global_step
+        self.vocab = vocab
 
     def state_dict(self) -> dict[str, Any]:
-        return {"stage": self.stage, "stage_name": self.stage_name, "stage_step": self.step,
-                "global_step": self.global_step, "samples_seen": self.samples_seen}
+        out = {"stage": self.stage, "stage_name": self.stage_name, "stage_step": self.step,
+               "global_step": self.global_step, "samples_seen": self.samples_seen}
+        if self.vocab is not None:
+            out["vocab"] = self.vocab.to_json()
+        return out
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.step, self.samples_seen = int(state["stage_step"]), int(state["samples_seen"])
@@ -131,22 +138,26 @@ class Trainer:
         random.seed(seed)
         if self.cfg.parallel.zero_stage == 3 and self.device.type == "cpu":
             eng.bound_cpu_allocator()  # before the model exists: its tensors are the ones that fragment
-        model = eng.construct_model(self.plan)  # under zero.Init when ZeRO-3 and supported
         init = self.plan.init_export(stage)
+        resume = ckpt.latest_complete(self.layout.checkpoints(stage.name)) if self.cfg.checkpoint.resume else None
+        # the vocabulary travels with the weights (export, checkpoint), never re-derived from the registry
+        build_vocab, run_vocab = eng.stage_vocabulary(resume, init)
+        model = eng.construct_model(self.plan, build_vocab)  # under zero.Init when ZeRO-3 and supported
         if init is not None:
             eng.load_export_into(model, init)
+        eng.extend_vocabulary(model, run_vocab)
+        vocab = getattr(model, "vocab", None)
         checksum = float(sum(v.double().abs().sum() for v in eng.encoder_state(model).values()
                              if v.is_floating_point()))
-        loader = build_loader(stage.data, self.rank, self.world_size)
+        loader = build_loader(stage.data, self.rank, self.world_size, vocab=vocab)
         if stage.steps is not None:
             total = stage.steps
         else:
             total = self.plan.steps_from_batches(stage, int(min(eng.gather_floats(float(loader.num_batches)))))
-        state = TrainState(stage, global_step)
+        state = TrainState(stage, global_step, vocab)
         manager = ckpt.CheckpointManager(self.layout.checkpoints(stage.name), self.cfg.checkpoint.keep,
                                          ckpt.param_shapes(model), client=state,
                                          per_rank={"loader": loader, "rng": ckpt.RNGState()})
-        resume = manager.latest() if self.cfg.checkpoint.resume else None
         if resume is not None:  # before DeepSpeed: another model shape fails here, clearly
             manager.check(resume)
         engine = eng.build_engine(model, self.plan)

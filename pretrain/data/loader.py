@@ -40,6 +40,7 @@ from torchdata.nodes import (
 )
 
 from data_prep.store import PatchStore, StoreError
+from pretrain.models.vocab import Vocabulary
 
 from .config import DataConfig, DataError, LoaderWorkerError
 from .reader import SampleReader, StoreTables, tables_from_store
@@ -328,15 +329,19 @@ def build_plan(cfg: DataConfig, rank: int = 0, world_size: int = 1,
     return plan, infos, (total * cfg.epochs if cfg.epochs else None)
 
 
-def build_loader(cfg: DataConfig, rank: int = 0, world_size: int = 1) -> SpecLoader:
-    """Open and check every source (DataError before any batch), then build this rank's pipeline."""
+def build_loader(cfg: DataConfig, rank: int = 0, world_size: int = 1, vocab: Vocabulary | None = None) -> SpecLoader:
+    """Open and check every source (DataError before any batch), then build this rank's pipeline.
+
+    ``vocab`` maps each store's sensor and level to the batch's ``sensor``/``level`` indices: training passes
+    the model's (``model.vocab``), so the indices are the ones the model was built with; without one (tools,
+    tests) the registry's current vocabulary is used."""
     opened = _open(cfg)
     plan, infos, num_batches = build_plan(cfg, rank, world_size, _opened=opened)
     tables = opened[1]
     subs = Substitutes(infos, opened[2], seed=cfg.seed, crop=cfg.crop, crop_align=cfg.crop_align,
                        sensor_dropout=cfg.sensor_dropout)
     reader = SampleReader(tables, cfg.crop, cfg.storage_options, substitutes=subs,
-                          max_batch_bad=cfg.max_bad_batch_fraction)
+                          max_batch_bad=cfg.max_bad_batch_fraction, vocab=vocab)
     mapper = ParallelMapper(plan, reader, num_workers=cfg.num_workers, in_order=True, method=cfg.worker_type,
                             multiprocessing_context="spawn" if cfg.worker_type == "process" else None)
     watch = WorkerWatchdog(mapper) if cfg.worker_type == "process" and cfg.num_workers > 0 else None

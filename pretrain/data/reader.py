@@ -14,9 +14,9 @@ from typing import Any
 import numpy as np
 import torch
 
-from data_prep.registry import level_index, sensor_index
 from data_prep.spectral import inverse_std, normalise_into
 from data_prep.store import PatchStore
+from pretrain.models.vocab import Vocabulary
 
 from .sampling import Substitutes
 
@@ -80,8 +80,10 @@ class SampleReader:
     """
 
     def __init__(self, tables: dict[str, StoreTables], crop: int, storage_options: dict | None = None, *,
-                 substitutes: Substitutes | None = None, max_batch_bad: float = 0.5):
+                 substitutes: Substitutes | None = None, max_batch_bad: float = 0.5,
+                 vocab: Vocabulary | None = None):
         self.tables = tables
+        self.vocab = vocab if vocab is not None else Vocabulary.from_registry()  # batch sensor/level indices
         self.crop = crop
         self.storage_options = storage_options
         self.substitutes = substitutes
@@ -168,8 +170,9 @@ class SampleReader:
             "wavelengths": torch.from_numpy(t.wavelengths[sel]).expand(n, -1).clone(),
             "fwhm": torch.from_numpy(t.fwhm[sel]).expand(n, -1).clone(),
             "valid": valid,
-            "sensor": torch.tensor([0 if k["drop"] else sensor_index(t.sensor) for k in used], dtype=torch.int64),
-            "level": torch.full((n,), level_index(t.level), dtype=torch.int64),
+            "sensor": torch.tensor([0 if k["drop"] else self.vocab.sensor_index(t.sensor) for k in used],
+                                   dtype=torch.int64),
+            "level": torch.full((n,), self.vocab.level_index(t.level), dtype=torch.int64),
             "gsd": torch.tensor([float(t.gsd[k["index"]]) for k in used], dtype=torch.float32),
             "meta": {
                 "url": [t.url] * n,

@@ -2,6 +2,8 @@
 
 ``encoder(pixels, wavelengths, fwhm, sensor=None, level=None, valid=None, gsd=None) -> [B, N, D]`` for any
 number of bands (fixed within a batch, free between batches; wavelengths may differ per sample).
+``sensor`` / ``level`` are indices into ``encoder.vocab`` (:class:`~pretrain.models.vocab.Vocabulary`),
+which the encoder owns and its export carries.
 """
 
 from __future__ import annotations
@@ -13,64 +15,52 @@ from torch import nn
 
 from .args import ModelArgs, ModelError
 from .hyper import FixedPatchEmbed, HyperEmbedding
-from .layers import Block, init_weights, pos_embed, run_blocks, to_patches
+from .layers import Block, Blocks, pos_embed, to_patches
 from .meta import ContentEncoder, MetaEncoder
-
-
-def default_vocab() -> tuple[list[str], list[str]]:
-    """The registry's sensor vocabulary (``unknown`` first) and the processing levels."""
-    from data_prep.registry import LEVELS, sensor_vocab
-
-    return list(sensor_vocab()), list(LEVELS)
+from .vocab import Vocabulary
 
 
 class SpectralEncoder(nn.Module):
-    """Any-sensor ViT encoder whose patch embedding is generated per band by hypernetworks."""
+    """Any-sensor ViT encoder whose patch embedding is generated per band by hypernetworks.
 
-    def __init__(self, args: ModelArgs, sensor_names: Sequence[str] | None = None,
-                 level_names: Sequence[str] | None = None, compute_text: bool = True) -> None:
+    ``vocab`` defaults to the registry's (:meth:`Vocabulary.from_registry`): a fresh model. Every module
+    initialises its own parameters (see :mod:`pretrain.models.layers`), so this is ``zero.Init``-safe."""
+
+    def __init__(self, args: ModelArgs, vocab: Vocabulary | None = None, compute_text: bool = True) -> None:
         super().__init__()
         self.args = args
         self.embed_dim = args.dim
         self.patch_size = args.patch_size
-        self.grad_checkpointing = False
-        if sensor_names is None or level_names is None:
-            sv, lv = default_vocab()
-            sensor_names = sensor_names if sensor_names is not None else sv
-            level_names = level_names if level_names is not None else lv
+        self.vocab = vocab if vocab is not None else Vocabulary.from_registry()
         if args.patch_embed == "hyper":
             self.content = ContentEncoder(args.patch_size, args.content_hidden, args.cond_dim)
-            self.meta = MetaEncoder(args, list(sensor_names), list(level_names), compute_text=compute_text)
+            self.meta = MetaEncoder(args, self.vocab, compute_text=compute_text)
             self.hyper = HyperEmbedding(args.cond_dim, args.patch_size, args.rank, args.dim)
         else:
             self.fixed = FixedPatchEmbed(args.fixed_bands, args.patch_size, args.dim)
-        self.blocks = nn.ModuleList(Block(args.dim, args.heads, args.mlp_ratio) for _ in range(args.depth))
+        self.blocks = Blocks(Block(args.dim, args.heads, args.mlp_ratio, init="xavier") for _ in range(args.depth))
         self.norm = nn.LayerNorm(args.dim)
-        init_weights(self.blocks)
-        init_weights(self.norm)
 
     # ------------------------------------------------------------------------------------------------------
     @property
     def sensor_names(self) -> list[str]:
-        return self.meta.sensor_names if hasattr(self, "meta") else ["unknown"]
+        return list(self.vocab.sensors)
 
     @property
     def level_names(self) -> list[str]:
-        return self.meta.level_names if hasattr(self, "meta") else ["unknown"]
+        return list(self.vocab.levels)
 
     def add_sensor(self, name: str, text: str | None = None) -> int:
-        """Embed a new sensor name (any string) with MiniLM and return its index for ``sensor``."""
-        return self.meta.add_sensor(name, text)
-
-    def sensor_index(self, name: str | None) -> int:
-        return self.meta.sensor_index(name) if hasattr(self, "meta") else 0
-
-    def level_index(self, name: str | None) -> int:
-        return self.meta.level_index(name) if hasattr(self, "meta") else 0
-
-    def set_grad_checkpointing(self, enabled: bool = True) -> None:
-        """Recompute each ViT block in backward (activation checkpointing) instead of storing it."""
-        self.grad_checkpointing = bool(enabled)
+        """Embed a new sensor name (any string) with MiniLM, append it to the vocabulary and return its
+        index (the existing index when the vocabulary already holds the name). Call before wrapping the
+        model in an optimiser or engine (the text table, a buffer, grows)."""
+        known = self.vocab.lookup(name)
+        if known is not None:
+            return known
+        if hasattr(self, "meta"):
+            self.meta.append_sensor(name, text)
+        self.vocab = self.vocab.extended([name])
+        return len(self.vocab.sensors) - 1
 
     # ------------------------------------------------------------------------------------------------------
     def check_inputs(self, pixels: torch.Tensor, wavelengths: torch.Tensor, fwhm: torch.Tensor) -> None:
@@ -118,7 +108,7 @@ class SpectralEncoder(nn.Module):
 
     def blocks_forward(self, x: torch.Tensor) -> torch.Tensor:
         """ViT blocks and the final norm on a token sequence ``[B,n,D]`` (any subset of tokens)."""
-        return self.norm(run_blocks(self.blocks, x, self.grad_checkpointing))
+        return self.norm(self.blocks(x))
 
     def forward(self, pixels: torch.Tensor, wavelengths: torch.Tensor, fwhm: torch.Tensor,
                 sensor: torch.Tensor | None = None, level: torch.Tensor | None = None,
@@ -141,7 +131,7 @@ class SpectralEncoder(nn.Module):
         x, _ = self.embed(pixels, wavelengths, fwhm, sensor, level, valid, gsd)
         out: dict[int, torch.Tensor] = {}
         for i, blk in enumerate(self.blocks[: want[-1] + 1]):
-            x = run_blocks(nn.ModuleList([blk]), x, self.grad_checkpointing)
+            x = self.blocks.step(blk, x)
             if i in want:
                 out[i] = self.norm(x)
         return [out[(i + depth) if i < 0 else i] for i in layers]

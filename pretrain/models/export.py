@@ -1,23 +1,43 @@
-"""Export the encoder as ``encoder.safetensors`` + ``model_args.json``; load it back with no pickle, no
-DeepSpeed and no text model (the sensor/level text-embedding table is part of the weights)."""
+"""The encoder export: ``encoder.safetensors`` + ``model_args.json``, written and read here only.
+
+``save_encoder`` writes both files atomically (temporary file + ``os.replace``). Reading has one
+implementation for every reader -- ``load_encoder`` (a standalone encoder: ``finetune.load_encoder``,
+benchmarks), ``pretrain.engine.load_export_into`` (the next stage, also partitioned) -- and one error type,
+:class:`ExportError`, whose message names the folder or file, the field or tensor, and what was expected.
+No pickle, no DeepSpeed and no text model are needed to load (the sensor/level text-embedding table is
+part of the weights; the vocabulary it is indexed by is in ``model_args.json``).
+
+``model_args.json``: ``format`` ("specfm-encoder"), ``version`` (1), ``name``, ``args`` (every
+:class:`~pretrain.models.args.ModelArgs` field), ``sensor_vocab`` / ``level_vocab`` (the
+:class:`~pretrain.models.vocab.Vocabulary`), ``embed_dim``, ``patch_size``, ``extra`` (provenance).
+"""
 
 from __future__ import annotations
 
 import json
 import os
 import tempfile
+from collections.abc import Mapping, Sequence
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import nn
 
 from .args import ModelArgs, ModelError
 from .encoder import SpectralEncoder
+from .vocab import Vocabulary
 
 FORMAT = "specfm-encoder"
 VERSION = 1
 WEIGHTS = "encoder.safetensors"
 ARGS = "model_args.json"
+EXPORT_FILES = (WEIGHTS, ARGS)
+_WRITER = "written by pretrain.models.export.save_encoder at the end of a pretraining stage"
+
+
+class ExportError(ModelError):
+    """An encoder export is missing, incomplete, of another format, or does not fit the model."""
 
 
 def _encoder_of(model: nn.Module) -> SpectralEncoder:
@@ -42,8 +62,8 @@ def save_encoder(model: nn.Module, out_dir: str | os.PathLike, state_dict: dict 
     sd = state_dict if state_dict is not None else enc.state_dict()
     tensors = {k: v.detach().to("cpu").contiguous() for k, v in sd.items()}
     meta = {"format": FORMAT, "version": VERSION, "name": enc.args.name, "args": enc.args.to_dict(),
-            "sensor_vocab": list(enc.sensor_names), "level_vocab": list(enc.level_names),
-            "embed_dim": enc.embed_dim, "patch_size": enc.patch_size, "extra": extra or {}}
+            **enc.vocab.to_json(), "embed_dim": enc.embed_dim, "patch_size": enc.patch_size,
+            "extra": extra or {}}
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     fd, tmp_w = tempfile.mkstemp(dir=out, suffix=".tmp")
@@ -57,47 +77,110 @@ def save_encoder(model: nn.Module, out_dir: str | os.PathLike, state_dict: dict 
     return out
 
 
-def read_weights(path: str | os.PathLike, device: str = "cpu") -> dict[str, torch.Tensor]:
-    """The tensors of a ``.safetensors`` file; ModelError naming the file when it is truncated or not one."""
-    from safetensors import SafetensorError
-    from safetensors.torch import load_file
+# ------------------------------------------------------------------------------------------------ reading
+def export_dir(path: str | os.PathLike, need: Sequence[str] = EXPORT_FILES) -> Path:
+    """The export folder (a path to one of its files is taken as its folder) holding the ``need`` files."""
+    p = Path(path)
+    if p.is_file() and p.name in EXPORT_FILES:
+        p = p.parent
+    if not p.is_dir():
+        raise ExportError(f"encoder export {p} does not exist; expected a directory holding "
+                          f"{', '.join(EXPORT_FILES)} ({_WRITER})")
+    missing = [f for f in need if not (p / f).is_file()]
+    if missing:
+        raise ExportError(f"encoder export {p} lacks {', '.join(missing)}; expected {', '.join(EXPORT_FILES)} "
+                          f"({_WRITER})")
+    return p
 
-    try:
-        return load_file(str(path), device=device)
-    except SafetensorError as e:
-        raise ModelError(f"{path}: not a readable safetensors file ({e}); the export is truncated or "
-                         f"overwritten, export it again") from None
 
-
-def load_encoder(out_dir: str | os.PathLike, map_location: str | torch.device = "cpu") -> SpectralEncoder:
-    """Rebuild the encoder from an export folder (eval mode). Clear errors for missing files, another format,
-    or weights whose names/shapes do not match the arguments."""
-    folder = Path(out_dir)
-    jpath, wpath = folder / ARGS, folder / WEIGHTS
-    for pth in (jpath, wpath):
-        if not pth.is_file():
-            raise ModelError(f"{pth}: missing; an encoder export needs {ARGS} and {WEIGHTS}")
+def read_meta(path: str | os.PathLike) -> dict[str, Any]:
+    """``model_args.json`` of an export, checked: valid JSON, this format and version, the vocabulary."""
+    jpath = export_dir(path) / ARGS
     try:
         meta = json.loads(jpath.read_text())
     except json.JSONDecodeError as e:
-        raise ModelError(f"{jpath}: not valid JSON: {e}") from e
+        raise ExportError(f"{jpath}: not valid JSON: {e}") from e
+    if not isinstance(meta, dict):
+        raise ExportError(f"{jpath}: expected a JSON object at the top level")
     if meta.get("format") != FORMAT:
-        raise ModelError(f"{jpath}: field 'format' is {meta.get('format')!r}, expected {FORMAT!r}")
+        raise ExportError(f"{jpath}: field 'format' is {meta.get('format')!r}, expected {FORMAT!r}")
     if meta.get("version") != VERSION:
-        raise ModelError(f"{jpath}: field 'version' is {meta.get('version')!r}, this code reads {VERSION}")
-    args = ModelArgs.from_dict(meta["args"])
-    enc = SpectralEncoder(args, meta["sensor_vocab"], meta["level_vocab"], compute_text=False)
-    sd = read_weights(wpath, device=str(map_location) if not isinstance(map_location, str) else map_location)
-    own = enc.state_dict()
-    missing = sorted(set(own) - set(sd))
-    unexpected = sorted(set(sd) - set(own))
-    if missing or unexpected:
-        raise ModelError(f"{wpath}: weights do not match {jpath} (args {args.name}): missing {missing[:5]}"
-                         f"{'...' if len(missing) > 5 else ''}, unexpected {unexpected[:5]}"
-                         f"{'...' if len(unexpected) > 5 else ''}")
-    for k, v in own.items():
-        if tuple(sd[k].shape) != tuple(v.shape):
-            raise ModelError(f"{wpath}: tensor {k!r} has shape {tuple(sd[k].shape)}, but the arguments in "
-                             f"{jpath} give {tuple(v.shape)}")
+        raise ExportError(f"{jpath}: field 'version' is {meta.get('version')!r}, this code reads {VERSION}")
+    if not isinstance(meta.get("args"), dict):
+        raise ExportError(f"{jpath}: field 'args' (the model arguments) missing or not an object")
+    return meta
+
+
+def read_vocab(path: str | os.PathLike) -> Vocabulary | None:
+    """The vocabulary an export was trained with (None for an export without ``model_args.json``)."""
+    p = export_dir(path, need=(WEIGHTS,))
+    if not (p / ARGS).is_file():
+        return None
+    try:
+        return Vocabulary.from_json(read_meta(p), str(p / ARGS))
+    except ExportError:
+        raise
+    except ModelError as e:
+        raise ExportError(str(e)) from e
+
+
+def read_weights(path: str | os.PathLike, device: str | torch.device = "cpu") -> dict[str, torch.Tensor]:
+    """The tensors of ``encoder.safetensors`` (only that file is needed: custom exporters may write no JSON)."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    w = export_dir(path, need=(WEIGHTS,)) / WEIGHTS
+    try:
+        return load_file(str(w), device=str(device))
+    except (SafetensorError, OSError) as e:
+        raise ExportError(f"{w}: not a readable safetensors file ({e}); the export is truncated or overwritten, "
+                          f"export it again") from None
+
+
+def check_fits(weights: Mapping[str, torch.Tensor], shapes: Mapping[str, Sequence[int]], where: str) -> None:
+    """ExportError unless ``weights`` has exactly the names of ``shapes`` (full shapes) with those shapes."""
+    bad = [f"{k}: export {list(v.shape)} vs model {list(shapes[k])}" for k, v in weights.items()
+           if k in shapes and tuple(shapes[k]) != tuple(v.shape)]
+    missing, extra = sorted(set(shapes) - set(weights)), sorted(set(weights) - set(shapes))
+    if bad or missing or extra:
+        parts = ["; ".join(bad[:5]) + (" ..." if len(bad) > 5 else "")] if bad else []
+        if missing:
+            parts.append(f"missing {missing[:5]}{' ...' if len(missing) > 5 else ''}")
+        if extra:
+            parts.append(f"unexpected {extra[:5]}{' ...' if len(extra) > 5 else ''}")
+        raise ExportError(f"encoder export {where} does not fit the model it is loaded into (model name, "
+                          f"overrides or model_args.json): {'; '.join(parts)}")
+
+
+def state_shapes(module: nn.Module) -> dict[str, tuple[int, ...]]:
+    """Full shapes of ``module.state_dict()``'s entries (ZeRO-3 partitions report their full ``ds_shape``)."""
+    shapes = {n: tuple(getattr(p, "ds_shape", p.shape)) for n, p in module.named_parameters()}
+    keys = set(module.state_dict(keep_vars=True))
+    shapes.update({n: tuple(b.shape) for n, b in module.named_buffers() if n in keys})
+    return shapes
+
+
+def check_vocab(encoder: nn.Module, path: str | os.PathLike) -> None:
+    """ExportError when the export's vocabulary differs from the one ``encoder`` embeds (indices would move)."""
+    want = getattr(encoder, "vocab", None)
+    have = read_vocab(path)
+    if want is not None and have is not None and want != have:
+        raise ExportError(f"encoder export {path}: its vocabulary (sensor_vocab {list(have.sensors)}, level_vocab "
+                          f"{list(have.levels)}) differs from the model's ({list(want.sensors)}, "
+                          f"{list(want.levels)}); build the model with the export's vocabulary")
+
+
+def load_encoder(path: str | os.PathLike, map_location: str | torch.device = "cpu") -> SpectralEncoder:
+    """Rebuild the encoder of an export folder (eval mode) with the export's arguments and vocabulary."""
+    p = export_dir(path)
+    meta = read_meta(p)
+    try:
+        args = ModelArgs.from_dict(meta["args"])
+        vocab = Vocabulary.from_json(meta, str(p / ARGS))
+    except ModelError as e:
+        raise ExportError(f"{p / ARGS}: {e}") from e
+    enc = SpectralEncoder(args, vocab, compute_text=False)
+    sd = read_weights(p, map_location)
+    check_fits(sd, state_shapes(enc), str(p))
     enc.load_state_dict(sd, strict=True)
     return enc.to(map_location).eval()

@@ -14,6 +14,8 @@ import math
 import torch
 from torch import nn
 
+from .layers import Linear
+
 
 class HyperEmbedding(nn.Module):
     """Patch embedding whose weights come from each band's condition vector."""
@@ -22,12 +24,10 @@ class HyperEmbedding(nn.Module):
         super().__init__()
         self.P, self.r, self.dim = patch_size * patch_size, rank, dim
         self.norm = nn.LayerNorm(cond_dim)
-        self.to_v = nn.Linear(cond_dim, self.P * rank)
-        self.to_u = nn.Linear(cond_dim, rank * dim)
+        # the generated V and U are scaled at init (each layer's own gain) instead of at every call
+        self.to_v = Linear(cond_dim, self.P * rank, gain=1.0 / math.sqrt(self.P))
+        self.to_u = Linear(cond_dim, rank * dim, gain=1.0 / math.sqrt(rank))
         self.to_bias = nn.Linear(cond_dim, dim)
-        with torch.no_grad():  # scale the generated V and U at init instead of at every call
-            self.to_v.weight.mul_(1.0 / math.sqrt(self.P))
-            self.to_u.weight.mul_(1.0 / math.sqrt(rank))
 
     def weights(self, cond: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """V ``[B,C,P,r]``, U ``[B,C,r,D]``, bias ``[B,1,D]`` from cond ``[B,C,d]``."""
@@ -56,12 +56,9 @@ class HyperLinear(nn.Module):
         super().__init__()
         self.P, self.r, self.dim = patch_size * patch_size, rank, dim
         self.norm = nn.LayerNorm(cond_dim)
-        self.to_a = nn.Linear(cond_dim, rank * dim)
-        self.to_b = nn.Linear(cond_dim, rank * self.P)
+        self.to_a = Linear(cond_dim, rank * dim, gain=1.0 / math.sqrt(dim))
+        self.to_b = Linear(cond_dim, rank * self.P, gain=1.0 / math.sqrt(rank))
         self.to_bias = nn.Linear(cond_dim, self.P)
-        with torch.no_grad():
-            self.to_a.weight.mul_(1.0 / math.sqrt(dim))
-            self.to_b.weight.mul_(1.0 / math.sqrt(rank))
 
     def forward(self, z: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:
         """z ``[B,N,Dd]``, cond ``[B,C,d]`` -> ``[B,C,N,P]``."""

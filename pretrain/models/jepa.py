@@ -10,9 +10,7 @@ parameter-free LayerNorm. The target encoder has no gradients and moves only by 
 
 from __future__ import annotations
 
-import copy
 import math
-from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F
@@ -20,44 +18,46 @@ from torch import nn
 
 from ..losses import latent_loss
 from .args import ModelArgs
+from .contract import Objective
 from .encoder import SpectralEncoder, block_macs
-from .layers import Block, init_weights, pos_embed, run_blocks
+from .layers import Block, Blocks, Linear, pos_embed
+from .vocab import Vocabulary
 
 
 def _randint(lo: int, hi: int, g: torch.Generator | None) -> int:
     return int(torch.randint(lo, hi + 1, (1,), generator=g).item())
 
 
-class JEPA(nn.Module):
-    """``model(batch) -> {"loss", "band_window" [2], "crop" [4]}``; ``model.encoder`` is the context encoder."""
+class JEPA(Objective):
+    """``model(batch) -> {"loss", "band_window" [2], "crop" [4]}``; ``model.encoder`` is the context encoder.
+
+    Follows :mod:`pretrain.models.contract`, as an EMA model (:meth:`update_target`)."""
 
     objective = "jepa"
 
-    def __init__(self, args: ModelArgs, sensor_names: Sequence[str] | None = None,
-                 level_names: Sequence[str] | None = None, compute_text: bool = True) -> None:
-        super().__init__()
-        self.args = args
-        self.encoder = SpectralEncoder(args, sensor_names, level_names, compute_text)
-        self.target_encoder = copy.deepcopy(self.encoder)
+    def __init__(self, args: ModelArgs, vocab: Vocabulary | None = None, compute_text: bool = True) -> None:
+        super().__init__(args, vocab, compute_text)
+        # built as its own module (zero.Init partitions it like any other), then set equal to the encoder
+        self.target_encoder = SpectralEncoder(args, self.encoder.vocab, compute_text)
         for p in self.target_encoder.parameters():
             p.requires_grad_(False)
         pd = args.pred_dim
-        self.pred_embed = nn.Linear(args.dim, pd)
-        self.pred_query = nn.Parameter(torch.zeros(pd))
-        self.pred_blocks = nn.ModuleList(Block(pd, args.pred_heads, args.mlp_ratio) for _ in range(args.pred_depth))
+        self.pred_embed = Linear(args.dim, pd, init="xavier")
+        self.pred_query = nn.Parameter(torch.empty(pd))
+        self.pred_blocks = Blocks(Block(pd, args.pred_heads, args.mlp_ratio, init="xavier")
+                                  for _ in range(args.pred_depth))
         self.pred_norm = nn.LayerNorm(pd)
-        self.pred_out = nn.Linear(pd, args.dim)
-        init_weights(self.pred_blocks)
-        init_weights(self.pred_embed)
-        init_weights(self.pred_out)
+        self.pred_out = Linear(pd, args.dim, init="xavier")
+        self.reset_parameters()
+        self.update_target(0.0)
+
+    def reset_parameters(self) -> None:
+        """This module's own parameter (children initialise themselves)."""
         nn.init.normal_(self.pred_query, std=0.02)
 
-    def set_grad_checkpointing(self, enabled: bool = True) -> None:
-        self.encoder.set_grad_checkpointing(enabled)
-
-    def add_sensor(self, name: str, text: str | None = None) -> int:
-        self.target_encoder.add_sensor(name, text)
-        return self.encoder.add_sensor(name, text)
+    def init_weights(self) -> None:
+        super().init_weights()
+        self.update_target(0.0)  # the target starts as a copy of the encoder
 
     @torch.no_grad()
     def update_target(self, momentum: float) -> None:
@@ -70,12 +70,6 @@ class JEPA(nn.Module):
         torch._foreach_add_(tp, [p.detach() for p in op], alpha=1.0 - momentum)
         for bt, bo in zip(self.target_encoder.buffers(), self.encoder.buffers()):
             bt.copy_(bo)
-
-    @staticmethod
-    def momentum(step: int, total: int, base: float = 0.996, final: float = 1.0) -> float:
-        """Cosine schedule from ``base`` at step 0 to ``final`` at ``total`` (a pure function of the step)."""
-        t = min(max(step / max(total, 1), 0.0), 1.0)
-        return final - (final - base) * (math.cos(math.pi * t) + 1) / 2
 
     def train(self, mode: bool = True) -> JEPA:
         super().train(mode)
@@ -111,7 +105,7 @@ class JEPA(nn.Module):
         pd = z.shape[-1]
         z = z + pos_embed(sh, sw, pd, z.device, (y0, x0)).to(z.dtype)
         q = self.pred_query.to(z.dtype) + pos_embed(h, w, pd, z.device).to(z.dtype).expand(b, -1, -1)
-        x = run_blocks(self.pred_blocks, torch.cat([z, q], 1), self.encoder.grad_checkpointing)
+        x = self.pred_blocks(torch.cat([z, q], 1))
         pred = self.pred_out(self.pred_norm(x[:, z.shape[1]:]))
         loss = latent_loss(pred, target, self.args.jepa_loss)
         return {"loss": loss, "band_window": torch.tensor([b0, k]), "crop": torch.tensor([y0, sh, x0, sw])}

@@ -1,23 +1,68 @@
-"""Transformer building blocks (pre-norm, PyTorch scaled-dot-product attention) and 2-D sin-cos positions."""
+"""Transformer building blocks (pre-norm, PyTorch scaled-dot-product attention) and 2-D sin-cos positions.
+
+Initialisation: every module initialises only its own parameters, in its own ``reset_parameters`` (called
+by its ``__init__``, PyTorch's convention), never a child's from a parent. That is what makes the models
+exact under ``deepspeed.zero.Init``, which partitions each module's parameters as its ``__init__``
+returns: a parent writing into a child afterwards would write into an empty partition. :class:`Linear`
+carries its own scheme (``init="xavier"`` for transformer layers, PyTorch's default otherwise, and a
+``gain`` applied after it). :func:`reset_parameters` re-initialises a whole model module by module
+(``Module.apply``, which ``zero.Init`` runs with each module's own parameters gathered).
+
+Activation checkpointing: :class:`Blocks` (a ``ModuleList``, so parameter names do not change) recomputes
+each block in the backward pass when its ``checkpointing`` flag is set; :func:`set_grad_checkpointing`
+sets it for every stack in a model. It is the project's only checkpointing mechanism.
+"""
 
 from __future__ import annotations
 
 import math
+from collections.abc import Iterable
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
+INITS = ("torch", "xavier")
+
+
+class Linear(nn.Linear):
+    """``nn.Linear`` (same parameters and names) that carries its initialisation.
+
+    ``init="torch"``: PyTorch's default (Kaiming-uniform weight, uniform bias); ``"xavier"``: Xavier-uniform
+    weight, zero bias (MAE's transformer init). ``gain`` then scales the weight (e.g. the hypernetworks'
+    1/sqrt(fan) so generated weights start at a sensible size)."""
+
+    def __init__(self, in_features: int, out_features: int, bias: bool = True, *, init: str = "torch",
+                 gain: float = 1.0) -> None:
+        if init not in INITS:
+            raise ValueError(f"init must be one of {INITS}, got {init!r}")
+        self.init, self.gain = init, float(gain)  # plain attributes: set before nn.Linear calls reset_parameters
+        super().__init__(in_features, out_features, bias=bias)
+
+    def reset_parameters(self) -> None:
+        if self.init == "xavier":
+            nn.init.xavier_uniform_(self.weight)
+            if self.bias is not None:
+                nn.init.zeros_(self.bias)
+        else:
+            super().reset_parameters()
+        if self.gain != 1.0:
+            with torch.no_grad():
+                self.weight.mul_(self.gain)
+
+    def extra_repr(self) -> str:
+        return f"{super().extra_repr()}, init={self.init}" + (f", gain={self.gain:.4g}" if self.gain != 1.0 else "")
+
 
 class Attention(nn.Module):
     """Multi-head self-attention through ``F.scaled_dot_product_attention`` (fused kernels where present)."""
 
-    def __init__(self, dim: int, heads: int, qkv_bias: bool = True) -> None:
+    def __init__(self, dim: int, heads: int, qkv_bias: bool = True, init: str = "torch") -> None:
         super().__init__()
         self.heads = heads
-        self.qkv = nn.Linear(dim, 3 * dim, bias=qkv_bias)
-        self.proj = nn.Linear(dim, dim)
+        self.qkv = Linear(dim, 3 * dim, bias=qkv_bias, init=init)
+        self.proj = Linear(dim, dim, init=init)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         b, n, d = x.shape
@@ -27,38 +72,70 @@ class Attention(nn.Module):
 
 
 class Mlp(nn.Module):
-    def __init__(self, dim: int, hidden: int) -> None:
+    def __init__(self, dim: int, hidden: int, init: str = "torch") -> None:
         super().__init__()
-        self.fc1 = nn.Linear(dim, hidden)
-        self.fc2 = nn.Linear(hidden, dim)
+        self.fc1 = Linear(dim, hidden, init=init)
+        self.fc2 = Linear(hidden, dim, init=init)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.fc2(F.gelu(self.fc1(x)))
 
 
 class Block(nn.Module):
-    """Pre-norm transformer block."""
+    """Pre-norm transformer block (``init`` chooses its linear layers' scheme, see :class:`Linear`)."""
 
-    def __init__(self, dim: int, heads: int, mlp_ratio: float = 4.0) -> None:
+    def __init__(self, dim: int, heads: int, mlp_ratio: float = 4.0, init: str = "torch") -> None:
         super().__init__()
         self.norm1 = nn.LayerNorm(dim)
-        self.attn = Attention(dim, heads)
+        self.attn = Attention(dim, heads, init=init)
         self.norm2 = nn.LayerNorm(dim)
-        self.mlp = Mlp(dim, int(dim * mlp_ratio))
+        self.mlp = Mlp(dim, int(dim * mlp_ratio), init=init)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = x + self.attn(self.norm1(x))
         return x + self.mlp(self.norm2(x))
 
 
-def run_blocks(blocks: nn.ModuleList, x: torch.Tensor, grad_ckpt: bool) -> torch.Tensor:
-    """Apply blocks in order, with activation checkpointing per block when ``grad_ckpt`` and training."""
-    for blk in blocks:
-        if grad_ckpt and torch.is_grad_enabled() and x.requires_grad:
-            x = checkpoint(blk, x, use_reentrant=False)
-        else:
-            x = blk(x)
-    return x
+class Blocks(nn.ModuleList):
+    """A stack of transformer blocks applied in order; ``checkpointing`` recomputes each in backward.
+
+    Recomputation calls the block module itself (its hooks run again: under ZeRO-3 that re-gathers its
+    parameters), non-reentrant, and only where a gradient is being taken."""
+
+    def __init__(self, blocks: Iterable[nn.Module]) -> None:
+        super().__init__(blocks)
+        self.checkpointing = False
+
+    def step(self, blk: nn.Module, x: torch.Tensor) -> torch.Tensor:
+        """One block on ``x`` (checkpointed when enabled and a gradient is being taken)."""
+        if self.checkpointing and torch.is_grad_enabled() and x.requires_grad:
+            return checkpoint(blk, x, use_reentrant=False)
+        return blk(x)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        for blk in self:
+            x = self.step(blk, x)
+        return x
+
+
+def set_grad_checkpointing(model: nn.Module, enabled: bool = True) -> int:
+    """Turn activation checkpointing on or off in every :class:`Blocks` of ``model``; returns their count."""
+    stacks = [m for m in model.modules() if isinstance(m, Blocks)]
+    for m in stacks:
+        m.checkpointing = bool(enabled)
+    return len(stacks)
+
+
+def reset_parameters(model: nn.Module) -> None:
+    """Re-initialise every parameter of ``model``: each module's own ``reset_parameters`` (own parameters
+    only), children first (``Module.apply`` order; under ``zero.Init`` each module is gathered in turn)."""
+    model.apply(_reset_own)
+
+
+def _reset_own(m: nn.Module) -> None:
+    fn = getattr(m, "reset_parameters", None)
+    if callable(fn):
+        fn()
 
 
 def sincos_2d(pos_y: torch.Tensor, pos_x: torch.Tensor, dim: int) -> torch.Tensor:
@@ -91,18 +168,6 @@ def pos_embed(h: int, w: int, dim: int, device: torch.device, offset: tuple[int,
         return sincos_2d(gy, gx, dim).unsqueeze(0)
     s = scale.float().view(-1, 1)
     return sincos_2d(gy.unsqueeze(0) * s, gx.unsqueeze(0) * s, dim)
-
-
-def init_weights(module: nn.Module) -> None:
-    """Xavier-uniform linear layers with zero bias, unit LayerNorms (MAE's initialisation)."""
-    for m in module.modules():
-        if isinstance(m, nn.Linear):
-            nn.init.xavier_uniform_(m.weight)
-            if m.bias is not None:
-                nn.init.zeros_(m.bias)
-        elif isinstance(m, nn.LayerNorm):
-            nn.init.ones_(m.weight)
-            nn.init.zeros_(m.bias)
 
 
 def to_patches(x: torch.Tensor, p: int) -> torch.Tensor:

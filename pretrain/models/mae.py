@@ -3,16 +3,16 @@ output that reconstructs every band present from each decoded token (SpecAware).
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-
 import torch
 from torch import nn
 
 from ..losses import reconstruction_loss
 from .args import ModelArgs
-from .encoder import SpectralEncoder, block_macs
+from .contract import Objective
+from .encoder import block_macs
 from .hyper import FixedLinear, HyperLinear
-from .layers import Block, from_patches, init_weights, pos_embed, run_blocks, to_patches
+from .layers import Block, Blocks, Linear, from_patches, pos_embed, to_patches
+from .vocab import Vocabulary
 
 
 def random_mask(b: int, n: int, ratio: float, device: torch.device,
@@ -30,32 +30,30 @@ def random_mask(b: int, n: int, ratio: float, device: torch.device,
     return mask, keep, restore
 
 
-class MAE(nn.Module):
-    """``model(batch) -> {"loss", "pred" [B,C,H,W], "mask" [B,H/p,W/p], "charbonnier", "sam"}``."""
+class MAE(Objective):
+    """``model(batch) -> {"loss", "pred" [B,C,H,W], "mask" [B,H/p,W/p], "charbonnier", "sam"}``.
+
+    Follows :mod:`pretrain.models.contract`."""
 
     objective = "mae"
 
-    def __init__(self, args: ModelArgs, sensor_names: Sequence[str] | None = None,
-                 level_names: Sequence[str] | None = None, compute_text: bool = True) -> None:
-        super().__init__()
-        self.args = args
-        self.encoder = SpectralEncoder(args, sensor_names, level_names, compute_text)
+    def __init__(self, args: ModelArgs, vocab: Vocabulary | None = None, compute_text: bool = True) -> None:
+        super().__init__(args, vocab, compute_text)
         dd = args.decoder_dim
-        self.decoder_embed = nn.Linear(args.dim, dd)
-        self.mask_token = nn.Parameter(torch.zeros(dd))
-        self.decoder_blocks = nn.ModuleList(Block(dd, args.decoder_heads, args.mlp_ratio)
-                                            for _ in range(args.decoder_depth))
+        self.decoder_embed = Linear(args.dim, dd, init="xavier")
+        self.mask_token = nn.Parameter(torch.empty(dd))
+        self.decoder_blocks = Blocks(Block(dd, args.decoder_heads, args.mlp_ratio, init="xavier")
+                                     for _ in range(args.decoder_depth))
         self.decoder_norm = nn.LayerNorm(dd)
-        init_weights(self.decoder_blocks)
-        init_weights(self.decoder_embed)
-        nn.init.normal_(self.mask_token, std=0.02)
         if args.patch_embed == "hyper":
             self.head = HyperLinear(args.cond_dim, args.patch_size, args.rank, dd)
         else:
             self.head = FixedLinear(args.fixed_bands, args.patch_size, dd)
+        self.reset_parameters()
 
-    def set_grad_checkpointing(self, enabled: bool = True) -> None:
-        self.encoder.set_grad_checkpointing(enabled)
+    def reset_parameters(self) -> None:
+        """This module's own parameter (children initialise themselves)."""
+        nn.init.normal_(self.mask_token, std=0.02)
 
     def forward(self, batch: dict, generator: torch.Generator | None = None) -> dict[str, torch.Tensor]:
         enc, a = self.encoder, self.args
@@ -77,7 +75,7 @@ class MAE(nn.Module):
         full = torch.cat([x, self.mask_token.to(x.dtype).expand(b, n - x.shape[1], dd)], 1)
         full = torch.gather(full, 1, restore.unsqueeze(-1).expand(-1, -1, dd))
         full = full + pos_embed(h, w, dd, full.device).to(full.dtype)
-        full = self.decoder_norm(run_blocks(self.decoder_blocks, full, enc.grad_checkpointing))
+        full = self.decoder_norm(self.decoder_blocks(full))
         out = self.head(full, cond) if cond is not None else self.head(full)  # [B,C,N,P]
         target = to_patches(pixels, p)
         weight = mask.unsqueeze(-1).float().expand(-1, -1, p * p)

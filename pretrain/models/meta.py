@@ -17,6 +17,7 @@ from torch import nn
 from .args import ModelArgs, ModelError
 from .layers import Block, log_spaced_periods
 from .text import embed_texts, level_text, sensor_text
+from .vocab import Vocabulary
 
 FWHM_REF_NM = 10.0
 FWHM_LOG_SCALE = 1.5  # log(2.5 nm / 10 nm) = -0.92 and log(180 nm / 10 nm) = 1.93 after scaling: well inside
@@ -91,29 +92,24 @@ class MetaEncoder(nn.Module):
     embeddings of the sensor name and processing level, and the content vector; fused by cross-attention,
     then a small transformer across bands.
 
-    The text embeddings live in buffers (``sensor_text``, ``level_text``) for the vocabulary
-    ``sensor_names`` / ``level_names``; index 0 of each is "unknown" and uses a learned embedding.
-    :meth:`add_sensor` embeds a new name (any string) and returns its index.
+    The text embeddings live in buffers (``sensor_text``, ``level_text``), one row per name of the
+    vocabulary the encoder owns (:class:`~pretrain.models.vocab.Vocabulary`); index 0 of each is "unknown"
+    and uses a learned embedding instead. :meth:`append_sensor` adds a row for a new name.
     """
 
-    def __init__(self, args: ModelArgs, sensor_names: list[str], level_names: list[str],
-                 compute_text: bool = True) -> None:
+    def __init__(self, args: ModelArgs, vocab: Vocabulary, compute_text: bool = True) -> None:
         super().__init__()
         d = args.cond_dim
-        self.sensor_names = list(sensor_names)
-        self.level_names = list(level_names)
-        if not self.sensor_names or self.sensor_names[0] != "unknown" or self.level_names[0] != "unknown":
-            raise ModelError("sensor and level vocabularies must start with 'unknown' (index 0)")
         self.n_freq = args.n_freq
         self.wl_proj = nn.Linear(2 * args.n_freq + 1, d)
         self.fwhm_mlp = nn.Sequential(nn.Linear(1, d), nn.GELU(), nn.Linear(d, d))
-        st = torch.zeros(len(self.sensor_names), args.text_dim)
-        lt = torch.zeros(len(self.level_names), args.text_dim)
+        st = torch.zeros(len(vocab.sensors), args.text_dim)
+        lt = torch.zeros(len(vocab.levels), args.text_dim)
         if compute_text:
-            if len(self.sensor_names) > 1:
-                st[1:] = embed_texts([sensor_text(n) for n in self.sensor_names[1:]])
-            if len(self.level_names) > 1:
-                lt[1:] = embed_texts([level_text(n) for n in self.level_names[1:]])
+            if len(vocab.sensors) > 1:
+                st[1:] = embed_texts([sensor_text(n) for n in vocab.sensors[1:]])
+            if len(vocab.levels) > 1:
+                lt[1:] = embed_texts([level_text(n) for n in vocab.levels[1:]])
         self.register_buffer("sensor_text", st)
         self.register_buffer("level_text", lt)
         self.sensor_proj = nn.Linear(args.text_dim, d)
@@ -124,24 +120,15 @@ class MetaEncoder(nn.Module):
         self.spectral = nn.ModuleList(Block(d, args.cond_heads, 2.0) for _ in range(args.spectral_depth))
         self.norm = nn.LayerNorm(d)
 
-    # vocabulary -------------------------------------------------------------------------------------------
-    def sensor_index(self, name: str | None) -> int:
-        """Index of ``name`` in this model's sensor vocabulary; None or unseen -> 0 (unknown)."""
-        return self.sensor_names.index(name) if name in self.sensor_names else 0
+    def reset_parameters(self) -> None:
+        """This module's own parameters (the learned 'unknown' embeddings start at zero)."""
+        nn.init.zeros_(self.sensor_unknown)
+        nn.init.zeros_(self.level_unknown)
 
-    def level_index(self, name: str | None) -> int:
-        return self.level_names.index(name) if name in self.level_names else 0
-
-    def add_sensor(self, name: str, text: str | None = None) -> int:
-        """Embed a new sensor name (MiniLM, cached) and append it to the vocabulary; returns its index.
-
-        Call before wrapping the model in an optimiser/engine (the buffer grows)."""
-        if name in self.sensor_names:
-            return self.sensor_names.index(name)
+    def append_sensor(self, name: str, text: str | None = None) -> None:
+        """Append the MiniLM embedding (cached) of ``text`` (default: the name's registry display name)."""
         emb = embed_texts([text or sensor_text(name)]).to(self.sensor_text)
         self.sensor_text = torch.cat([self.sensor_text, emb], 0)
-        self.sensor_names.append(name)
-        return len(self.sensor_names) - 1
 
     # forward ----------------------------------------------------------------------------------------------
     def _lookup(self, idx: torch.Tensor | None, table: torch.Tensor, proj: nn.Linear, unknown: torch.Tensor,

@@ -75,5 +75,5 @@ def test_mismatched_export_is_a_clear_error(tmp_path, debug_export):
     meta = json.loads((bad / "model_args.json").read_text())
     meta["args"]["dim"] = meta["args"]["dim"] * 2
     (bad / "model_args.json").write_text(json.dumps(meta))
-    with pytest.raises(ExportError, match="does not match"):
+    with pytest.raises(ExportError, match=r"mismatch does not fit the model"):
         finetune.load_encoder(bad)

@@ -21,6 +21,7 @@ from pretrain.engine import (
     load_export_into,
     param_groups,
 )
+from pretrain.models.export import ExportError
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -61,9 +62,10 @@ def test_load_export_into_is_strict(tmp_path: Path):
     load_export_into(dst, tmp_path)
     assert torch.equal(dst.encoder[0].weight, src.encoder[0].weight)
     wide = Net(16)
-    with pytest.raises(ConfigError, match=r"does not fit.*0.weight: export \[8, 8\] vs model \[16, 16\]"):
+    with pytest.raises(ExportError, match=r"does not fit.*0.weight: export \[8, 8\] vs model \[16, 16\]"):
         load_export_into(wide, tmp_path)
-    with pytest.raises(ConfigError, match="has no encoder.safetensors"):
+    (tmp_path / "nothing").mkdir()
+    with pytest.raises(ExportError, match="nothing lacks encoder.safetensors"):
         load_export_into(dst, tmp_path / "nothing")
 
 

@@ -154,13 +154,13 @@ def test_unknown_sensor_and_new_sensor_names(mae):
     with torch.no_grad():
         none = enc(p, wl, fw)
         zero = enc(p, wl, fw, torch.zeros(2, dtype=torch.long), torch.zeros(2, dtype=torch.long))
-        emit = enc(p, wl, fw, torch.full((2,), enc.sensor_index("emit")), None)
+        emit = enc(p, wl, fw, torch.full((2,), enc.vocab.sensor_index("emit")), None)
     torch.testing.assert_close(none, zero)
     assert (emit - none).abs().max() > 1e-5
-    assert enc.sensor_index("not-a-sensor") == 0
+    assert enc.vocab.sensor_index("not-a-sensor") == 0
     n_params = sum(q.numel() for q in mae.parameters())
     idx = enc.add_sensor("HyMap airborne imaging spectrometer")
-    assert idx == len(enc.sensor_names) - 1 and enc.sensor_index("HyMap airborne imaging spectrometer") == idx
+    assert idx == len(enc.sensor_names) - 1 and enc.vocab.sensor_index("HyMap airborne imaging spectrometer") == idx
     assert enc.add_sensor("HyMap airborne imaging spectrometer") == idx  # idempotent
     assert sum(q.numel() for q in mae.parameters()) == n_params  # the table is a buffer
     with torch.no_grad():

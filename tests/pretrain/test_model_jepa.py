@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from pretrain.models import build_model
-from pretrain.models.jepa import JEPA
+from pretrain.schedules import ema_momentum
 
 
 def make_batch(b=2, c=24, size=32, seed=0):
@@ -54,11 +54,15 @@ def test_target_follows_ema(jepa):
         jepa.update_target(1.5)
 
 
-def test_momentum_schedule_is_pure_function_of_step():
-    assert JEPA.momentum(0, 100) == pytest.approx(0.996)
-    assert JEPA.momentum(100, 100) == pytest.approx(1.0)
-    vals = [JEPA.momentum(s, 100) for s in range(0, 101, 10)]
-    assert vals == sorted(vals)
+def test_target_starts_as_a_copy_and_init_weights_keeps_it_one(jepa):
+    fresh = build_model("debug", objective="jepa")
+    for t, o in zip(fresh.target_encoder.state_dict().values(), fresh.encoder.state_dict().values()):
+        assert torch.equal(t, o)
+    before = fresh.encoder.blocks[0].attn.qkv.weight.clone()
+    fresh.init_weights()
+    assert not torch.equal(before, fresh.encoder.blocks[0].attn.qkv.weight)
+    for t, o in zip(fresh.target_encoder.state_dict().values(), fresh.encoder.state_dict().values()):
+        assert torch.equal(t, o)
 
 
 def test_local_view_is_band_window_and_smaller_crop(jepa):
@@ -84,6 +88,6 @@ def test_jepa_loss_decreases_on_one_batch():
         opt.zero_grad()
         out["loss"].backward()
         opt.step()
-        model.update_target(JEPA.momentum(step, 20))
+        model.update_target(ema_momentum(step, total_steps=20))
         losses.append(out["loss"].item())
     assert sum(losses[-3:]) < 0.7 * sum(losses[:3]), losses

@@ -34,7 +34,7 @@ def test_model_table_holds_registry_display_names():
     model = build_model("debug")
     enc = model.encoder
     assert enc.sensor_names == list(sensor_vocab()) and enc.level_names == ["unknown", "L1", "L2"]
-    i = enc.sensor_index("emit")
+    i = enc.vocab.sensor_index("emit")
     torch.testing.assert_close(enc.meta.sensor_text[i], text_mod.embed_texts([get_sensor("emit").display_name])[0])
     assert enc.meta.sensor_text[0].abs().sum() == 0  # unknown: learned embedding instead
     assert (enc.meta.level_text[1] - enc.meta.level_text[2]).abs().max() > 1e-2
