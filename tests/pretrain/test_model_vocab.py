@@ -24,6 +24,7 @@ from pretrain.checkpoint import CheckpointError
 from pretrain.models import ModelError, Vocabulary, build_model
 from pretrain.models.export import ExportError, save_encoder
 from tests.pretrain.data_fixtures import make_store
+from tests.pretrain.test_train_ds import losses
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -98,15 +99,6 @@ def _pretrain(config: Path, sensors: Path, *overrides: str) -> None:
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
 
 
-def _losses(run: Path) -> dict[int, float]:
-    out = {}
-    for line in (run / "metrics.jsonl").read_text().splitlines():
-        rec = json.loads(line)
-        if "loss" in rec:
-            out[rec["global_step"]] = rec["loss"]
-    return out
-
-
 def test_adding_a_sensor_yaml_to_a_finished_run_keeps_every_sensors_embedding(tmp_path):
     sensors = tmp_path / "sensors"
     shutil.copytree(REPO / "configs/sensors", sensors)
@@ -132,7 +124,7 @@ def test_adding_a_sensor_yaml_to_a_finished_run_keeps_every_sensors_embedding(tm
                                              .replace("name: emit", "name: aaa-imager", 1)
                                              .replace("display_name:", "display_name: Aaa Imager #", 1))
     _pretrain(config, sensors, f"run_dir={run}")  # resumes stage one, then stage two
-    assert _losses(run) == pytest.approx(_losses(ref), abs=1e-6) and sorted(_losses(run)) == list(range(1, 7))
+    assert losses(run) == pytest.approx(losses(ref), abs=1e-6) and sorted(losses(run)) == list(range(1, 7))
     first = json.loads((run / "export/first/model_args.json").read_text())
     second = json.loads((run / "export/second/model_args.json").read_text())
     assert first["sensor_vocab"] == list(before.sensors)  # resumed with the checkpoint's vocabulary
