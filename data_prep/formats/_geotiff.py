@@ -19,9 +19,11 @@ TAG_GDAL_NODATA = 42113
 GEOKEYS_4326 = (1, 1, 0, 3, 1024, 0, 1, 2, 1025, 0, 1, 1, 2048, 0, 1, 4326)
 
 
-def write_geotiff(path: Path, data: np.ndarray, *, nodata: float | None, geotransform: tuple[float, ...] | None,
-                  description: str | None = None, metadata: dict[str, str] | None = None) -> None:
-    """Write ``data`` (bands, rows, cols) band-sequential (PlanarConfiguration = separate), uncompressed."""
+def geotiff_tags(geotransform: tuple[float, ...] | None, *, nodata: float | None = None,
+                 metadata: dict[str, str] | None = None,
+                 tiepoints: list[tuple[float, float, float, float]] | None = None) -> list[tuple]:
+    """tifffile ``extratags``: the geotransform (EPSG:4326) or, without one, ground control points
+    ``(col, row, lon, lat)`` as several model tiepoints (how GDAL stores GCPs), GDAL nodata and metadata."""
     tags = []
     if geotransform is not None:
         x0, dxc, dxr, y0, dyc, dyr = geotransform
@@ -31,12 +33,25 @@ def write_geotiff(path: Path, data: np.ndarray, *, nodata: float | None, geotran
         else:
             m = (dxc, dxr, 0.0, x0, dyc, dyr, 0.0, y0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 1.0)
             tags.append((TAG_TRANSFORMATION, "d", 16, m, False))
+    elif tiepoints:
+        flat = tuple(v for c, r, lon, lat in tiepoints for v in (c, r, 0.0, lon, lat, 0.0))
+        tags.append((TAG_TIEPOINT, "d", len(flat), flat, False))
+    if geotransform is not None or tiepoints:
         tags.append((TAG_GEOKEYS, "H", len(GEOKEYS_4326), GEOKEYS_4326, False))
     if nodata is not None:
         tags.append((TAG_GDAL_NODATA, "s", 0, f"{nodata:g}", False))
     if metadata:
-        items = "".join(f'<Item name="{k}">{v}</Item>' for k, v in metadata.items())
+        from xml.sax.saxutils import escape, quoteattr
+
+        items = "".join(f'<Item name={quoteattr(k)}>{escape(str(v))}</Item>' for k, v in metadata.items())
         tags.append((TAG_GDAL_METADATA, "s", 0, f"<GDALMetadata>{items}</GDALMetadata>", False))
+    return tags
+
+
+def write_geotiff(path: Path, data: np.ndarray, *, nodata: float | None, geotransform: tuple[float, ...] | None,
+                  description: str | None = None, metadata: dict[str, str] | None = None) -> None:
+    """Write ``data`` (bands, rows, cols) band-sequential (PlanarConfiguration = separate), uncompressed."""
+    tags = geotiff_tags(geotransform, nodata=nodata, metadata=metadata)
     tifffile.imwrite(path, data, photometric="minisblack", planarconfig="separate", metadata=None,
                      description=description, extratags=tags)
 
