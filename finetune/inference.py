@@ -8,7 +8,8 @@ group at ``out`` (any fsspec URL).
 Preprocessing is pretraining's: rows go through the ingest's :func:`data_prep.tiling.prepare_block`
 (the level's clip range, float16, nodata and non-finite values to 0), bad bands are dropped by the
 granule's good-band mask, and each band is clipped to p01/p99 and standardised with
-:func:`pretrain.data.reader.normalise_into` (nodata 0 after). The statistics (``stats=``) are a patch
+:func:`data_prep.spectral.normalise_into` (nodata 0 after; the one standardisation pretraining and the
+downstream tasks share, with :class:`~data_prep.spectral.BandScaling`). The statistics (``stats=``) are a patch
 store's (``stats=URL``, e.g. the store the model was trained on; a store input uses its own), the
 export's training statistics for the product's sensor and level when it carries them, or the scene's
 own, accumulated in a first pass with :class:`data_prep.stats.PartialStats` over the level's clip range
@@ -64,6 +65,7 @@ import zarr
 from torch import nn
 
 from data_prep.errors import UserError
+from data_prep.spectral import BandScaling, normalise_into
 
 FORMAT = "specfm-embeddings"
 VERSION = 1
@@ -228,29 +230,28 @@ def fingerprint(module: nn.Module) -> str:
 
 @dataclass
 class Norm:
-    """Per-band (good bands only) clip range and standardisation, as ``pretrain.data.reader`` uses them."""
+    """The per-band standardisation of the good bands (:class:`data_prep.spectral.BandScaling`) and where
+    its statistics came from."""
 
-    lo: np.ndarray
-    hi: np.ndarray
-    mean: np.ndarray
-    inv_std: np.ndarray
+    scaling: BandScaling
     source: str
 
     @classmethod
     def from_band_stats(cls, st, good: np.ndarray, source: str) -> Norm:
-        std = np.asarray(st.std, dtype=np.float64)[good]
-        inv = np.where(std > 0, 1.0 / np.where(std > 0, std, 1.0), 1.0)
-        f = np.float32
-        return cls(np.asarray(st.p01)[good].astype(f), np.asarray(st.p99)[good].astype(f),
-                   np.asarray(st.mean)[good].astype(f), inv.astype(f), source)
+        return cls(BandScaling.from_stats(st).select(np.flatnonzero(good)), source)
+
+    def into(self, out: torch.Tensor, px: np.ndarray, valid: np.ndarray) -> None:
+        s = self.scaling
+        normalise_into(out, np.ascontiguousarray(px), valid, s.lo, s.hi, s.mean, s.inv_std)
 
     def to_json(self) -> dict:
-        return {"source": self.source, **{k: np.asarray(getattr(self, k), dtype=np.float64).tolist()
+        return {"source": self.source, **{k: np.asarray(getattr(self.scaling, k), dtype=np.float64).tolist()
                                            for k in ("lo", "hi", "mean", "inv_std")}}
 
     @classmethod
     def from_json(cls, d: dict) -> Norm:
-        return cls(*(np.asarray(d[k], dtype=np.float32) for k in ("lo", "hi", "mean", "inv_std")), d["source"])
+        return cls(BandScaling(*(np.asarray(d[k], dtype=np.float32) for k in ("lo", "hi", "mean", "inv_std"))),
+                   d["source"])
 
 
 def training_stats(encoder: nn.Module, sensor: str, level: str, n_bands: int):
@@ -448,7 +449,6 @@ def _embed_product(runner: _Runner, encoder, src: str, out: str, common: dict, *
     from data_prep.formats import open_product
     from data_prep.registry import get_sensor
     from data_prep.tiling import prepare_block
-    from pretrain.data.reader import normalise_into
 
     g = open_product(src)
     good = np.asarray(g.good_bands, bool)
@@ -540,7 +540,7 @@ def _embed_product(runner: _Runner, encoder, src: str, out: str, common: dict, *
                                    row0=b0)
             del cube
             t = torch.empty((cg, b1 - b0, g.n_cols), dtype=torch.float32)
-            normalise_into(t, np.ascontiguousarray(c16[good]), v, norm.lo, norm.hi, norm.mean, norm.inv_std)
+            norm.into(t, c16[good], v)
             buf[:, b0 - r0:b1 - r0, :g.n_cols] = t.numpy()
             vb[b0 - r0:b1 - r0, :g.n_cols] = v
         prev = (i, buf, vb)
@@ -800,7 +800,6 @@ def write_class_geotiff(grp: zarr.Group, path: str, lat, lon, gt: tuple[float, .
 def _embed_store(runner: _Runner, encoder, src: str, out: str, common: dict, *, batch_size: int, stats: str,
                  overwrite: bool, progress: bool | None, storage_options: dict | None, on_batch) -> dict:
     from data_prep.store import META_FIELDS, PatchStore
-    from pretrain.data.reader import normalise_into
 
     store = PatchStore(src, storage_options)
     n, ps, p = store.n_patches, store.patch_size, encoder.patch_size
@@ -867,8 +866,7 @@ def _embed_store(runner: _Runner, encoder, src: str, out: str, common: dict, *, 
             v = torch.empty((idx.size, ps, ps), dtype=torch.bool)
             for q, i in enumerate(idx):
                 px, va = store.read(int(i), b0, b1)
-                normalise_into(x[q], np.ascontiguousarray(px[gi - b0]), va, norm.lo, norm.hi, norm.mean,
-                               norm.inv_std)
+                norm.into(x[q], px[gi - b0], va)
                 v[q] = torch.from_numpy(np.asarray(va, bool))
             y = runner(x, v, wl, fw, store.sensor, store.level, torch.from_numpy(gsd_all[idx])).numpy()
             for q, i in enumerate(idx):

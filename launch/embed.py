@@ -22,9 +22,11 @@ import logging
 import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+REPO = Path(__file__).resolve().parent.parent
+# this file's folder must not shadow the packages (launch/finetune.py would hide ``finetune``)
+sys.path[:] = [str(REPO), *(p for p in sys.path if Path(p or ".").resolve() not in (REPO, REPO / "launch"))]
 
-from data_prep.errors import UserError  # noqa: E402
+from data_prep.errors import run_main  # noqa: E402
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -61,28 +63,28 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s")
-    try:
-        import finetune
-        from finetune.inference import EmbedError, embed, load_head
-        from pretrain.engine import bound_cpu_allocator
-        from pretrain.logging_utils import memory_figures
+    return run_main(lambda: run(args))
 
-        # large per-batch tensors go back to the OS when freed (glibc would otherwise keep them in its heap
-        # arenas: +7% peak RSS from a 512- to a 4096-line flightline, against +2% with it; bench/embed.py)
-        bound_cpu_allocator()
-        encoder = finetune.load_encoder(args.checkpoint) if args.checkpoint else None
-        head = None
-        if args.head:
-            head, _ = load_head(args.head, encoder)
-        elif encoder is None:
-            raise EmbedError("--checkpoint is required (only a --head with its own encoder/ can do without)")
-        summary = embed(encoder, args.source, args.out, head=head, output=args.output, layer=args.layer,
-                        tile=args.tile, overlap=args.overlap, batch_size=args.batch_size, stats=args.stats,
-                        device=args.device, precision=args.precision, dtype=args.dtype, geotiff=args.geotiff,
-                        overwrite=args.overwrite, progress=False if args.no_progress else None)
-    except UserError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+
+def run(args: argparse.Namespace) -> int:
+    import finetune
+    from finetune.inference import EmbedError, embed, load_head
+    from pretrain.engine import bound_cpu_allocator
+    from pretrain.logging_utils import memory_figures
+
+    # large per-batch tensors go back to the OS when freed (glibc would otherwise keep them in its heap
+    # arenas: +7% peak RSS from a 512- to a 4096-line flightline, against +2% with it; bench/embed.py)
+    bound_cpu_allocator()
+    encoder = finetune.load_encoder(args.checkpoint) if args.checkpoint else None
+    head = None
+    if args.head:
+        head, _ = load_head(args.head, encoder)
+    elif encoder is None:
+        raise EmbedError("--checkpoint is required (only a --head with its own encoder/ can do without)")
+    summary = embed(encoder, args.source, args.out, head=head, output=args.output, layer=args.layer,
+                    tile=args.tile, overlap=args.overlap, batch_size=args.batch_size, stats=args.stats,
+                    device=args.device, precision=args.precision, dtype=args.dtype, geotiff=args.geotiff,
+                    overwrite=args.overwrite, progress=False if args.no_progress else None)
     summary.update(memory_figures())
     if args.json:
         print(json.dumps(summary))

@@ -36,9 +36,9 @@ def _scene(path: Path):
     """(granule, normalised float32 (C_good, H, W), valid (H, W), stats) computed here over the whole cube."""
     from data_prep.formats import open_product
     from data_prep.registry import get_sensor
+    from data_prep.spectral import BandScaling, inverse_std, normalise
     from data_prep.stats import PartialStats
     from data_prep.tiling import prepare_block
-    from pretrain.data.reader import normalise
 
     g = open_product(path)
     clip = get_sensor(g.sensor).level(g.level).clip
@@ -48,10 +48,10 @@ def _scene(path: Path):
     acc.add_patch(c16, v)
     st = acc.band_stats()
     good = g.good_bands
-    std = st.std[good]
-    inv = np.where(std > 0, 1 / np.where(std > 0, std, 1), 1).astype(np.float32)
-    x = normalise(np.ascontiguousarray(c16[good]), v, st.p01[good].astype(np.float32),
-                  st.p99[good].astype(np.float32), st.mean[good].astype(np.float32), inv)
+    f = np.float32
+    scaling = BandScaling(st.p01[good].astype(f), st.p99[good].astype(f), st.mean[good].astype(f),
+                          inverse_std(st.std[good]))
+    x, _ = normalise(c16[good], v, scaling)
     return g, x, v, st
 
 
@@ -223,13 +223,13 @@ def test_patch_store_input_embeds_each_patch_as_pretraining_reads_it(flightline,
     out = tmp_path / "store_emb.zarr"
     s = embed(encoder, url, out, batch_size=3, dtype="float32", progress=False)
     assert s["computed"] == store.n_patches > 1
-    t = tables_from_store(store)
-    from pretrain.data.reader import normalise
+    from data_prep.spectral import BandScaling, normalise
 
+    t = tables_from_store(store)  # what the pretraining loader normalises with
+    gi = t.good_idx
     k = store.n_patches - 1
     px, va = store.read(k)
-    xk = normalise(np.ascontiguousarray(px[t.good_idx]), va, t.lo[t.good_idx], t.hi[t.good_idx],
-                   t.mean[t.good_idx], t.inv_std[t.good_idx])
+    xk, _ = normalise(px[gi], va, BandScaling(t.lo[gi], t.hi[gi], t.mean[gi], t.inv_std[gi]))
     with torch.no_grad():
         tok = encoder(torch.from_numpy(xk)[None], torch.from_numpy(t.wavelengths[t.good_idx]),
                       torch.from_numpy(t.fwhm[t.good_idx]), sensor=store.sensor, level=store.level,
