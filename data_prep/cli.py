@@ -1,4 +1,4 @@
-"""``python -m data_prep <command>``: simulate, ingest, inspect, stats, export-wds, verify, migrate."""
+"""``python -m data_prep <command>``: simulate, ingest, inspect, stats, export-wds, verify, migrate, finalise."""
 
 from __future__ import annotations
 
@@ -17,6 +17,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "export-wds": ("export_wds", "write a store's patches as WebDataset tar shards"),
     "verify": ("verify", "read every chunk of a store; list missing, corrupt and NaN patches (--repair re-ingests them)"),
     "migrate": ("migrate", "rewrite a store of an older schema in the current one"),
+    "finalise": ("finalise", "write the manifests of a sharded ingest's logical datasets (statistics merged)"),
 }
 
 

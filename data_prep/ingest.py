@@ -45,6 +45,7 @@ from typing import Any
 
 import numpy as np
 
+from data_prep import dataset as ds
 from data_prep import store as st
 from data_prep.errors import UserError
 from data_prep.granule import Granule, ProductError
@@ -229,7 +230,9 @@ class _Writers:
         w = st.StoreWriter.open(url, self.storage_options, missing_ok=True)
         if w is None:
             good = np.asarray(g.good_bands, dtype=bool)
-            bc, sc, amp = st.choose_chunks(good, self.patch_size)
+            # the layout from the registry's bad-band rule, not this granule's flags: every store (and every shard
+            # store of a logical dataset) of a sensor gets the same chunks, whichever granule came first
+            bc, sc, amp = st.choose_chunks(get_sensor(g.sensor).good_band_mask(g.wavelengths_nm), self.patch_size)
             try:
                 w = st.StoreWriter.create(url, sensor=g.sensor, level=g.level, wavelengths_nm=g.wavelengths_nm,
                                           fwhm_nm=g.fwhm_nm, good_bands=good, patch_size=self.patch_size,
@@ -258,13 +261,16 @@ class _Writers:
 def ingest_granules(granules: Sequence[Granule], out_root: str, *, patch_size: int = 256, max_invalid: float = 0.2,
                     workers: int = 1, shard: str | tuple[int, int] | None = None, progress: bool = True,
                     storage_options: dict | None = None, keep_going: bool = False, sources: Sequence[Any] | None = None,
-                    hist_bins: int = DEFAULT_BINS, row_block: int = 64) -> dict:
+                    hist_bins: int = DEFAULT_BINS, row_block: int = 64, finalise: bool = True) -> dict:
     """Tile ``granules`` and commit them to ``<out_root>/<sensor>_<level>.zarr`` stores.
 
     ``sources`` (same length as ``granules``) tells worker processes how to reopen each granule
     (a product path for :func:`data_prep.formats.open_product`); by default the Granule objects
-    themselves are sent (their ``read_rows`` must then pickle). ``shard`` here selects by granule
-    id. Returns the summary described in :func:`ingest`.
+    themselves are sent (their ``read_rows`` must then pickle). With ``shard`` (k, N) the stores
+    are shard ``k``'s of the logical datasets (:mod:`data_prep.dataset`) and, without ``sources``,
+    the granules are selected by a hash of their id; at the end the shard's run marker is written
+    and, when every shard has one and ``finalise``, the datasets' manifests. Returns the summary
+    described in :func:`ingest`.
     """
     t_start = time.perf_counter()
     if not MIN_PATCH <= patch_size:
@@ -284,13 +290,21 @@ def ingest_granules(granules: Sequence[Granule], out_root: str, *, patch_size: i
     # 1. check everything before writing anything
     clips = [_validate(g, patch_size) for g in granules]
     check_root(out_root, storage_options)
+    if shard_t is not None:
+        ds.check_layout(out_root, shard_t[1], storage_options)
+
+    def url_of(g: Granule) -> str:
+        if shard_t is None:
+            return st.store_url(out_root, g.sensor, g.level)
+        return ds.shard_store_url(out_root, g.sensor, g.level, shard_t)
+
     summary: dict[str, Any] = {"root": out_root, "stores": {}, "granules_added": 0, "granules_skipped": 0,
                                "patches_added": 0, "failed": [], "bytes_read": 0}
     plans: list[tuple[int, _Plan]] = []
     seen: set[tuple[str, str]] = set()
     existing: dict[str, st.StoreWriter | None] = {}
     for i, (g, clip) in enumerate(zip(granules, clips, strict=True)):
-        url = st.store_url(out_root, g.sensor, g.level)
+        url = url_of(g)
         if url not in existing:
             existing[url] = st.StoreWriter.open(url, storage_options, missing_ok=True)
         w = existing[url]
@@ -307,7 +321,7 @@ def ingest_granules(granules: Sequence[Granule], out_root: str, *, patch_size: i
     if not plans:
         summary["seconds"] = time.perf_counter() - t_start
         _finish_summary(summary, storage_options)
-        return summary
+        return _end_shard(summary, out_root, shard_t, finalise, storage_options)
 
     # 2. tile (in workers or here) and write (here, serially, in order)
     tile_kw = {"patch_size": patch_size, "max_invalid": max_invalid, "hist_bins": hist_bins, "row_block": row_block}
@@ -339,6 +353,16 @@ def ingest_granules(granules: Sequence[Granule], out_root: str, *, patch_size: i
             writers.discard_if_empty(url)
     summary["seconds"] = time.perf_counter() - t_start
     _finish_summary(summary, storage_options)
+    return _end_shard(summary, out_root, shard_t, finalise, storage_options)
+
+
+def _end_shard(summary: dict, out_root: str, shard: tuple[int, int] | None, finalise: bool,
+               storage_options: dict | None) -> dict:
+    """A shard's run is over: its marker, and the manifests when it is the last shard to finish."""
+    if shard is not None:
+        ds.write_marker(out_root, shard, summary, storage_options)
+        summary["shard"] = list(shard)
+        summary["datasets"] = (ds.finalise_if_complete(out_root, storage_options) if finalise else None)
     return summary
 
 
@@ -512,26 +536,105 @@ def retile_granule(w: st.StoreWriter, g: Granule, damaged: Sequence[int] | None 
 
 def ingest(inputs: Sequence[str | Path] | str | Path, out_root: str | Path, *, patch_size: int = 256,
            max_invalid: float = 0.2, workers: int = 1, shard: str | tuple[int, int] | None = None,
-           progress: bool = True, storage_options: dict | None = None, keep_going: bool = False) -> dict:
+           progress: bool = True, storage_options: dict | None = None, keep_going: bool = False,
+           executor: str | None = None, shards: int | None = None, finalise: bool = True) -> dict:
     """Ingest products (files or folders, expanded with ``find_products``) into stores under ``out_root``.
 
     Returns a summary: ``{"root", "stores": {url: {"sensor", "level", "granules_added",
     "granules_skipped", "patches_added", "n_patches", "n_granules"}}, "granules_added",
     "granules_skipped", "patches_added", "failed": [{"path", "granule_id", "error"}], "bytes_read",
-    "seconds", "mb_per_s"}``. ``shard`` ("k/N") selects products by a hash of their file name.
+    "seconds", "mb_per_s"}``, with ``"shard"`` and ``"datasets"`` (manifest URLs, or None while
+    shards are missing) in sharded runs.
+
+    ``shard`` ("k/N"): this run is shard ``k`` of a job array; it takes the products whose file
+    name hashes to ``k`` (:func:`in_shard`) and writes shard ``k``'s stores of the logical datasets
+    (:mod:`data_prep.dataset`). ``executor="dask://HOST:PORT"`` (a running Dask scheduler) or
+    ``"dask://local:N"`` (a LocalCluster of N worker processes started here): the products are
+    split into ``shards`` shards (default: the count recorded for ``out_root``, else the cluster's
+    worker threads), one Dask task per shard, and the manifests are written when all are done.
+    Products must be reachable from the workers under the same paths (a shared file system or URLs).
     """
     from data_prep.formats import find_products, open_product
 
     if isinstance(inputs, (str, Path)):
         inputs = [inputs]
     shard_t = parse_shard(shard)
-    paths = [p for p in find_products(list(inputs)) if in_shard(Path(p).name, shard_t)]
+    if executor not in (None, "local") and shard_t is not None:
+        raise ValueError("--executor dask://... shards the run itself: give it --shards N, not --shard k/N")
+    paths = [str(p) for p in find_products(list(inputs)) if in_shard(Path(p).name, shard_t)]
     if not paths and shard_t is None:
         raise ProductError(f"no products found in {[str(p) for p in inputs]}")
-    granules = []
-    for p in paths:
-        g = open_product(p)
-        granules.append(g)
-    return ingest_granules(granules, str(out_root), patch_size=patch_size, max_invalid=max_invalid, workers=workers,
-                           progress=progress, storage_options=storage_options, keep_going=keep_going,
-                           sources=[str(p) for p in paths])
+    kw = {"patch_size": patch_size, "max_invalid": max_invalid, "keep_going": keep_going}
+    if executor not in (None, "local"):
+        return _ingest_dask(paths, str(out_root), executor, shards, storage_options, kw)
+    granules = [open_product(p) for p in paths]
+    return ingest_granules(granules, str(out_root), workers=workers, shard=shard_t, progress=progress,
+                           storage_options=storage_options, sources=paths, finalise=finalise, **kw)
+
+
+def _ingest_shard(paths: list[str], out_root: str, shard: tuple[int, int], storage_options: dict | None,
+                  kw: dict) -> dict:
+    """One Dask task: shard ``shard``'s products, ingested serially into its shard stores (on a worker)."""
+    from data_prep.formats import open_product
+
+    return ingest_granules([open_product(p) for p in paths], out_root, shard=shard, progress=False,
+                           storage_options=storage_options, sources=paths, finalise=False, **kw)
+
+
+def _dask_client(address: str):
+    """(client, cluster or None) for ``dask://HOST:PORT`` or ``dask://local:N``."""
+    try:
+        from distributed import Client, LocalCluster
+    except ImportError:  # pragma: no cover - distributed is a dependency
+        raise ValueError("--executor dask://... needs the 'distributed' package (pip install 'dask[distributed]')") \
+            from None
+    spec = address.removeprefix("dask://")
+    if spec == "local" or spec.startswith("local:"):
+        try:
+            n = int(spec.split(":", 1)[1]) if ":" in spec else max(1, os.cpu_count() or 1)
+        except ValueError:
+            raise ValueError(f"executor {address!r}: expected dask://local:N with an integer N") from None
+        if n < 1:
+            raise ValueError(f"executor {address!r}: N must be at least 1")
+        cluster = LocalCluster(n_workers=n, threads_per_worker=1, processes=True, dashboard_address=None,
+                               silence_logs=logging.ERROR)
+        client = Client(cluster)
+        client.run(_exit_with_parent)  # workers of a local cluster die with this process, even by kill -9
+        return client, cluster
+    if ":" not in spec:
+        raise ValueError(f"executor {address!r}: expected dask://HOST:PORT or dask://local:N")
+    try:
+        return Client(spec, timeout="60s"), None
+    except (OSError, TimeoutError) as e:
+        raise ValueError(f"executor {address!r}: cannot reach the Dask scheduler: {e}") from None
+
+
+def _ingest_dask(paths: list[str], out_root: str, address: str, shards: int | None, storage_options: dict | None,
+                 kw: dict) -> dict:
+    t0 = time.perf_counter()
+    out_root = out_root.rstrip("/") or "/"
+    check_root(out_root, storage_options)
+    client, cluster = _dask_client(address)
+    try:
+        n = shards or ds.layout(out_root, storage_options) or max(1, sum(client.nthreads().values()))
+        ds.check_layout(out_root, n, storage_options)
+        parts = [[p for p in paths if in_shard(Path(p).name, (k, n))] for k in range(n)]
+        futures = [client.submit(_ingest_shard, parts[k], out_root, (k, n), storage_options, kw, pure=False,
+                                 key=f"specfm-ingest-{ds.shard_name(k, n)}-{os.getpid()}-{time.time_ns()}")
+                   for k in range(n)]
+        results = client.gather(futures)
+    finally:
+        client.close()
+        if cluster is not None:
+            cluster.close()
+    summary: dict[str, Any] = {"root": out_root, "stores": {}, "granules_added": 0, "granules_skipped": 0,
+                               "patches_added": 0, "failed": [], "bytes_read": 0, "shards": n}
+    for r in results:
+        summary["stores"].update(r["stores"])
+        for k in ("granules_added", "granules_skipped", "patches_added", "bytes_read"):
+            summary[k] += r[k]
+        summary["failed"] += r["failed"]
+    summary["datasets"] = ds.finalise(out_root, storage_options)
+    summary["seconds"] = time.perf_counter() - t0
+    summary["mb_per_s"] = summary["bytes_read"] / 1e6 / summary["seconds"]
+    return summary

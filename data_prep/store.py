@@ -148,13 +148,42 @@ def _open_group(url: str, mode: str, storage_options: dict | None = None) -> zar
     return zarr.open_group(url, **kw)
 
 
+def window_segments(sel: np.ndarray, band_chunk: int) -> list[tuple[int, int, int, np.ndarray | None]]:
+    """How a window's raw band indices ``sel`` (ascending) are read: ``[(slot, raw_start, raw_stop, keep)]``.
+
+    Each segment covers adjacent band chunks that each hold a selected band; the range between two segments is a
+    run of whole chunks with no selected band (bad bands), which is skipped. ``slot`` is where the segment's first
+    band goes in the output; ``keep`` is None when ``raw_start:raw_stop`` is exactly the selected bands (decode in
+    place), else the offsets of the selected ones inside it (decode, then gather). The loader
+    (``pretrain.data.reader``) reads this way; :func:`read_amplification` counts it.
+    """
+    sel = np.asarray(sel, dtype=np.int64)
+    breaks = np.flatnonzero(np.diff(sel // band_chunk) > 1) + 1
+    out = []
+    for part in np.split(np.arange(sel.shape[0]), breaks):
+        seg = sel[part]
+        r0, r1 = int(seg[0]), int(seg[-1]) + 1
+        out.append((int(part[0]), r0, r1, None if r1 - r0 == seg.shape[0] else seg - r0))
+    return out
+
+
+def _span(lo: int, hi: int, c: int) -> int:
+    """Elements of whole chunks of size ``c`` that ``[lo, hi)`` touches."""
+    return (math.ceil(hi / c) - lo // c) * c
+
+
+def _window_starts(n_good: int, window: int, stride: int) -> list[int]:
+    return [0] if n_good <= window else [k * stride for k in range((n_good - window) // stride + 1)]
+
+
 def read_amplification(chunks: tuple[int, ...], good_bands, patch_size: int, *, window: int = 100,
                        stride: int = 32, crop: int = 128, align: int | None = None) -> float:
     """Bytes decoded per byte delivered for the loader's reads, averaged over its draws.
 
     The loader (``pretrain.data``) takes ``window`` contiguous *good* bands starting at multiples of
-    ``stride`` in good-band order, reads the raw band range that spans them (bad bands in between
-    are decoded and dropped), and a ``crop`` x ``crop`` crop with corners on an ``align`` grid
+    ``stride`` in good-band order and reads them as :func:`window_segments` (band chunks holding at
+    least one selected band; a chunk holding only bad bands is skipped, bad bands inside a read
+    chunk are decoded and dropped), and a ``crop`` x ``crop`` crop with corners on an ``align`` grid
     (``None``: the spatial chunk, the loader's default). Decoded = whole chunks touched; delivered =
     ``window`` bands x ``crop``^2 (fewer bands if the sensor has fewer good bands, a smaller crop if
     the patch is smaller).
@@ -164,17 +193,13 @@ def read_amplification(chunks: tuple[int, ...], good_bands, patch_size: int, *, 
     if gi.size == 0:
         raise StoreError("no good bands: read amplification is undefined")
     w = min(window, gi.size)
-    starts = [0] if gi.size <= window else [k * stride for k in range((gi.size - window) // stride + 1)]
     crop = min(crop, patch_size)
     align = max(1, min(cy if align is None else align, patch_size))
-
-    def span(lo: int, hi: int, c: int) -> int:
-        return (math.ceil(hi / c) - lo // c) * c
-
-    band = float(np.mean([span(int(gi[s]), int(gi[s + w - 1]) + 1, cb) / w for s in starts]))
+    band = float(np.mean([sum(_span(r0, r1, cb) for _, r0, r1, _ in window_segments(gi[s:s + w], cb)) / w
+                          for s in _window_starts(gi.size, window, stride)]))
     pos = range(0, patch_size - crop + 1, align)
-    ys = float(np.mean([min(span(p, p + crop, cy), patch_size - p // cy * cy) / crop for p in pos]))
-    xs = float(np.mean([min(span(p, p + crop, cx), patch_size - p // cx * cx) / crop for p in pos]))
+    ys = float(np.mean([min(_span(p, p + crop, cy), patch_size - p // cy * cy) / crop for p in pos]))
+    xs = float(np.mean([min(_span(p, p + crop, cx), patch_size - p // cx * cx) / crop for p in pos]))
     return band * ys * xs
 
 
@@ -184,17 +209,17 @@ def chunks_per_read(chunks: tuple[int, ...], good_bands, patch_size: int, *, win
     _, cb, cy, _ = chunks
     gi = np.flatnonzero(np.asarray(good_bands, dtype=bool))
     w = min(window, gi.size)
-    starts = [0] if gi.size <= window else [k * stride for k in range((gi.size - window) // stride + 1)]
-    nb = np.mean([math.ceil((int(gi[s + w - 1]) + 1) / cb) - int(gi[s]) // cb for s in starts])
+    nb = np.mean([sum(_span(r0, r1, cb) // cb for _, r0, r1, _ in window_segments(gi[s:s + w], cb))
+                  for s in _window_starts(gi.size, window, stride)])
     ns = math.ceil(min(crop, patch_size) / cy)
     return float(nb * ns * ns)
 
 
 #: (band chunk, spatial chunk) pairs :func:`choose_chunks` considers. Spatial chunks stop at 64 so a
 #: 128-pixel crop of a 256-pixel patch keeps at least 3 x 3 chunk-aligned positions.
-CHUNK_CANDIDATES: tuple[tuple[int, int], ...] = ((8, 32), (16, 32), (32, 32), (8, 64), (16, 64), (32, 64))
-#: the design's budget for bytes decoded per byte delivered
-AMPLIFICATION_BUDGET = 1.5
+CHUNK_CANDIDATES: tuple[tuple[int, int], ...] = ((4, 64), (8, 32), (16, 32), (32, 32), (8, 64), (16, 64), (32, 64))
+#: the design's budget for bytes decoded per byte delivered (DESIGN.md: 1.2)
+AMPLIFICATION_BUDGET = 1.2
 
 
 def choose_chunks(good_bands, patch_size: int, *, budget: float = AMPLIFICATION_BUDGET,
@@ -203,13 +228,15 @@ def choose_chunks(good_bands, patch_size: int, *, budget: float = AMPLIFICATION_
 
     Among :data:`CHUNK_CANDIDATES` whose :func:`read_amplification` for the loader's reads is within
     ``budget``, the one whose reads touch the fewest chunks (ties: less amplification); if none is
-    within budget, the least amplification. Why fewest chunks: zarr-python spends about 0.5 ms per
-    chunk of a sharded array, more than decoding it, so a 100-band 128 x 128 read of 1 x 16 x 32 x 32
-    chunks (112 of them) took 67 ms on this machine, of 1 x 32 x 64 x 64 chunks (16) 12 ms. With the
-    registry's sensors and 256-pixel patches this gives 32 x 64 x 64 chunks (amplification 1.28-1.41)
-    except AVIRIS-NG, whose 32-band chunks would decode 1.52x: 16 x 64 x 64 there (1.36). What
-    remains is mostly the bad bands inside a window's raw band range, which the loader decodes and
-    drops. ``loader_kw`` go to :func:`read_amplification`.
+    within budget, the least amplification. Why fewest chunks: every chunk costs a fixed overhead
+    on top of its decode (zarr-python ~0.5 ms, the loader's zarrs pipeline ~0.1 ms). With the
+    loader's segment reads (:func:`window_segments`: band chunks holding only bad bands are not
+    read) and the registry's sensors with 256-pixel patches this gives 8 x 64 x 64 chunks for the
+    AVIRIS family and EMIT (amplification 1.12-1.15; 16-band chunks would decode 1.22-1.30) and
+    16 x 64 x 64 for EnMAP and DESIS (1.12). What it costs: one shard per patch as before, so the
+    same file count; ~3.5x the chunks per shard (a 9 KB shard index for 285 bands), and writes at
+    ~0.6x the MB/s of 32 x 64 x 64 chunks (helper perf's measurement: 54 vs 87 MB/s); the store's
+    size is unchanged (+0.1%). ``loader_kw`` go to :func:`read_amplification`.
     """
     good = np.asarray(good_bands, dtype=bool)
     n_bands = int(good.shape[0])

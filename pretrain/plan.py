@@ -99,13 +99,14 @@ def make_plan(cfg: TrainConfig, world_size: int) -> Plan:
 
 
 def missing_stores(plan: Plan) -> list[str]:
-    """The stores of the plan that cannot be opened."""
-    from data_prep.store import PatchStore, StoreError
+    """The stores (or logical datasets of shard stores) of the plan that cannot be opened."""
+    from data_prep.dataset import open_store
+    from data_prep.store import StoreError
 
     missing = []
     for url in plan.store_urls():
         try:
-            PatchStore(url, plan.cfg.data.storage_options)
+            open_store(url, plan.cfg.data.storage_options)
         except StoreError:
             missing.append(url)
     return missing

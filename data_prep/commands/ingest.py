@@ -14,7 +14,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         "thresholds, and commit them as float16 to one Zarr store per sensor and level under ROOT "
         "(ROOT/<sensor>_<level>.zarr; a path or any fsspec URL). Re-running skips granules already "
         "committed; an interrupted granule leaves nothing visible. Never run two ingests into the same "
-        "ROOT at once: give each --shard its own ROOT.")
+        "store at once. At archive scale: --executor dask://HOST:PORT (a Dask scheduler) or dask://local:N "
+        "(a local cluster of N processes), or a job array with --shard k/N per job: each shard writes its own "
+        "stores under ROOT/<sensor>_<level>.shards/, and when every shard is done a manifest there makes them "
+        "one logical dataset (statistics merged from the shards' partial sums) that the loader takes as one "
+        "source (data.sources: [{url: ROOT/<sensor>_<level>.shards}]).")
     p.add_argument("inputs", nargs="+", metavar="INPUT", help="product files or folders")
     p.add_argument("--out", required=True, metavar="ROOT", help="root folder or fsspec URL of the stores")
     p.add_argument("--patch-size", type=int, default=256, help="patch side in pixels (8 or more)")
@@ -22,7 +26,15 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="drop a patch when more than this fraction of its pixels is invalid")
     p.add_argument("--workers", type=int, default=1, help="worker processes that read and tile")
     p.add_argument("--shard", default=None, metavar="k/N",
-                   help="only the products whose file name hashes to k of N (0 <= k < N), for job arrays")
+                   help="job arrays: this job is shard k of N (0 <= k < N): the products whose file name hashes "
+                        "to k, into shard k's stores; the job that finishes last writes the manifests")
+    p.add_argument("--executor", default="local", metavar="EXECUTOR",
+                   help="'local' (this machine, --workers processes), 'dask://HOST:PORT' (a running Dask "
+                        "scheduler; products must be reachable from its workers under the same paths) or "
+                        "'dask://local:N' (a Dask LocalCluster of N worker processes)")
+    p.add_argument("--shards", type=int, default=None, metavar="N",
+                   help="with a dask executor: shards to split the products into (default: the count recorded "
+                        "under ROOT, else the cluster's worker threads); reruns must keep it")
     p.add_argument("--keep-going", action="store_true",
                    help="skip a product that fails (reported, exit status 1) instead of stopping")
     p.add_argument("--json", action="store_true", help="print the summary as JSON")
@@ -34,7 +46,7 @@ def run(args: argparse.Namespace) -> int:
 
     summary = ingest(args.inputs, args.out, patch_size=args.patch_size, max_invalid=args.max_invalid,
                      workers=args.workers, shard=args.shard, progress=not args.no_progress and sys.stderr.isatty(),
-                     keep_going=args.keep_going)
+                     keep_going=args.keep_going, executor=args.executor, shards=args.shards)
     if args.json:
         print(json.dumps(summary))
     else:
@@ -43,6 +55,13 @@ def run(args: argparse.Namespace) -> int:
                   f"{len(s['granules_skipped'])} already there; {s['n_patches']} patches in total")
         print(f"{summary['bytes_read'] / 1e6:.1f} MB read in {summary['seconds']:.1f} s "
               f"({summary['mb_per_s']:.1f} MB/s)")
+        if "datasets" in summary:
+            if summary["datasets"]:
+                for url in summary["datasets"]:
+                    print(f"logical dataset {url}: manifest written (statistics merged over its shards)")
+            else:
+                print("shard done; the manifests are written by the last shard to finish "
+                      "(or `python -m data_prep finalise ROOT`)")
     for f in summary["failed"]:
         print(f"error: {f['error']}", file=sys.stderr)
     return 1 if summary["failed"] else 0

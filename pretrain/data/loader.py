@@ -39,7 +39,8 @@ from torchdata.nodes import (
     StopCriteria,
 )
 
-from data_prep.store import PatchStore, StoreError
+from data_prep.dataset import open_store
+from data_prep.store import StoreError
 from pretrain.models.vocab import Vocabulary
 
 from .config import DataConfig, DataError, LoaderWorkerError
@@ -278,7 +279,7 @@ def _open(cfg: DataConfig) -> tuple[dict[str, StoreInfo], dict[str, StoreTables]
         if src.weight == 0:
             continue
         try:
-            store = PatchStore(src.url, cfg.storage_options)
+            store = open_store(src.url, cfg.storage_options)  # a store or a logical dataset of shard stores
             if len(store) == 0:
                 raise DataError(f"{src.url}: the store is empty (n_patches = 0)")
             tab = tables_from_store(store)

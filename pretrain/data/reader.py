@@ -14,6 +14,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from data_prep.dataset import open_store
 from data_prep.spectral import inverse_std, normalise_into
 from data_prep.store import PatchStore
 from pretrain.models.vocab import Vocabulary
@@ -107,7 +108,7 @@ class SampleReader:
             with self._lock:
                 s = self._stores.get(key)
                 if s is None:
-                    s = PatchStore(self.tables[key].url, self.storage_options)
+                    s = open_store(self.tables[key].url, self.storage_options)
                     self._stores[key] = s
         return s
 

@@ -32,7 +32,7 @@ def test_inspect_json_on_root_and_store(root, capsys):
     assert out["by_sensor_level"] == {"enmap/L1": 1, "enmap/L2": 6} and out["patches"] == 7
     l2 = next(d for d in out["stores"] if d["level"] == "L2")
     assert l2["granules"] == 2 and l2["bands"] == 224 and l2["good_bands"] == int(PatchStore(l2["url"]).good_bands.sum())
-    assert l2["chunks"] == [1, 32, 32, 32] and l2["shards"] == [1, 224, 32, 32]
+    assert l2["chunks"] == [1, 16, 32, 32] and l2["shards"] == [1, 224, 32, 32]
     assert l2["bytes_on_disk"] > 0 and l2["objects"] >= 6
     assert 0 < l2["stats"]["mean_min"] <= l2["stats"]["mean_max"] <= 1.5
     assert main(["inspect", l2["url"], "--json"]) == 0

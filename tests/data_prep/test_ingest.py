@@ -190,14 +190,24 @@ def test_store_layout_is_chosen_for_the_loader_reads(tmp_path):
     ingest_granules([make_granule(make_cube(rows=32, cols=32))], str(tmp_path), patch_size=256, max_invalid=1.0,
                     progress=False)
     s = PatchStore(st.store_url(str(tmp_path), SENSOR, "L2"))
-    assert s.chunks == (1, 32, 64, 64) and tuple(s.patches.shards) == (1, 224, 256, 256)
-    assert s.attrs["read_amplification"] == pytest.approx(1.28)
-    # AVIRIS-NG: 32-band chunks would decode 1.52x, over the 1.5 budget -> 16-band chunks
+    assert s.chunks == (1, 16, 64, 64) and tuple(s.patches.shards) == (1, 224, 256, 256)
+    assert s.attrs["read_amplification"] == pytest.approx(1.12)
+    # AVIRIS-NG: with the loader's segment reads, 16-band chunks decode 1.30x, 32-band 1.52x: 8-band chunks (1.13)
     ng = get_sensor("aviris-ng").good_band_mask()
-    assert st.read_amplification((1, 32, 64, 64), ng, 256) > 1.5
-    assert st.choose_chunks(ng, 256)[:2] == (16, 64)
+    assert st.read_amplification((1, 16, 64, 64), ng, 256) > 1.2 > st.read_amplification((1, 8, 64, 64), ng, 256)
+    assert st.choose_chunks(ng, 256)[:2] == (8, 64)
     assert st.choose_chunks(np.ones(8, bool), 256)[:2] == (8, 64)  # multispectral: all bands in one chunk
     assert st.choose_chunks(np.ones(224, bool), 48)[1] == 48  # small patches: one spatial chunk
+
+
+def test_read_amplification_counts_segments_not_skipped_bad_band_chunks():
+    good = np.ones(64, bool)
+    good[16:40] = False  # 24 bad bands: band chunks 2-4 (of 8) hold no good band
+    sel = np.flatnonzero(good)
+    assert [(r0, r1) for _, r0, r1, _ in st.window_segments(sel, 8)] == [(0, 16), (40, 64)]
+    # the window is all 40 good bands: 5 chunks of 8 decoded, not the 8 the raw range 0:64 spans
+    assert st.read_amplification((1, 8, 8, 8), good, 8, window=40, crop=8) == pytest.approx(1.0)
+    assert st.read_amplification((1, 16, 8, 8), good, 8, window=40, crop=8) == pytest.approx(48 / 40)
 
 
 # ------------------------------------------------------------------ bad input: clear error, store as before
