@@ -181,9 +181,9 @@ def test_shards_partition_the_granules():
     parts = [[i for i in ids if in_shard(i, (k, 3))] for k in range(3)]
     assert sorted(sum(parts, [])) == sorted(ids) and all(len(p) > 40 for p in parts)
     gs = [make_granule(make_cube(rows=32, cols=32, seed=k), f"g{k}") for k in range(6)]
-    got = [ingest_granules(gs, f"memory://shard{k}", patch_size=32, shard=f"{k}/2", progress=False)["granules_added"]
+    got = [ingest_granules(gs, "memory://shards", patch_size=32, shard=f"{k}/2", progress=False)["granules_added"]
            for k in range(2)]
-    assert sum(got) == 6
+    assert sum(got) == 6 and min(got) > 0
 
 
 def test_store_layout_is_chosen_for_the_loader_reads(tmp_path):

@@ -57,14 +57,13 @@ def test_store_stats_equal_numpy_over_committed_valid_pixels_and_recompute():
 
 
 def test_shard_stores_merge_to_the_stats_of_one_store():
-    from functools import reduce
+    from data_prep.dataset import dataset_url, open_store
 
     gs = [make_granule(make_cube(rows=32, cols=64, seed=20 + k), f"g{k}") for k in range(4)]
     ingest_granules(gs, "memory://merge-all", patch_size=32, progress=False)
-    for k in range(2):
-        ingest_granules(gs, f"memory://merge-s{k}", patch_size=32, shard=f"{k}/2", progress=False)
-    parts = [PatchStore(st.store_url(f"memory://merge-s{k}", "enmap", "L2")).partials() for k in range(2)]
-    merged = reduce(PartialStats.merge, parts).band_stats()
+    res = [ingest_granules(gs, "memory://merge-sharded", patch_size=32, shard=f"{k}/2", progress=False) for k in range(2)]
+    assert res[0]["datasets"] is None and res[1]["datasets"] == [dataset_url("memory://merge-sharded", "enmap", "L2")]
+    merged = open_store(res[1]["datasets"][0]).stats
     one = PatchStore(st.store_url("memory://merge-all", "enmap", "L2")).stats
     np.testing.assert_allclose(merged.mean, one.mean, rtol=1e-12)
     np.testing.assert_allclose(merged.std, one.std, rtol=1e-10)
