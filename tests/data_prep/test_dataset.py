@@ -62,7 +62,6 @@ def _same_dataset(one: st.PatchStore, ds: ShardedStore) -> None:
 
 
 def test_dask_local_cluster_ingest_equals_single_process(products):
-    pytest.importorskip("distributed")
     d, one = products
     res = ingest([str(d / "in")], str(d / "dask"), patch_size=16, progress=False, executor="dask://local:2")
     url = dataset_url(str(d / "dask"), "aviris-ng", "L1")
