@@ -31,7 +31,6 @@ from __future__ import annotations
 import json
 import logging
 from functools import reduce
-from typing import Any
 
 import numpy as np
 
@@ -200,7 +199,7 @@ def _check_same(a: st.PatchStore, b: st.PatchStore) -> None:
                                 "the store layout")
 
 
-class ShardedStore:
+class ShardedStore(st.StoreView):
     """A logical dataset read as one store: the interface of :class:`data_prep.store.PatchStore` that
     the loader and the commands use (``read``, ``read_range``, ``meta``, ``stats``, ``band_table``,
     ``locate`` ...), statistics from the manifest (merged over the shards)."""
@@ -245,13 +244,6 @@ class ShardedStore:
         self.attrs = {"schema_version": self.schema_version, "sensor": self.sensor, "level": self.level,
                       "patch_size": self.patch_size, "n_patches": self.n_patches, "granules": granules,
                       "stats": man["stats"], "shards": man["shards"]}
-
-    def __len__(self) -> int:
-        return self.n_patches
-
-    @property
-    def n_bands(self) -> int:
-        return int(self.wavelengths_nm.shape[0])
 
     @property
     def chunks(self) -> tuple[int, ...]:
@@ -326,10 +318,3 @@ def finalise_if_complete(root: str, storage_options: dict | None = None) -> list
     if n is None or len(markers(root, n, storage_options)) < n:
         return None
     return finalise(root, storage_options)
-
-
-def describe(url: str, storage_options: dict | None = None) -> dict[str, Any]:
-    """Short summary of a logical dataset (for ``inspect``)."""
-    d = ShardedStore(url, storage_options)
-    return {"url": d.url, "sensor": d.sensor, "level": d.level, "patches": d.n_patches, "shards": d.manifest["shards"],
-            "granules": len(d.attrs["granules"]), "bands": d.n_bands, "chunks": list(d.chunks)}

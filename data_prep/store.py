@@ -258,7 +258,21 @@ def choose_chunks(good_bands, patch_size: int, *, budget: float = AMPLIFICATION_
 _WARNED_OLD: set[str] = set()
 
 
-class PatchStore:
+class StoreView:
+    """What every readable source offers (a :class:`PatchStore`, a logical dataset's ``ShardedStore``)."""
+
+    n_patches: int
+    wavelengths_nm: np.ndarray
+
+    def __len__(self) -> int:
+        return self.n_patches
+
+    @property
+    def n_bands(self) -> int:
+        return int(self.wavelengths_nm.shape[0])
+
+
+class PatchStore(StoreView):
     """Read-only view of a committed store. Checks the schema on open.
 
     ``read(i, band_start, band_stop, y0, x0, size)`` decodes only the chunks that the band range
@@ -299,16 +313,15 @@ class PatchStore:
         if self.patches.shape[0] < self.n_patches:
             raise StoreError(f"{url}: n_patches={self.n_patches} but the patches array holds {self.patches.shape[0]}")
 
-    def __len__(self) -> int:
-        return self.n_patches
-
-    @property
-    def n_bands(self) -> int:
-        return int(self.wavelengths_nm.shape[0])
-
     @property
     def chunks(self) -> tuple[int, ...]:
         return tuple(self.patches.chunks)
+
+    def locate(self, i: int) -> tuple[PatchStore, int]:
+        """(store, index in it) of patch ``i``: this store itself (a logical dataset answers with a shard)."""
+        if not 0 <= i < self.n_patches:
+            raise IndexError(f"{self.url}: patch {i} out of range 0..{self.n_patches - 1}")
+        return self, i
 
     @property
     def has_accumulator(self) -> bool:
@@ -505,7 +518,10 @@ class StoreWriter:
         wl = np.asarray(wavelengths_nm, dtype=np.float64)
         n_bands = int(wl.shape[0])
         chunks, shards = chunk_layout(n_bands, patch_size, band_chunk, spatial_chunk)
-        g = _open_group(url, "w-", storage_options)
+        try:
+            g = _open_group(url, "w-", storage_options)
+        except (zarr.errors.ContainsGroupError, zarr.errors.ContainsArrayError, FileExistsError):
+            raise StoreError(f"{url}: a store already exists there (choose another URL)") from None
         _create_arrays(g, n_bands, patch_size, chunks, shards)
         extra: dict[str, Any] = {}
         if hist_range is not None:

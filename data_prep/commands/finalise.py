@@ -4,9 +4,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
-
-from data_prep.store import StoreError
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -23,10 +20,6 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     from data_prep.dataset import finalise
 
-    try:
-        urls = finalise(args.root.rstrip("/"), require_all=not args.partial)
-    except StoreError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    urls = finalise(args.root.rstrip("/"), require_all=not args.partial)
     print(json.dumps({"root": args.root, "datasets": urls}))
     return 0

@@ -6,8 +6,6 @@ import argparse
 import json
 import sys
 
-from data_prep.store import StoreError
-
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.description = (
@@ -22,10 +20,6 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     from data_prep.integrity import migrate
 
-    try:
-        res = migrate(args.src, args.dst, progress=not args.no_progress and sys.stderr.isatty())
-    except (StoreError, FileExistsError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    res = migrate(args.src, args.dst, progress=not args.no_progress and sys.stderr.isatty())
     print(json.dumps(res))
     return 0

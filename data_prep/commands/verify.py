@@ -6,9 +6,6 @@ import argparse
 import json
 import sys
 
-from data_prep.granule import ProductError
-from data_prep.store import StoreError
-
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.description = (
@@ -43,21 +40,17 @@ def _print(rep: dict) -> None:
 def run(args: argparse.Namespace) -> int:
     from data_prep.integrity import repair, verify
 
-    try:
-        rep = verify(args.store, progress=not args.no_progress and sys.stderr.isatty(), batch=args.batch)
-        if args.repair is not None and not rep["whole"]:
-            fixed = repair(args.store, args.repair, rep)
-            if any(m["field"] == "stats_acc" for m in rep["meta"]):
-                from data_prep.stats import recompute
-                from data_prep.store import PatchStore, StoreWriter
+    rep = verify(args.store, progress=not args.no_progress and sys.stderr.isatty(), batch=args.batch)
+    if args.repair is not None and not rep["whole"]:
+        fixed = repair(args.store, args.repair, rep)
+        if any(m["field"] == "stats_acc" for m in rep["meta"]):
+            from data_prep.stats import recompute
+            from data_prep.store import PatchStore, StoreWriter
 
-                StoreWriter.open(args.store).set_statistics(recompute(PatchStore(args.store)))
-            before = rep
-            rep = verify(args.store, batch=args.batch)
-            rep["repair"] = {**fixed, "before": {k: before[k] for k in ("missing", "corrupt", "nan")}}
-    except (StoreError, ProductError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+            StoreWriter.open(args.store).set_statistics(recompute(PatchStore(args.store)))
+        before = rep
+        rep = verify(args.store, batch=args.batch)
+        rep["repair"] = {**fixed, "before": {k: before[k] for k in ("missing", "corrupt", "nan")}}
     if args.json:
         print(json.dumps(rep))
     else:

@@ -70,6 +70,9 @@ def test_granule_committed_once(tmp_path):
     g, x, v = _store(str(tmp_path / "s.zarr"))
     with pytest.raises(StoreError, match="already committed"):
         append_patches(g, granule_id="g0", source="", patches=x, valid=v, meta={})
+    with pytest.raises(StoreError, match="already exists"):
+        _store(str(tmp_path / "s.zarr"))
+    assert PatchStore(str(tmp_path / "s.zarr")).locate(2)[1] == 2
 
 
 def test_chunk_layout_small_patches():
