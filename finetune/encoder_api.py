@@ -191,11 +191,14 @@ def check_export(path: str | Path) -> Path:
     return p
 
 
-def load_encoder(path: str | Path, map_location: str = "cpu") -> Encoder:
-    """Load an exported encoder (safetensors + model_args.json) as an :class:`Encoder`."""
+def load_encoder(path: str | Path, map_location: str = "cpu", download: bool = False) -> Encoder:
+    """Load an exported encoder as an :class:`Encoder`: an export folder (encoder.safetensors +
+    model_args.json), a release folder (config.json + model.safetensors, ``pretrain/release.py``), or a
+    Hugging Face hub id (``owner/name``; needs ``huggingface_hub``; from its local cache unless ``download``)."""
     from pretrain.models.export import load_encoder as _load
+    from pretrain.release import resolve
 
-    p = check_export(path)
+    p = check_export(resolve(path, download=download))
     return Encoder(_load(p, map_location=map_location), read_meta(p), source=str(p)).eval()
 
 

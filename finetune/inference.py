@@ -255,12 +255,20 @@ class Norm:
 
 
 def training_stats(encoder: nn.Module, sensor: str, level: str, n_bands: int):
-    """The export's recorded training statistics (a ``data_prep.store.BandStats``) of ``sensor``/``level``,
-    or None when it carries none for them (or for another band count)."""
+    """The training statistics (a ``data_prep.store.BandStats``) of ``sensor``/``level`` recorded in the
+    release folder (``config.json`` "normalisation", see ``pretrain/release.py``) the encoder was loaded from
+    or that sits in its export folder (``hf/``); None when there are none for them (or another band count)."""
     from data_prep.store import BandStats
 
     args = getattr(encoder, "args", {}) or {}
-    table = args.get("normalisation") or (args.get("extra") or {}).get("normalisation") or {}
+    table = args.get("normalisation")
+    src = getattr(encoder, "source", "") or ""
+    if not table and src and (Path(src) / "hf" / "config.json").is_file():  # an export with its release folder beside
+        try:
+            table = json.loads((Path(src) / "hf" / "config.json").read_text()).get("normalisation")
+        except json.JSONDecodeError:
+            table = None
+    table = table or {}
     entry = table.get(f"{sensor}_{level}")
     if not entry or len(entry.get("mean", [])) != n_bands:
         return None

@@ -9,6 +9,7 @@
     figures/<stage>/step_N.png    reconstruction figures
     checkpoints/<stage>/step_N/   DeepSpeed checkpoints (see pretrain.checkpoint); ``checkpoint.dir`` moves them
     export/<stage>/               encoder.safetensors + model_args.json (+ stage_done.json once final)
+    export/<stage>/hf/            the release folder (Hugging Face layout + model card; pretrain/release.py)
 
 A stage is finished when ``export/<stage>/stage_done.json`` exists; it is written last, after the export,
 so a finished stage always has its export. Trainer, preflight, launcher and logger ask this object for

@@ -298,10 +298,23 @@ class Trainer:
                                   "samples_seen": st.samples_seen, "model": self.cfg.model.name,
                                   "git_sha": self.layout.git_sha()})
         if self.rank == 0:
+            self._release(out, stage.name)
             self.layout.mark_done(stage.name, {"stage": stage.name, "steps": total, "global_step": st.global_step,
                                                "samples_seen": st.samples_seen})
             log.info("stage %s finished: export at %s", stage.name, out)
         dist.barrier()
+
+    def _release(self, out: Path, stage: str) -> None:
+        """The export's Hugging Face style release folder (``<export>/hf``, pretrain/release.py); a failure is
+        logged, not fatal: the export is complete, and ``python -m pretrain.release EXPORT`` writes it later."""
+        from pretrain.release import ReleaseError, hardware, write_release
+
+        try:
+            write_release(out, run_dir=self.layout.root, stage=stage,
+                          hw=hardware(self.world_size, self.cfg.parallel.precision))
+        except (ReleaseError, OSError) as e:
+            log.warning("stage %s: release folder not written (%s); run `python -m pretrain.release %s`",
+                        stage, e, out)
 
     def _write_summary(self) -> None:
         """Per-rank peak memory and the throughput of this launch (collective; rank 0 writes)."""

@@ -33,6 +33,9 @@ VERSION = 1
 WEIGHTS = "encoder.safetensors"
 ARGS = "model_args.json"
 EXPORT_FILES = (WEIGHTS, ARGS)
+#: the same export in the Hugging Face layout (``pretrain/release.py``): ``config.json`` holds every
+#: ``model_args.json`` field, ``model.safetensors`` the same tensors; read wherever an export is read
+RELEASE_WEIGHTS, RELEASE_ARGS = "model.safetensors", "config.json"
 _WRITER = "written by pretrain.models.export.save_encoder at the end of a pretraining stage"
 
 
@@ -78,24 +81,35 @@ def save_encoder(model: nn.Module, out_dir: str | os.PathLike, state_dict: dict 
 
 
 # ------------------------------------------------------------------------------------------------ reading
+def _names(p: Path) -> dict[str, str]:
+    """The export's file names in folder ``p``: its own, or the release layout's where only that is there."""
+    if not (p / WEIGHTS).is_file() and (p / RELEASE_WEIGHTS).is_file():
+        return {WEIGHTS: RELEASE_WEIGHTS, ARGS: RELEASE_ARGS}
+    return {WEIGHTS: WEIGHTS, ARGS: ARGS}
+
+
 def export_dir(path: str | os.PathLike, need: Sequence[str] = EXPORT_FILES) -> Path:
-    """The export folder (a path to one of its files is taken as its folder) holding the ``need`` files."""
+    """The export folder (a path to one of its files is taken as its folder) holding the ``need`` files
+    (named as in :data:`EXPORT_FILES`; a release folder's ``model.safetensors`` / ``config.json`` count)."""
     p = Path(path)
-    if p.is_file() and p.name in EXPORT_FILES:
+    if p.is_file() and p.name in (*EXPORT_FILES, RELEASE_WEIGHTS, RELEASE_ARGS):
         p = p.parent
     if not p.is_dir():
         raise ExportError(f"encoder export {p} does not exist; expected a directory holding "
-                          f"{', '.join(EXPORT_FILES)} ({_WRITER})")
-    missing = [f for f in need if not (p / f).is_file()]
+                          f"{', '.join(EXPORT_FILES)} ({_WRITER}), or a release folder's "
+                          f"{RELEASE_ARGS} + {RELEASE_WEIGHTS}")
+    names = _names(p)
+    missing = [names[f] for f in need if not (p / names[f]).is_file()]
     if missing:
         raise ExportError(f"encoder export {p} lacks {', '.join(missing)}; expected {', '.join(EXPORT_FILES)} "
-                          f"({_WRITER})")
+                          f"({_WRITER}), or a release folder's {RELEASE_ARGS} + {RELEASE_WEIGHTS}")
     return p
 
 
 def read_meta(path: str | os.PathLike) -> dict[str, Any]:
     """``model_args.json`` of an export, checked: valid JSON, this format and version, the vocabulary."""
-    jpath = export_dir(path) / ARGS
+    p = export_dir(path)
+    jpath = p / _names(p)[ARGS]
     try:
         meta = json.loads(jpath.read_text())
     except json.JSONDecodeError as e:
@@ -114,10 +128,10 @@ def read_meta(path: str | os.PathLike) -> dict[str, Any]:
 def read_vocab(path: str | os.PathLike) -> Vocabulary | None:
     """The vocabulary an export was trained with (None for an export without ``model_args.json``)."""
     p = export_dir(path, need=(WEIGHTS,))
-    if not (p / ARGS).is_file():
+    if not (p / _names(p)[ARGS]).is_file():
         return None
     try:
-        return Vocabulary.from_json(read_meta(p), str(p / ARGS))
+        return Vocabulary.from_json(read_meta(p), str(p / _names(p)[ARGS]))
     except ExportError:
         raise
     except ModelError as e:
@@ -129,7 +143,8 @@ def read_weights(path: str | os.PathLike, device: str | torch.device = "cpu") ->
     from safetensors import SafetensorError
     from safetensors.torch import load_file
 
-    w = export_dir(path, need=(WEIGHTS,)) / WEIGHTS
+    p = export_dir(path, need=(WEIGHTS,))
+    w = p / _names(p)[WEIGHTS]
     try:
         return load_file(str(w), device=str(device))
     except (SafetensorError, OSError) as e:
@@ -176,9 +191,9 @@ def load_encoder(path: str | os.PathLike, map_location: str | torch.device = "cp
     meta = read_meta(p)
     try:
         args = ModelArgs.from_dict(meta["args"])
-        vocab = Vocabulary.from_json(meta, str(p / ARGS))
+        vocab = Vocabulary.from_json(meta, str(p / _names(p)[ARGS]))
     except ModelError as e:
-        raise ExportError(f"{p / ARGS}: {e}") from e
+        raise ExportError(f"{p / _names(p)[ARGS]}: {e}") from e
     enc = SpectralEncoder(args, vocab, compute_text=False)
     sd = read_weights(p, map_location)
     check_fits(sd, state_shapes(enc), str(p))

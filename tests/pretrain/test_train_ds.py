@@ -139,6 +139,11 @@ def test_export_matches_trained_weights_and_loads_without_deepspeed(zero3):
     assert all(torch.equal(sd[k], exported[k]) for k in exported)
     meta = json.loads((run / "export/second/model_args.json").read_text())
     assert meta["extra"]["stage"] == "second" and meta["extra"]["global_step"] == 8
+    # the release folder the trainer writes beside: the same tensors, the training stores' statistics
+    hf = run / "export/second/hf"
+    assert load_file(str(hf / "model.safetensors")).keys() == exported.keys()
+    rel = json.loads((hf / "config.json").read_text())
+    assert set(rel["normalisation"]) == {"aviris-3_L1", "emit_L2"} and rel["training"]["hardware"]["world_size"] == 2
 
 
 def test_run_dir_has_provenance_and_checkpoints_are_pruned(zero3):
