@@ -110,43 +110,51 @@ def change_metrics(truth: np.ndarray, pred: np.ndarray) -> dict:
 
 
 # ----------------------------------------------------------------------------- fusion
+# Every fusion metric takes an optional ``valid`` (rows, cols) mask: pixels without data in the reference are
+# left out (a nodata pixel is a zero spectrum, whose angle to anything is 90 degrees).
 
-def _check_cubes(ref: np.ndarray, est: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+def _check_cubes(ref: np.ndarray, est: np.ndarray, valid: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """(bands, pixels) float64 arrays of the valid pixels."""
     ref = np.asarray(ref, dtype=np.float64)
     est = np.asarray(est, dtype=np.float64)
     if ref.shape != est.shape or ref.ndim != 3:
         raise ValueError(f"expected two (bands, rows, cols) cubes of one shape, got {ref.shape} and {est.shape}")
-    return ref, est
+    if valid is None:
+        return ref.reshape(ref.shape[0], -1), est.reshape(est.shape[0], -1)
+    v = np.asarray(valid, bool)
+    if v.shape != ref.shape[1:]:
+        raise ValueError(f"valid mask {v.shape} does not match the cubes' {ref.shape[1:]}")
+    if not v.any():
+        raise ValueError("the valid mask selects no pixel")
+    return ref[:, v], est[:, v]
 
 
-def rmse(ref: np.ndarray, est: np.ndarray) -> float:
-    ref, est = _check_cubes(ref, est)
+def rmse(ref: np.ndarray, est: np.ndarray, valid: np.ndarray | None = None) -> float:
+    ref, est = _check_cubes(ref, est, valid)
     return float(np.sqrt(np.mean((ref - est) ** 2)))
 
 
-def psnr(ref: np.ndarray, est: np.ndarray, data_range: float | None = None) -> float:
+def psnr(ref: np.ndarray, est: np.ndarray, data_range: float | None = None, valid: np.ndarray | None = None) -> float:
     """Mean over bands of 10 log10(peak^2 / MSE_band); peak = ``data_range`` or the reference's max per band."""
-    ref, est = _check_cubes(ref, est)
-    mse = ((ref - est) ** 2).reshape(ref.shape[0], -1).mean(1)
-    peak = np.full(ref.shape[0], data_range) if data_range is not None else ref.reshape(ref.shape[0], -1).max(1)
+    ref, est = _check_cubes(ref, est, valid)
+    mse = ((ref - est) ** 2).mean(1)
+    peak = np.full(ref.shape[0], data_range) if data_range is not None else ref.max(1)
     mse = np.maximum(mse, 1e-12)
     return float(np.mean(10 * np.log10(peak**2 / mse)))
 
 
-def sam(ref: np.ndarray, est: np.ndarray) -> float:
+def sam(ref: np.ndarray, est: np.ndarray, valid: np.ndarray | None = None) -> float:
     """Mean spectral angle in degrees over pixels."""
-    ref, est = _check_cubes(ref, est)
-    r = ref.reshape(ref.shape[0], -1)
-    e = est.reshape(est.shape[0], -1)
+    r, e = _check_cubes(ref, est, valid)
     cos = (r * e).sum(0) / np.maximum(np.linalg.norm(r, axis=0) * np.linalg.norm(e, axis=0), 1e-12)
     return float(np.degrees(np.arccos(np.clip(cos, -1.0, 1.0))).mean())
 
 
-def ergas(ref: np.ndarray, est: np.ndarray, ratio: float) -> float:
+def ergas(ref: np.ndarray, est: np.ndarray, ratio: float, valid: np.ndarray | None = None) -> float:
     """100 / ratio * sqrt(mean_b (RMSE_b / mean_b)^2), ratio = high / low resolution pixel-size ratio."""
-    ref, est = _check_cubes(ref, est)
-    rmse_b = np.sqrt(((ref - est) ** 2).reshape(ref.shape[0], -1).mean(1))
-    mean_b = np.abs(ref.reshape(ref.shape[0], -1).mean(1))
+    ref, est = _check_cubes(ref, est, valid)
+    rmse_b = np.sqrt(((ref - est) ** 2).mean(1))
+    mean_b = np.abs(ref.mean(1))
     return float(100.0 / ratio * np.sqrt(np.mean((rmse_b / np.maximum(mean_b, 1e-12)) ** 2)))
 
 
@@ -163,26 +171,37 @@ def _filter2(img: np.ndarray, g: np.ndarray) -> np.ndarray:
     return convolve2d(convolve2d(img, g[None, :], mode="valid"), g[:, None], mode="valid")
 
 
-def ssim(ref: np.ndarray, est: np.ndarray, data_range: float | None = None, win: int = 7) -> float:
-    """Mean over bands of the Gaussian-window SSIM (Wang et al. 2004, K1=0.01, K2=0.03)."""
-    ref, est = _check_cubes(ref, est)
+def ssim(ref: np.ndarray, est: np.ndarray, data_range: float | None = None, win: int = 7,
+         valid: np.ndarray | None = None) -> float:
+    """Mean over bands of the Gaussian-window SSIM (Wang et al. 2004, K1=0.01, K2=0.03); with ``valid``, averaged
+    over the windows that hold only valid pixels (all windows if none does)."""
+    _check_cubes(ref, est, valid)
+    ref = np.asarray(ref, dtype=np.float64)
+    est = np.asarray(est, dtype=np.float64)
     win = min(win, ref.shape[1], ref.shape[2])
     g = _gaussian_window(win, 1.5 * win / 7)
+    keep = None
+    if valid is not None:
+        v = np.asarray(valid, bool)
+        est = np.where(v[None], est, ref)
+        keep = _filter2(v.astype(np.float64), np.ones(win) / win) > 1 - 1e-9
+        if not keep.any():
+            keep = None
     out = []
     for r, e in zip(ref, est):
-        L = data_range if data_range is not None else max(float(r.max() - r.min()), 1e-12)
+        r_valid = r if valid is None else r[np.asarray(valid, bool)]
+        L = data_range if data_range is not None else max(float(r_valid.max() - r_valid.min()), 1e-12)
         c1, c2 = (0.01 * L) ** 2, (0.03 * L) ** 2
         mr, me = _filter2(r, g), _filter2(e, g)
         vr = _filter2(r * r, g) - mr**2
         ve = _filter2(e * e, g) - me**2
         cov = _filter2(r * e, g) - mr * me
         s = ((2 * mr * me + c1) * (2 * cov + c2)) / ((mr**2 + me**2 + c1) * (vr + ve + c2))
-        out.append(s.mean())
+        out.append(s.mean() if keep is None else s[keep].mean())
     return float(np.mean(out))
 
 
-def fusion_metrics(ref: np.ndarray, est: np.ndarray, ratio: float) -> dict:
-    """PSNR, SSIM, SAM (degrees), ERGAS, RMSE of a reconstructed cube against the reference."""
-    return {"PSNR": psnr(ref, est), "SSIM": ssim(ref, est), "SAM": sam(ref, est),
-            "ERGAS": ergas(ref, est, ratio), "RMSE": rmse(ref, est)}
-
+def fusion_metrics(ref: np.ndarray, est: np.ndarray, ratio: float, valid: np.ndarray | None = None) -> dict:
+    """PSNR, SSIM, SAM (degrees), ERGAS, RMSE of a reconstructed cube against the reference (over ``valid``)."""
+    return {"PSNR": psnr(ref, est, valid=valid), "SSIM": ssim(ref, est, valid=valid), "SAM": sam(ref, est, valid),
+            "ERGAS": ergas(ref, est, ratio, valid), "RMSE": rmse(ref, est, valid)}

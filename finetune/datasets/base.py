@@ -80,6 +80,10 @@ class FusionData:
     ms_spectral: Spectral
     ratio: int
     name: str = ""
+    hs_valid: np.ndarray | None = None
+    """bool (h, w): hyperspectral pixels with data (None: all)."""
+    ms_valid: np.ndarray | None = None
+    """bool (h * ratio, w * ratio): multispectral pixels with data (None: all)."""
 
 
 # ----------------------------------------------------------------------------- readers

@@ -258,9 +258,9 @@ def load_fusion_pair(hs: str | Path, ms: str | Path, *, ratio: int | None = None
                            f"at ratio {ratio}; expected a co-registered pair with the MS grid ratio x finer")
     good = np.asarray(gh.good_bands, bool)
     ch = ch[good]
-    cm = cm[:, :gh.n_rows * ratio, :gh.n_cols * ratio]
+    cm, vm = cm[:, :gh.n_rows * ratio, :gh.n_cols * ratio], np.asarray(vm, bool)[:gh.n_rows * ratio, :gh.n_cols * ratio]
     return FusionData(clean(ch), clean(cm),
                       Spectral(gh.wavelengths_nm[good].astype(np.float32), gh.fwhm_nm[good].astype(np.float32),
                                gh.sensor, gh.level),
                       Spectral(gm.wavelengths_nm.astype(np.float32), gm.fwhm_nm.astype(np.float32), gm.sensor, gm.level),
-                      int(ratio), name or Path(hs).stem)
+                      int(ratio), name or Path(hs).stem, np.asarray(vh, bool), vm)

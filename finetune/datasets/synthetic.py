@@ -169,8 +169,8 @@ def synthetic_fusion(manifest: str | Path, *, hs_sensor: str = "emit", band_stri
     if not partners:
         raise DatasetError(f"{root}/manifest.json: no fusion_ms partner of {hs_e['path']}")
     ms_e = partners[0]
-    hs, _, hs_spec = read_product(root, hs_e, band_stride)
-    ms, _, ms_spec = read_product(root, ms_e, 1)
+    hs, hv, hs_spec = read_product(root, hs_e, band_stride)
+    ms, mv, ms_spec = read_product(root, ms_e, 1)
     ratio = int(hs_e.get("ratio") or ms_e.get("ratio") or round(ms.shape[2] / hs.shape[2]))
-    ms = ms[:, :hs.shape[1] * ratio, :hs.shape[2] * ratio]
-    return FusionData(hs, ms, hs_spec, ms_spec, ratio, f"synthetic_fusion_{hs_sensor}_{ms_e['sensor']}")
+    ms, mv = ms[:, :hs.shape[1] * ratio, :hs.shape[2] * ratio], mv[:hs.shape[1] * ratio, :hs.shape[2] * ratio]
+    return FusionData(hs, ms, hs_spec, ms_spec, ratio, f"synthetic_fusion_{hs_sensor}_{ms_e['sensor']}", hv, mv)

@@ -2,7 +2,8 @@
 
 from finetune.heads.change import SiameseChange
 from finetune.heads.classifier import SceneClassifier
-from finetune.heads.fusion import FusionDecoder, HyperLinear
+from finetune.heads.fusion import FusionDecoder
+from finetune.heads.spectral import HyperIn, HyperLinear
 from finetune.heads.upernet import UperNet
 
-__all__ = ["FusionDecoder", "HyperLinear", "SceneClassifier", "SiameseChange", "UperNet"]
+__all__ = ["FusionDecoder", "HyperIn", "HyperLinear", "SceneClassifier", "SiameseChange", "UperNet"]

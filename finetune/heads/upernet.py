@@ -4,6 +4,16 @@ Tokens from four transformer blocks are reshaped to the token grid and brought t
 (x4 by two transposed convolutions, x2 by one, identity, /2 by max pooling); a pyramid pooling
 module on the coarsest level and an FPN top-down path fuse them; logits are upsampled to the input.
 GroupNorm instead of BatchNorm keeps it usable with batches of one.
+
+``pixel_skip`` (default on) adds a full-resolution spectral branch: each pixel's spectrum through a
+band-conditioned projection (:class:`finetune.heads.spectral.HyperIn`) joins the upsampled pyramid features
+before a last 3x3 layer and the classifier. Tokens cover ``patch x patch`` pixels, so without it the head
+cannot draw a boundary inside a token: on the synthetic suite (materials in regions of a few pixels) UperNet
+alone scored OA 0.23 +- 0.03 / mIoU 0.14 +- 0.02 (3 seeds) where a per-pixel linear classifier of the raw
+spectra scores OA 0.99; with the branch OA 0.83 +- 0.01 / mIoU 0.49 +- 0.00 (2 seeds; 60 steps, random-init
+debug encoder). Class weights and more steps were not the cause: without weights OA 0.35, with 300 steps the
+training loss fell to 0.04 and OA stayed 0.30-0.34 (the head fitted the training half's layout). ``pixel_skip: false`` is the
+plain UperNet of PANGAEA and the ViT papers.
 """
 
 from __future__ import annotations
@@ -15,6 +25,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from data_prep.configtree import ConfigError
+from finetune.heads.spectral import HyperIn
 
 
 def _cnr(cin: int, cout: int, k: int) -> nn.Sequential:
@@ -42,7 +53,7 @@ class UperNet(nn.Module):
     """Segmentation head; ``forward`` returns logits ``[B, n_classes, H, W]``."""
 
     def __init__(self, encoder: nn.Module, n_classes: int, layers: Sequence[int] | None = None,
-                 channels: int = 64) -> None:
+                 channels: int = 64, pixel_skip: bool = True) -> None:
         super().__init__()
         self.encoder = encoder
         self.layers = tuple(layers) if layers is not None else tuple(encoder.default_layers())
@@ -60,6 +71,11 @@ class UperNet(nn.Module):
         self.lateral = nn.ModuleList(_cnr(d, channels, 1) for _ in range(3))
         self.fpn = nn.ModuleList(_cnr(channels, channels, 3) for _ in range(3))
         self.fuse = _cnr(4 * channels, channels, 3)
+        self.pixel_skip = pixel_skip
+        if pixel_skip:
+            self.pixel = HyperIn(channels)
+            self.pixel_norm = nn.Sequential(nn.GroupNorm(max(1, min(8, channels // 2)), channels), nn.GELU())
+            self.merge = _cnr(2 * channels, channels, 3)
         self.classifier = nn.Conv2d(channels, n_classes, 1)
 
     def forward(self, pixels: torch.Tensor, wavelengths: torch.Tensor, fwhm: torch.Tensor,
@@ -79,7 +95,11 @@ class UperNet(nn.Module):
         size = outs[0].shape[-2:]
         fused = self.fuse(torch.cat([outs[0]] + [F.interpolate(o, size=size, mode="bilinear", align_corners=False)
                                                  for o in outs[1:]], 1))
-        return F.interpolate(self.classifier(fused), size=(h, w), mode="bilinear", align_corners=False)
+        if not self.pixel_skip:
+            return F.interpolate(self.classifier(fused), size=(h, w), mode="bilinear", align_corners=False)
+        full = F.interpolate(fused, size=(h, w), mode="bilinear", align_corners=False)
+        px = self.pixel_norm(self.pixel(pixels, wavelengths, fwhm))
+        return self.classifier(self.merge(torch.cat([full, px], 1)))
 
 
 def class_weights(labels: torch.Tensor, n_classes: int, ignore_index: int = -1) -> torch.Tensor:

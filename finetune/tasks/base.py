@@ -182,6 +182,8 @@ def lr_factor(step: int, total: int) -> float:
 
 
 def _to(x, dev: torch.device):
+    if isinstance(x, tuple):
+        return tuple(_to(v, dev) for v in x)
     return x.to(dev) if isinstance(x, torch.Tensor) else x
 
 

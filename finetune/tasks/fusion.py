@@ -1,16 +1,17 @@
 """Hyperspectral-multispectral fusion (super-resolution of the hyperspectral image) with the fusion decoder.
 
-Protocol (Wald's): both images degraded by the ratio (box filter + decimation), the original hyperspectral
-image is the reference; training tiles from the leftmost ``eval.train_fraction`` of the columns; the whole
+Protocol (Wald's): both images degraded by the ratio (box filter + decimation; a degraded pixel is valid when
+all the pixels it averages are), the original hyperspectral image is the reference; training tiles from the leftmost ``eval.train_fraction`` of the columns; the whole
 scene predicted by overlapping tiles (``eval.tile``, ``eval.overlap``; averaged), scored on the other columns
-beside bilinear, bicubic and bilinear + unsharp-mask baselines: PSNR, SSIM, SAM, ERGAS, RMSE.
+beside bilinear, bicubic and bilinear + unsharp-mask baselines: PSNR, SSIM, SAM, ERGAS, RMSE over the
+reference's valid pixels (a nodata pixel is a zero spectrum: 90 degrees of SAM to anything). Training: L1 on
+per-band z-scores over valid pixels, tiles flipped and rotated (the 8 symmetries of the square).
 """
 
 from __future__ import annotations
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 from finetune import metrics as M
 from finetune.datasets.base import DatasetError, FusionData
@@ -18,6 +19,10 @@ from finetune.heads import FusionDecoder
 from finetune.heads.fusion import baseline, degrade
 from finetune.heads.upernet import window_starts
 from finetune.tasks.base import Task, spectral_tensors
+
+#: Weight of the mean spectral angle (radians) beside the L1 of z-scores in the training loss (measured on the
+#: synthetic suite, 60 steps: SAM 6.42 with it, 6.73 without, for 0.4 dB of PSNR).
+SAM_WEIGHT = 1.0
 
 
 class FusionTask(Task):
@@ -37,15 +42,22 @@ class FusionTask(Task):
             raise DatasetError(f"{data.name}: HS image {h}x{w} is smaller than one fusion tile ({tile})")
         ref = torch.from_numpy(data.hs[:, :h, :w])                     # the reference (original HS)
         ms = torch.from_numpy(data.ms[:, :h * r, :w * r])
-        hs_in = degrade(ref[None], r)[0]                                # Wald: HS degraded by the ratio
-        ms_in = degrade(ms[None], r)[0]                                 # MS degraded to the HS grid
-        hmean, hstd = hs_in.mean((1, 2), keepdim=True), hs_in.std((1, 2), keepdim=True).clamp(min=1e-6)
-        mmean, mstd = ms_in.mean((1, 2), keepdim=True), ms_in.std((1, 2), keepdim=True).clamp(min=1e-6)
-        self.hs_n, self.ms_n, self.ref_n = (hs_in - hmean) / hstd, (ms_in - mmean) / mstd, (ref - hmean) / hstd
-        self.hmean, self.hstd, self.ref, self.hs_in = hmean, hstd, ref, hs_in
+        ref_valid = _mask(data.hs_valid, (h, w))
+        ms_valid = _mask(data.ms_valid, (h * r, w * r))
+        hs_in, hs_in_valid = _degrade_valid(ref, ref_valid, r)        # Wald: HS degraded by the ratio
+        ms_in, ms_in_valid = _degrade_valid(ms, ms_valid, r)          # MS degraded to the HS grid
+        # Nodata filled with the band means (0 after the decoder standardises for the encoder); the per-band
+        # (mean, std) over valid pixels go to the decoder and scale the loss.
+        self.hmean, self.hstd = _moments(hs_in, hs_in_valid)
+        mmean, mstd = _moments(ms_in, ms_in_valid)
+        self.hs_lr = torch.where(hs_in_valid, hs_in, self.hmean)
+        self.ms_hr = torch.where(ms_in_valid, ms_in, mmean)
+        self.ref, self.ref_valid = ref, ref_valid
+        self.norms = ((self.hmean.flatten(), self.hstd.flatten()), (mmean.flatten(), mstd.flatten()))
         hwl, hfw = spectral_tensors(data.hs_spectral)
         mwl, mfw = spectral_tensors(data.ms_spectral)
-        self.args = (hwl, hfw, mwl, mfw, data.hs_spectral.sensor, data.ms_spectral.sensor, data.hs_spectral.level)
+        self.args = (hwl, hfw, mwl, mfw, data.hs_spectral.sensor, data.ms_spectral.sensor, data.hs_spectral.level,
+                     *self.norms)
         self.w_train = max(tile, int(round(ev.train_fraction * w / r)) * r)
         self.ys, self.xs = list(range(0, h - tile + 1, r)), list(range(0, self.w_train - tile + 1, r))
         self.data, self.size, self.tile, self.stride = data, (h, w), tile, stride
@@ -54,29 +66,42 @@ class FusionTask(Task):
         return FusionDecoder(encoder, **self.cfg.head)
 
     def batch(self, rng):
+        """Tiles of the training columns, each flipped / rotated by one of the 8 symmetries of the square."""
         r, tile = self.data.ratio, self.tile
-        hi, mi, ti = [], [], []
+        hi, mi, ti, vi = [], [], [], []
         for _ in range(self.cfg.train.batch_size):
             y, x = int(rng.choice(self.ys)), int(rng.choice(self.xs))
-            hi.append(self.hs_n[:, y // r:(y + tile) // r, x // r:(x + tile) // r])
-            mi.append(self.ms_n[:, y:y + tile, x:x + tile])
-            ti.append(self.ref_n[:, y:y + tile, x:x + tile])
-        return (torch.stack(hi), torch.stack(mi), *self.args), torch.stack(ti)
+            k, flip = int(rng.integers(4)), bool(rng.integers(2))
+            for out, a in ((hi, self.hs_lr[:, y // r:(y + tile) // r, x // r:(x + tile) // r]),
+                           (mi, self.ms_hr[:, y:y + tile, x:x + tile]), (ti, self.ref[:, y:y + tile, x:x + tile]),
+                           (vi, self.ref_valid[None, y:y + tile, x:x + tile])):
+                a = torch.rot90(a, k, (-2, -1))
+                out.append(a.flip(-1) if flip else a)
+        return (torch.stack(hi), torch.stack(mi), *self.args), (torch.stack(ti), torch.stack(vi))
 
     def loss(self, output, target):
-        return F.l1_loss(output, target)
+        """L1 of the per-band z-scores (errors over each band's std) plus :data:`SAM_WEIGHT` x the mean spectral
+        angle, over the reference's valid pixels."""
+        ref, valid = target
+        v = valid.expand_as(ref).float()
+        err = (output - ref).abs() / self.hstd.to(output.device)
+        l1 = (err * v).sum() / v.sum().clamp(min=1)
+        cos = (output * ref).sum(1) / (output.norm(dim=1) * ref.norm(dim=1)).clamp(min=1e-8)
+        ang = torch.acos(cos.clamp(-1 + 1e-6, 1 - 1e-6))
+        pv = valid[:, 0].float()
+        return l1 + SAM_WEIGHT * (ang * pv).sum() / pv.sum().clamp(min=1)
 
     def predict(self, model) -> torch.Tensor:
-        """The whole scene by overlapping tiles (averaged where they overlap), in the normalised units."""
+        """The whole scene by overlapping tiles (averaged where they overlap)."""
         r, tile, stride = self.data.ratio, self.tile, self.stride
-        c = self.hs_n.shape[0]
-        H, W = self.ms_n.shape[-2:]
+        c = self.hs_lr.shape[0]
+        H, W = self.ref.shape[-2:]
         acc, cnt = torch.zeros(c, H, W), torch.zeros(1, H, W)
         with torch.no_grad():
             for y in window_starts(H, tile, stride):
                 for x in window_starts(W, tile, stride):
-                    h_t = self.hs_n[None, :, y // r:(y + tile) // r, x // r:(x + tile) // r].to(self.device)
-                    m_t = self.ms_n[None, :, y:y + tile, x:x + tile].to(self.device)
+                    h_t = self.hs_lr[None, :, y // r:(y + tile) // r, x // r:(x + tile) // r].to(self.device)
+                    m_t = self.ms_hr[None, :, y:y + tile, x:x + tile].to(self.device)
                     acc[:, y:y + tile, x:x + tile] += model(h_t, m_t, *self.args)[0].cpu()
                     cnt[:, y:y + tile, x:x + tile] += 1
         return acc / cnt
@@ -84,18 +109,21 @@ class FusionTask(Task):
     def evaluate(self, model, losses):
         data, r = self.data, self.data.ratio
         h, w = self.size
-        fused = self.predict(model) * self.hstd + self.hmean
+        fused = self.predict(model)
         test = slice(self.w_train, w) if w - self.w_train >= 8 else slice(0, w)
         truth = self.ref[:, :, test].numpy()
+        valid = self.ref_valid[:, test].numpy()
         out = {"fused": fused[:, :, test].numpy()}
         for kind in ("bilinear", "bicubic", "unsharp"):
-            out[kind] = baseline(self.hs_in[None], (h, w), kind)[0][:, :, test].numpy()
-        table = {k: M.fusion_metrics(truth, v, r) for k, v in out.items()}
+            out[kind] = baseline(self.hs_lr[None], (h, w), kind)[0][:, :, test].numpy()
+        table = {k: M.fusion_metrics(truth, v, r, valid) for k, v in out.items()}
         return self.result(table["fused"],
                            {"baselines": {k: v for k, v in table.items() if k != "fused"}, "ratio": r,
-                            "loss": losses[-1:], "test_columns": [test.start, test.stop]},
-                           {"truth": truth, "fused": out["fused"], "bilinear": out["bilinear"],
-                            "wavelengths": data.hs_spectral.wavelengths, "losses": losses}, data.name)
+                            "loss": losses[-1:], "test_columns": [test.start, test.stop],
+                            "valid_fraction": float(valid.mean())},
+                           {"truth": np.where(valid[None], truth, np.nan), "fused": out["fused"],
+                            "bilinear": out["bilinear"], "wavelengths": data.hs_spectral.wavelengths,
+                            "losses": losses}, data.name)
 
     @classmethod
     def draw(cls, result):
@@ -115,7 +143,7 @@ class FusionTask(Task):
         axs[0].set_title("spectra")
         e_f = np.sqrt(((fused - truth) ** 2).mean(0))
         e_b = np.sqrt(((bil - truth) ** 2).mean(0))
-        vmax = float(np.percentile(np.concatenate([e_f.ravel(), e_b.ravel()]), 99)) or 1.0
+        vmax = float(np.nanpercentile(np.concatenate([e_f.ravel(), e_b.ravel()]), 99)) or 1.0
         for ax, e, t in ((axs[1], e_f, "RMSE per pixel: fused"), (axs[2], e_b, "RMSE per pixel: bilinear")):
             im = ax.imshow(e, cmap="magma", vmin=0, vmax=vmax)
             ax.set_title(t)
@@ -123,3 +151,20 @@ class FusionTask(Task):
         fig.colorbar(im, ax=axs[1:], shrink=0.8)
         fig.suptitle(title(result), fontsize=9)
         return fig
+
+
+def _mask(valid: np.ndarray | None, shape: tuple[int, int]) -> torch.Tensor:
+    if valid is None:
+        return torch.ones(shape, dtype=torch.bool)
+    return torch.from_numpy(np.ascontiguousarray(np.asarray(valid, bool)[:shape[0], :shape[1]]))
+
+
+def _degrade_valid(x: torch.Tensor, valid: torch.Tensor, r: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Wald degradation of ``x [C, H, W]``; a low-resolution pixel is valid when all its r x r pixels are."""
+    return degrade(x[None], r)[0], degrade(valid[None, None].float(), r)[0, 0] > 1 - 1e-6
+
+
+def _moments(x: torch.Tensor, valid: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-band mean and std ``[C, 1, 1]`` over the valid pixels of ``x [C, H, W]`` (std >= 1e-6)."""
+    v = x[:, valid] if valid.any() else x.reshape(x.shape[0], -1)
+    return v.mean(1)[:, None, None], v.std(1).clamp(min=1e-6)[:, None, None]

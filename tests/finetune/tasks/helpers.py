@@ -16,9 +16,9 @@ def spectral(c: int = C, sensor: str = "emit") -> Spectral:
     return Spectral(wl.numpy(), fw.numpy(), sensor, "L2")
 
 
-def cfg(kind: str, mode: str = "finetune", steps: int = 40, seed: int = 0, **kw) -> TaskConfig:
+def cfg(kind: str, mode: str = "finetune", steps: int = 40, seed: int = 0, lr: float = 3e-3, **kw) -> TaskConfig:
     return TaskConfig(name=f"t_{kind}", kind=kind, data={"loader": "x"}, normalise=kw.pop("normalise", False),
-                      train={"mode": mode, "steps": steps, "batch_size": 8, "lr": 3e-3, "encoder_lr": 1e-3,
+                      train={"mode": mode, "steps": steps, "batch_size": 8, "lr": lr, "encoder_lr": 1e-3,
                              "seed": seed}, **kw)
 
 

@@ -33,3 +33,21 @@ def test_sliding_window_covers_the_scene():
 
     prob = predict_scene(Uniform(), torch.zeros(C, 20, 20), None, None, 2, 16, 8)
     assert prob.shape == (2, 20, 20) and torch.allclose(prob, torch.full_like(prob, 0.5))
+
+
+def test_pixel_skip_resolves_boundaries_inside_a_token(encoder):
+    """Classes alternating pixel by pixel (a token covers 8 x 8, the pyramid's finest level 2 x 2): the spectral
+    pixel branch labels them; the pyramid alone cannot."""
+    g = np.random.default_rng(1)
+    h, w = 16, 32
+    yy, xx = np.mgrid[0:h, 0:w]
+    lab = ((yy + xx) % 2).astype(np.int64)
+    img = g.normal(0, 0.2, (C, h, w)).astype(np.float32)
+    img[:3] += 2 * lab
+    data = SegmentationData(img, lab, ["a", "b"], spectral())
+    scores = {}
+    for skip in (True, False):
+        res = run_task(encoder, data, cfg("segmentation", steps=30, head={"channels": 16, "pixel_skip": skip},
+                                          eval={"window": 16, "stride": 8, "train_fraction": 0.5}))
+        scores[skip] = res.metrics["OA"]
+    assert scores[True] >= 0.9 and scores[False] < 0.75, scores
