@@ -24,10 +24,10 @@ from pathlib import Path
 
 import numpy as np
 import zarr
-from tqdm import tqdm
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from data_prep.progress import progress  # noqa: E402
 from data_prep.registry import get_sensor  # noqa: E402
 from data_prep.store import (  # noqa: E402
     DEFAULT_BAND_CHUNK,
@@ -66,7 +66,7 @@ def build_store(url: str, n: int, patch: int, sensor: str, chunks: tuple[int, in
     wl = s.wavelengths_nm
     yy, xx = np.mgrid[0:patch, 0:patch] / patch
     per = 8
-    for k in tqdm(range(0, n, per), desc="building store", file=sys.stderr):
+    for k in progress(range(0, n, per), desc="building store", every=10):
         m = min(per, n - k)
         x = np.empty((m, bands, patch, patch), np.float16)
         for j in range(m):

@@ -330,9 +330,9 @@ def ingest_granules(granules: Sequence[Granule], out_root: str, *, patch_size: i
     plan_of = dict(plans)
     bar = None
     if progress:
-        from tqdm import tqdm
+        from data_prep.progress import progress as progress_bar
 
-        bar = tqdm(total=len(tasks), desc="ingest", unit="strip", dynamic_ncols=True)
+        bar = progress_bar(total=len(tasks), desc="ingest", unit="strip", every=100)
     executor: cf.Executor
     if workers > 1:
         # spawn, not fork: the parent runs zarr's event-loop thread, which a fork would copy mid-state

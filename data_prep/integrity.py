@@ -84,9 +84,9 @@ def verify(url: str, storage_options: dict | None = None, *, progress: bool = Fa
             found[i] = ("missing", f"no '{array}' shard object in storage")
     it = range(0, n, batch)
     if progress:
-        from tqdm import tqdm
+        from data_prep.progress import progress as bar
 
-        it = tqdm(it, total=len(it), desc="verify", unit="batch")
+        it = bar(it, total=len(it), desc="verify", unit="batch", every=100)
     for i0 in it:
         i1 = min(i0 + batch, n)
         todo = [i for i in range(i0, i1) if i not in found]
@@ -187,9 +187,9 @@ def migrate(src: str, dst: str, storage_options: dict | None = None, *, progress
     meta = {k: s.meta(k) for k in st.META_FIELDS}
     items = list(s.attrs["granules"].items())
     if progress:
-        from tqdm import tqdm
+        from data_prep.progress import progress as bar
 
-        items = tqdm(items, desc="migrate", unit="granule")
+        items = bar(items, desc="migrate", unit="granule", every=10)
     for gid, e in items:
         start, count = int(e["start"]), int(e["count"])
         partial = PartialStats.empty(s.n_bands, h["lo"], h["hi"], int(h["bins"])) if h else None

@@ -169,9 +169,9 @@ def recompute(store, bins: int | None = None, progress: bool = False) -> Partial
     acc = PartialStats.empty(store.n_bands, lo, hi, bins or int(h.get("bins", DEFAULT_BINS)))
     it = store.iter_patches()
     if progress:
-        from tqdm import tqdm
+        from data_prep.progress import progress as bar
 
-        it = tqdm(it, total=store.n_patches, desc="stats", unit="patch")
+        it = bar(it, total=store.n_patches, desc="stats", unit="patch", every=1000)
     for px, va in it:
         acc.add_patch(px, va)
     return acc

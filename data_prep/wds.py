@@ -42,9 +42,9 @@ def export_wds(url: str, out_dir: str | Path, *, maxcount: int = 1000, maxsize: 
     info_path.write_text(json.dumps(info))
     it = range(store.n_patches)
     if progress:
-        from tqdm import tqdm
+        from data_prep.progress import progress as bar
 
-        it = tqdm(it, desc="export-wds", unit="patch")
+        it = bar(it, desc="export-wds", unit="patch", every=1000)
     shards: list[str] = []
     with wds.ShardWriter(str(out / f"{name}-%06d.tar"), maxcount=maxcount, maxsize=maxsize, verbose=0,
                          post=lambda fname: shards.append(fname)) as sink:

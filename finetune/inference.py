@@ -278,15 +278,14 @@ def training_stats(encoder: nn.Module, sensor: str, level: str, n_bands: int):
 def scene_stats(granule, clip: tuple[float, float], row_block: int = 64, progress: bool | None = None):
     """``BandStats`` of a granule's valid pixels (all bands), streamed by row blocks with the ingest's
     accumulator over the level's clip range."""
-    from tqdm import tqdm
-
+    from data_prep.progress import progress as bar
     from data_prep.stats import PartialStats
     from data_prep.tiling import prepare_block
 
     acc = PartialStats.empty(granule.n_bands, clip[0], clip[1])
     good = np.asarray(granule.good_bands, bool)
-    for r0 in tqdm(range(0, granule.n_rows, row_block), desc="scene statistics", unit="block",
-                   disable=_disable(progress)):
+    for r0 in bar(range(0, granule.n_rows, row_block), desc="scene statistics", unit="block",
+                  enabled=progress is not False, every=100):
         cube, valid = granule.read_rows(r0, min(r0 + row_block, granule.n_rows))
         c16, v = prepare_block(np.array(cube, dtype=np.float32), np.asarray(valid), good, clip,
                                path=granule.path, row0=r0)
@@ -305,11 +304,6 @@ def _store_stats(url: str, sensor: str, level: str, n_bands: int, storage_option
 
 
 # --------------------------------------------------------------------------------------------- running
-
-def _disable(progress: bool | None) -> bool | None:
-    """tqdm's ``disable``: None = a bar only on a terminal (tqdm's own check)."""
-    return None if progress is None else not progress
-
 
 class _Runner:
     """Batches tiles through the encoder (or head); returns float32 ``[B, D_out, h, w]`` per batch."""
@@ -621,9 +615,9 @@ def _embed_product(runner: _Runner, encoder, src: str, out: str, common: dict, *
                 cell_valid.pop(k, None)
             flushed = k
 
-    from tqdm import tqdm
+    from data_prep.progress import progress as progress_bar
 
-    bar = tqdm(total=n_need, desc="embed", unit="tile", disable=_disable(progress))
+    bar = progress_bar(total=n_need, desc="embed", unit="tile", enabled=progress is not False, every=100)
     batch: list[tuple[int, int, torch.Tensor, torch.Tensor]] = []
     n_batches = 0
     gsd = torch.full((1,), float(g.gsd_m))
@@ -864,10 +858,10 @@ def _embed_store(runner: _Runner, encoder, src: str, out: str, common: dict, *, 
     gi = np.flatnonzero(good)
     b0, b1 = int(gi[0]), int(gi[-1]) + 1
     target = grp["classes"] if classes else grp["embeddings"]
-    from tqdm import tqdm
+    from data_prep.progress import progress as progress_bar
 
     n_batches = 0
-    with tqdm(total=todo.size, desc="embed", unit="patch", disable=_disable(progress)) as bar:
+    with progress_bar(total=todo.size, desc="embed", unit="patch", enabled=progress is not False, every=1000) as bar:
         for s in range(0, todo.size, batch_size):
             idx = todo[s:s + batch_size]
             x = torch.empty((idx.size, gi.size, ps, ps), dtype=torch.float32)

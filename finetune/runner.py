@@ -16,8 +16,7 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-from tqdm import tqdm
-
+from data_prep.progress import progress as bar
 from finetune.config import ConfigError, SuiteConfig, TaskConfig
 from finetune.datasets import load_dataset
 from finetune.encoder_api import Encoder, load_encoder
@@ -74,7 +73,7 @@ def run_suite(suite: SuiteConfig, encoder: Encoder | Callable[[], Encoder], out:
         make = encoder if callable(encoder) and not isinstance(encoder, Encoder) else None
         state = None if make else {k: v.clone() for k, v in encoder.state_dict().items()}
         results: list[tuple[TaskConfig, TaskResult, float, str]] = []
-        for task in tqdm(suite.tasks, desc=f"suite {suite.name}", disable=not progress):
+        for task in bar(suite.tasks, desc=f"suite {suite.name}", unit="task", enabled=progress, every=1):
             t0 = time.time()
             if make:
                 enc = make()

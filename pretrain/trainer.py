@@ -182,9 +182,12 @@ class Trainer:
         it = iter(parts.loader)
         bar = None
         if self.rank == 0 and cfg.logging.progress:
-            from tqdm import tqdm
+            from data_prep.progress import progress
 
-            bar = tqdm(total=total, initial=st.step, desc=f"stage {stage.name}", dynamic_ncols=True)
+            # a bar on a terminal only; elsewhere its log records (every logging.every steps) are the lines
+            bar = progress(total=total, initial=st.step, desc=f"stage {stage.name}")
+            if bar.disable:
+                bar = None
         saved_at = st.step if parts.resume_from is not None else -1
         last_t, last_samples = time.perf_counter(), st.samples_seen
         try:

@@ -230,9 +230,9 @@ def simulate_corpus(out_dir: str | Path, *, sensors: Sequence[str] = HYPERSPECTR
     cache: dict[tuple, list[RasterBlock]] = {}
     tmp = Path(tempfile.mkdtemp(prefix=".sim-tmp-", dir=out))
     try:
-        from tqdm import tqdm
+        from data_prep.progress import progress as bar
 
-        for job in tqdm(jobs, desc="simulate", unit="product", disable=not progress):
+        for job in bar(jobs, desc="simulate", unit="product", enabled=progress, every=10):
             sensor = get_sensor(job.sensor)
             nbytes = sensor.n_bands * job.rows * job.cols * 4
             buf = None
