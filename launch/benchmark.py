@@ -2,6 +2,7 @@
 
     python launch/benchmark.py --suite configs/benchmarks/synthetic.yaml --checkpoint runs/demo/export/stage3_all --out runs/bench
     python launch/benchmark.py --suite configs/benchmarks/paper.yaml --checkpoint EXPORT --out DIR --data-root /data/hsi
+    python launch/benchmark.py --suite configs/benchmarks/paper.yaml --data-root /data/hsi --list   # what is there
 """
 
 from __future__ import annotations
@@ -21,8 +22,10 @@ from data_prep.errors import run_main  # noqa: E402
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--suite", required=True, help="suite YAML (configs/benchmarks/<name>.yaml)")
-    ap.add_argument("--checkpoint", required=True, help="encoder export folder (encoder.safetensors + model_args.json)")
-    ap.add_argument("--out", required=True, help="output folder for the reports and figures/")
+    ap.add_argument("--checkpoint", help="encoder export folder (encoder.safetensors + model_args.json)")
+    ap.add_argument("--out", help="output folder for the reports and figures/")
+    ap.add_argument("--list", action="store_true", help="list the datasets the suite needs under --data-root: found, "
+                                                         "missing files and where to get them; runs nothing")
     ap.add_argument("--data", default=None, help="manifest.json of an existing simulated corpus (replaces ${corpus}; "
                                                  "skips the suite's own simulation)")
     ap.add_argument("--data-root", default=None, help="folder of the public datasets (replaces ${root})")
@@ -47,6 +50,16 @@ def run(args: argparse.Namespace) -> int:
 
     steps = [f"train.steps={args.steps}"] if args.steps is not None else []
     suite = load_suite(args.suite, args.overrides, [*args.each, *steps])
+    if args.list:
+        from finetune.datasets.catalog import list_suite
+
+        lines, _ = list_suite(suite, args.data_root)
+        print("\n".join(lines))
+        return 0
+    if not args.checkpoint or not args.out:
+        from data_prep.errors import UserError
+
+        raise UserError("--checkpoint and --out are required (unless --list)")
     encoder = load_encoder(args.checkpoint)
     report = run_suite(suite, encoder, args.out, checkpoint=args.checkpoint, data=args.data,
                        data_root=args.data_root, progress=not args.no_progress)

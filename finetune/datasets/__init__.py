@@ -46,6 +46,10 @@ LOADERS = {
 }
 
 
+#: loaders whose ``**kw`` go to another reader than load_segmentation (for the unknown-key check)
+FORWARDS = {load_bay_area: load_change_mat, load_santa_barbara: load_change_mat}
+
+
 def load_dataset(spec: dict):
     """Build a dataset from a config block ``{loader: name, <loader kwargs>}``."""
     spec = dict(spec)
@@ -56,8 +60,8 @@ def load_dataset(spec: dict):
     import inspect
 
     params = inspect.signature(fn).parameters
-    if any(p.kind is p.VAR_KEYWORD for p in params.values()):  # forwards to load_segmentation
-        params = {**params, **inspect.signature(load_segmentation).parameters}
+    if any(p.kind is p.VAR_KEYWORD for p in params.values()):  # **kw forwarded to the generic reader
+        params = {**params, **inspect.signature(FORWARDS.get(fn, load_segmentation)).parameters}
     unknown = sorted(set(spec) - {k for k, p in params.items() if p.kind is not p.VAR_KEYWORD})
     if unknown:
         raise DatasetError(f"dataset loader {name!r} got unknown key(s) {unknown}; it takes "

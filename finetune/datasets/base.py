@@ -41,6 +41,9 @@ class SegmentationData:
     name: str = ""
     valid: np.ndarray | None = None
     """bool (H, W): pixels with data (None: all); nodata pixels are left out of the normalisation."""
+    test_mask: np.ndarray | None = None
+    """bool (H, W): pixels scored (None: every labelled pixel outside ``train_mask``), e.g. a published test split
+    that leaves a validation region out of both."""
 
 
 @dataclass

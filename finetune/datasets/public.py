@@ -4,7 +4,8 @@ Field and file names follow the public releases where known; every one is a keyw
 a key of the suite YAML's ``data:`` block), so a differently named copy is read by configuration.
 
 - AeroRIT (RIT, Rangnekar et al. 2020): ``image_hsi_reflectance.tif`` (or ``image_hsi_radiance.tif``),
-  51 bands 400-900 nm every 10 nm, and ``image_labels.tif``. Labels as integers or as an RGB palette.
+  51 bands 400-900 nm every 10 nm, band-first, and the RGB ``image_labels.tif``; palette, class order, crop and
+  split from the dataset's repository (see :data:`AERORIT_CLASSES`).
 - WHU-H2SR and Qingpu-HSI: one hyperspectral scene + label raster (.tif/.mat/ENVI); band table from
   the ENVI header or given in the config.
 - Every loader drops the bands pretraining never sees (the registry's bad-band ranges of the named sensor,
@@ -98,7 +99,7 @@ def _palette_to_index(rgb: np.ndarray, palette: list[list[int]], path) -> np.nda
     return out
 
 
-def load_segmentation(image: str | Path, labels: str | Path, class_names: list[str], *,
+def load_segmentation(image: str | Path, labels: str | Path, class_names: list[str] | None = None, *,
                       label_values: list[int] | None = None, ignore_values: list[int] = (),
                       palette: list[list[int]] | None = None, image_key: str | None = None,
                       label_key: str | None = None, wavelengths=None, fwhm=None, layout: str = "auto",
@@ -109,6 +110,8 @@ def load_segmentation(image: str | Path, labels: str | Path, class_names: list[s
     (non-ignored there); without it the runner splits the scene spatially. ``drop_bad_bands`` drops the bands
     in the sensor's bad-band ranges (:func:`remove_bad_bands`), as pretraining does."""
     image, labels = Path(image), Path(labels)
+    if class_names is None:
+        raise DatasetError(f"{labels}: no class_names given; name the classes in label order")
     for p in (image, labels):
         if not p.exists():
             raise DatasetError(f"{p} does not exist; expected the scene image and its label raster")
@@ -139,17 +142,41 @@ def load_segmentation(image: str | Path, labels: str | Path, class_names: list[s
                             name or image.stem)
 
 
-AERORIT_CLASSES = ["roads", "buildings", "vegetation", "water", "cars"]
+# AeroRIT as distributed (github.com/aneesh3108/AeroRIT, README "Scene information" and the code there):
+# - image_hsi_reflectance.tif / image_hsi_radiance.tif: 51 bands 400-900 nm every 10 nm, stored band-first
+#   (sampling_data.py reads it and transposes [1, 2, 0]); image_labels.tif: an RGB colour map (H, W, 3).
+# - the colour of each class (helpers/utils.py AeroCLoader.get_labels, index 5 "undefined" is ignored by its
+#   Metrics) and the class names in that order (the mmsegmentation AeroRITDataSet's METAINFO):
+AERORIT_CLASSES = ["buildings", "vegetation", "roads", "water", "cars"]
+AERORIT_PALETTE = [[255, 0, 0], [0, 255, 0], [0, 0, 255], [0, 255, 255], [255, 127, 80]]
+AERORIT_UNSPECIFIED = [153, 0, 0]
+#: sampling_data.py crops the scene to [53:, 7:] and splits it by columns: [:1728] train ("Data-left"),
+#: [1728:2240] validation ("Data-mid"), [2240:] test ("Data-right").
+AERORIT_CROP = (53, 7)
+AERORIT_SPLIT_COLUMNS = (1728, 2240)
 
 
 def load_aerorit(root: str | Path, *, image: str = "image_hsi_reflectance.tif", labels: str = "image_labels.tif",
-                 class_names: list[str] = AERORIT_CLASSES, **kw) -> SegmentationData:
-    """AeroRIT: 51 bands 400-900 nm every 10 nm (FWHM taken as 10 nm)."""
+                 split: bool = True, **kw) -> SegmentationData:
+    """AeroRIT as distributed: the band-first 51-band TIFF, the RGB label map decoded with the dataset's own
+    palette (unspecified and unknown colours ignored), the border crop and, with ``split``, the published
+    column split (train left, validation middle left out, test right)."""
     root = Path(root)
     kw.setdefault("wavelengths", {"start": 400.0, "step": 10.0})
     kw.setdefault("fwhm", 10.0)
-    kw.setdefault("ignore_values", [255])
-    return load_segmentation(root / image, root / labels, class_names, name="aerorit", **kw)
+    kw.setdefault("palette", AERORIT_PALETTE)
+    kw.setdefault("class_names", AERORIT_CLASSES)
+    d = load_segmentation(root / image, root / labels, name="aerorit", **kw)
+    y0, x0 = AERORIT_CROP
+    d.image, d.labels = np.ascontiguousarray(d.image[:, y0:, x0:]), np.ascontiguousarray(d.labels[y0:, x0:])
+    if d.image.shape[2] <= AERORIT_SPLIT_COLUMNS[1]:
+        if split:
+            raise DatasetError(f"{root / image}: {d.image.shape[2]} columns after the [53:, 7:] crop; the published "
+                               f"split needs more than {AERORIT_SPLIT_COLUMNS[1]} (split: false splits by train_fraction)")
+    elif split:
+        cols = np.arange(d.image.shape[2])[None].repeat(d.image.shape[1], 0)
+        d.train_mask, d.test_mask = cols < AERORIT_SPLIT_COLUMNS[0], cols >= AERORIT_SPLIT_COLUMNS[1]
+    return d
 
 
 def load_scene_dir(root: str | Path, *, image: str, labels: str, class_names: list[str], name: str = "",
@@ -195,16 +222,60 @@ def load_change_mat(t1: str | Path, t2: str | Path, gt: str | Path, *, keys: tup
                       name or paths[0].stem)
 
 
-def load_bay_area(root: str | Path, *, t1: str = "Bay_Area_2013.mat", t2: str = "Bay_Area_2015.mat",
-                  gt: str = "bayArea_gtChanges2.mat.mat", keys=("HypeRvieW", "HypeRvieW", "HypeRvieW"), **kw) -> ChangeData:
-    root = Path(root)
-    return load_change_mat(root / t1, root / t2, root / gt, keys=tuple(keys), name="bay_area", **kw)
+# Bay Area and Santa Barbara as CiTIUS distributes them (citius.usc.es "Hyperspectral change detection dataset";
+# the layout as read by public code: bayArea_AVIRIS/mat/{Bay_Area_2013,Bay_Area_2015}.mat +
+# bayArea_gtChanges2.mat.mat, santaBarbara_AVIRIS/mat/{barbara_2013,barbara_2014,barbara_gtChanges}.mat, a
+# waves.txt beside mat/; every variable is 'HypeRvieW': (600, 500, 224) and (984, 740, 224) doubles, the ground
+# truth uint8 with 0 unknown, 1 change, 2 no change). Some copies drop the doubled ".mat.mat" or the mat/ folder:
+# both are looked for.
 
 
-def load_santa_barbara(root: str | Path, *, t1: str = "barbara_2013.mat", t2: str = "barbara_2014.mat",
-                       gt: str = "barbara_gtChanges.mat", keys=("HypeRvieW", "HypeRvieW", "HypeRvieW"), **kw) -> ChangeData:
+def _find(root: Path, names: tuple[str, ...]) -> Path:
+    """The first of ``root/mat/<name>`` / ``root/<name>`` that exists (else the first candidate, for the error)."""
+    cands = [root / sub / n for n in names for sub in ("mat", ".")]
+    return next((c for c in cands if c.exists()), cands[0])
+
+
+def read_waves(path: Path, n_bands: int) -> np.ndarray | None:
+    """Band centres (nm) from a CiTIUS ``waves.txt`` (one band a line; the number on the line that is a wavelength,
+    300-2600 nm or 0.3-2.6 um); None when the file is absent."""
+    import re
+
+    if not path.is_file():
+        return None
+    wl = []
+    for line in path.read_text().splitlines():
+        nums = [float(x) for x in re.findall(r"[-+]?\d*\.\d+|\d+", line)]
+        nm = [v for v in nums if 300 <= v <= 2600] or [v * 1000 for v in nums if 0.3 <= v <= 2.6]
+        if line.strip() and nm:
+            wl.append(nm[-1])
+    if len(wl) != n_bands:
+        raise DatasetError(f"{path}: {len(wl)} band centres for {n_bands} bands; expected one wavelength a line")
+    return np.asarray(wl, np.float32)
+
+
+def _citius_change(root: str | Path, names: tuple[tuple[str, ...], ...], name: str, kw: dict) -> ChangeData:
     root = Path(root)
-    return load_change_mat(root / t1, root / t2, root / gt, keys=tuple(keys), name="santa_barbara", **kw)
+    t1, t2, gt = (_find(root, n) for n in names)
+    kw.setdefault("keys", ("HypeRvieW", "HypeRvieW", "HypeRvieW"))
+    if "wavelengths" not in kw and t1.exists():
+        wl = read_waves(root / "waves.txt", 224)
+        if wl is not None:
+            kw["wavelengths"] = wl.tolist()
+    kw["keys"] = tuple(kw["keys"])
+    return load_change_mat(t1, t2, gt, name=name, **kw)
+
+
+def load_bay_area(root: str | Path, **kw) -> ChangeData:
+    """Bay Area (AVIRIS, 2013 / 2015, 600 x 500, 224 bands) as distributed (see above)."""
+    return _citius_change(root, (("Bay_Area_2013.mat",), ("Bay_Area_2015.mat",),
+                                 ("bayArea_gtChanges2.mat.mat", "bayArea_gtChanges2.mat")), "bay_area", kw)
+
+
+def load_santa_barbara(root: str | Path, **kw) -> ChangeData:
+    """Santa Barbara (AVIRIS, 2013 / 2014, 984 x 740, 224 bands) as distributed (see above)."""
+    return _citius_change(root, (("barbara_2013.mat",), ("barbara_2014.mat",), ("barbara_gtChanges.mat",)),
+                          "santa_barbara", kw)
 
 
 def load_scene_folders(root: str | Path, *, band_indices: list[int] | None = None, wavelengths=None, fwhm=None,

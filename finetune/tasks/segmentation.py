@@ -36,8 +36,9 @@ class SegmentationTask(Task):
         else:
             train_mask = np.zeros((h, w), bool)
             train_mask[:, : int(round(cfg.eval.train_fraction * w))] = True
+        test_mask = ~train_mask if data.test_mask is None else data.test_mask & ~train_mask
         train_lab = np.where(train_mask, data.labels, -1)
-        test_lab = np.where(~train_mask, data.labels, -1)
+        test_lab = np.where(test_mask, data.labels, -1)
         if (train_lab >= 0).sum() == 0 or (test_lab >= 0).sum() == 0:
             raise DatasetError(f"{data.name}: the split leaves no labelled training or test pixels")
         pad_h, pad_w = max(0, win - h), max(0, win - w)

@@ -77,3 +77,18 @@ def test_finetune_cli_one_task(tmp_path, debug_export, tiny_corpus):
                    str(debug_export), "--out", str(tmp_path / "ft"), "--data", str(tiny_corpus),
                    "train.steps=3", "data.band_stride=16", "data.tile=8"])
     assert rc == 0 and (tmp_path / "ft/report.json").exists()
+
+
+def test_paper_suite_list_names_found_and_missing_files(tmp_path, capsys):
+    from tests.finetune.fixtures import write_aerorit, write_citius_change
+
+    benchmark = _launch("benchmark")
+    write_aerorit(tmp_path / "AeroRIT", rows=56, cols=16)
+    write_citius_change(tmp_path / "bayArea", "bay_area")
+    rc = benchmark.main(["--suite", str(REPO / "configs/benchmarks/paper.yaml"), "--data-root", str(tmp_path), "--list"])
+    out = capsys.readouterr().out
+    assert rc == 0 and "aerorit: found" in out and "bay_area: found" in out
+    assert "santa_barbara: MISSING 3 of 3" in out and "barbara_gtChanges.mat" in out and "citius.usc.es" in out
+    for name in ("whu_h2sr", "qingpu", "hrssc"):
+        assert f"{name}: MISSING" in out
+    assert benchmark.main(["--suite", str(REPO / "configs/benchmarks/paper.yaml")]) == 2  # no --checkpoint/--out

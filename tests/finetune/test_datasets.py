@@ -48,32 +48,28 @@ def write_mat73(path: Path, **arrays) -> None:
         f.write(b"MATLAB 7.3 MAT-file, Platform: GLNXA64, Created on: Mon Jan  1 00:00:00 2024 HDF5 schema 1.00 .".ljust(116))
 
 
-def test_aerorit_tif_integer_and_palette_labels(tmp_path):
-    cube = G.random((12, 10, 51)).astype(np.float32)  # distributed channels-last
-    lab = _labels(k=5)
-    lab[0, 0] = 255  # unlabelled
-    write_gdal_tif(tmp_path / "image_hsi_reflectance.tif", cube)
-    tifffile.imwrite(tmp_path / "image_labels.tif", lab)
+def test_aerorit_as_distributed(tmp_path):
+    from tests.finetune.fixtures import write_aerorit
+
+    f = write_aerorit(tmp_path)
     d = load_aerorit(tmp_path)
-    assert d.image.shape == (51, 12, 10) and np.allclose(d.image[:, 3, 4], cube[3, 4])
+    assert d.image.shape == (51, 56 - 53, 2250 - 7) and np.allclose(d.image[:, 1, 4], f["cube"][:, 54, 11])
+    assert d.class_names == ["buildings", "vegetation", "roads", "water", "cars"]
+    idx = f["index"][53:, 7:]
+    assert ((d.labels == -1) == (idx == 5)).all() and (d.labels[idx < 5] == idx[idx < 5]).all()
     assert d.spectral.wavelengths[0] == 400 and d.spectral.wavelengths[-1] == 900
-    assert d.labels[0, 0] == -1 and (d.labels[lab < 5] == lab[lab < 5]).all()
-    # RGB palette labels
-    palette = [[255, 0, 0], [0, 255, 0], [0, 0, 255], [255, 255, 0], [0, 255, 255]]
-    rgb = np.asarray(palette, np.uint8)[np.minimum(lab, 4)]
-    rgb[0, 0] = 0  # black = unspecified
-    tifffile.imwrite(tmp_path / "labels_rgb.tif", rgb, photometric="rgb")
-    d2 = load_aerorit(tmp_path, labels="labels_rgb.tif", palette=palette)
-    assert d2.labels[0, 0] == -1 and (d2.labels[1:] == np.minimum(lab, 4)[1:]).all()
+    assert d.train_mask[:, :1728].all() and not d.train_mask[:, 1728:].any()
+    assert d.test_mask[:, 2240:].all() and not d.test_mask[:, :2240].any()  # validation columns in neither
 
 
 def test_labels_outside_class_list_error(tmp_path):
-    write_gdal_tif(tmp_path / "image_hsi_reflectance.tif", G.random((12, 10, 51)).astype(np.float32), "band")
+    write_gdal_tif(tmp_path / "scene.tif", G.random((12, 10, 51)).astype(np.float32), "band")
     lab = _labels(k=5)
     lab[2, 2] = 7
-    tifffile.imwrite(tmp_path / "image_labels.tif", lab)
+    tifffile.imwrite(tmp_path / "labels.tif", lab)
     with pytest.raises(DatasetError, match=r"label values \[7\] are outside the class list"):
-        load_aerorit(tmp_path)
+        load_scene_dir(tmp_path, image="scene.tif", labels="labels.tif", class_names=list("abcde"),
+                       wavelengths={"start": 400, "step": 10})
 
 
 def test_whu_h2sr_envi_scene_with_header_wavelengths(tmp_path):
@@ -110,24 +106,20 @@ def _change_arrays(h=9, w=7, c=224):
     return t1, t2, gt
 
 
-def test_bay_area_mat_v5(tmp_path):
-    t1, t2, gt = _change_arrays()
-    scipy.io.savemat(tmp_path / "Bay_Area_2013.mat", {"HypeRvieW": t1})
-    scipy.io.savemat(tmp_path / "Bay_Area_2015.mat", {"HypeRvieW": t2})
-    scipy.io.savemat(tmp_path / "bayArea_gtChanges2.mat.mat", {"HypeRvieW": gt})
-    d = load_bay_area(tmp_path, drop_bad_bands=False)
-    assert d.t1.shape == (224, 9, 7) and np.allclose(d.t2[:, 4, 3], t2[4, 3])
-    assert ((d.change == 1) == (gt == 1)).all() and ((d.change == 0) == (gt == 2)).all() and ((d.change == -1) == (gt == 0)).all()
-    assert d.spectral.wavelengths.size == 224 and d.spectral.sensor == "aviris-classic"
-    # by default the bands pretraining never sees (AVIRIS-Classic's bad-band ranges) are dropped from both dates
-    from data_prep.registry import get_sensor
+def test_bay_area_as_distributed(tmp_path):
+    from tests.finetune.fixtures import write_citius_change
 
-    av = get_sensor("aviris-classic")
-    good = av.good_band_mask()
-    dd = load_bay_area(tmp_path)
-    assert dd.t1.shape == dd.t2.shape == (int(good.sum()), 9, 7) and int(good.sum()) < 224
-    assert np.allclose(dd.t2[:, 4, 3], t2[4, 3][good]) and np.allclose(dd.spectral.wavelengths, av.wavelengths_nm[good])
-    assert not ((dd.spectral.wavelengths > 1340) & (dd.spectral.wavelengths < 1460)).any()
+    f = write_citius_change(tmp_path, "bay_area")
+    d = load_bay_area(tmp_path, drop_bad_bands=False)
+    assert d.t1.shape == (224, 9, 7) and np.allclose(d.t2[:, 4, 3], f["t2"][4, 3])
+    gt = f["gt"]
+    assert ((d.change == 1) == (gt == 1)).all() and ((d.change == 0) == (gt == 2)).all() and ((d.change == -1) == (gt == 0)).all()
+    np.testing.assert_allclose(d.spectral.wavelengths, f["wavelengths"], atol=1e-3)  # from waves.txt
+    assert d.spectral.sensor == "aviris-classic"
+    dd = load_bay_area(tmp_path)  # bands pretraining never sees (AVIRIS-Classic's bad-band ranges) dropped
+    assert dd.t1.shape[0] < 224 and not ((dd.spectral.wavelengths > 1340) & (dd.spectral.wavelengths < 1460)).any()
+    s = load_dataset({"loader": "santa_barbara", "root": str(write_citius_change(tmp_path / "sb", "santa_barbara")["root"])})
+    assert s.name == "santa_barbara" and s.t1.shape[1:] == (9, 7)
 
 
 def test_santa_barbara_mat_v73_and_other_names(tmp_path):
