@@ -167,6 +167,7 @@ def save_head(model: nn.Module, out_dir: str | os.PathLike, class_names: list[st
     enc = model.encoder
     meta = {"format": HEAD_FORMAT, "version": 1, "kind": "segmentation", "n_classes": k,
             "layers": list(model.layers), "channels": int(model.classifier.in_channels), "class_names": names,
+            "pixel_skip": bool(getattr(model, "pixel_skip", False)),
             "encoder_fingerprint": fingerprint(enc)}
     if not getattr(enc, "frozen", False):
         from pretrain.models.export import save_encoder
@@ -205,7 +206,7 @@ def load_head(path: str | os.PathLike, encoder: nn.Module | None = None) -> tupl
     if encoder is None:
         raise EmbedError(f"head {p} has no encoder/ of its own; give the encoder it was trained on")
     model = UperNet(finetune.wrap_encoder(encoder), int(meta["n_classes"]), layers=meta["layers"],
-                    channels=int(meta["channels"]))
+                    channels=int(meta["channels"]), pixel_skip=bool(meta.get("pixel_skip", False)))
     sd = load_file(str(p / HEAD_WEIGHTS))
     missing, unexpected = model.load_state_dict(sd, strict=False)
     missing = [k for k in missing if not k.startswith("encoder.")]

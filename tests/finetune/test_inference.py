@@ -210,6 +210,8 @@ def test_class_map_and_geotiff_from_a_saved_head(flightline, encoder, tmp_path):
     assert (tmp_path / "head2" / "encoder" / "encoder.safetensors").is_file()
     h2, _ = load_head(tmp_path / "head2")
     assert h2.encoder is not encoder
+    save_head(UperNet(encoder, 3, channels=16, pixel_skip=False), tmp_path / "head3")  # the head's options kept
+    assert load_head(tmp_path / "head3")[0].pixel_skip is False
 
 
 def test_patch_store_input_embeds_each_patch_as_pretraining_reads_it(flightline, encoder, tmp_path):
