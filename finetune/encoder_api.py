@@ -15,7 +15,11 @@ pretraining used): sensors case-insensitively ("EMIT" is "emit"), levels by thei
 ("l2", "L2A", "L2B" are "L2"; "L1B", "L1C" are "L1"). Loading is ``pretrain.models.export``'s, with its
 :class:`ExportError`.
 
-Inputs should be prepared as pretraining prepared them (``pretrain.data.reader.normalise_into``): bad
+TorchGeo samples work as they come: ``enc(sample)`` with ``sample["image"]`` ``[C, H, W]`` / ``[B, C, H, W]`` and
+``sample["wavelength"]`` (TorchGeo gives micrometres: centres all below 100 are taken as um and converted); FWHM
+from ``sample["fwhm"]`` or the spacing of the centres. The same unit rule applies to tensors passed directly.
+
+Inputs should be prepared as pretraining prepared them (:func:`data_prep.spectral.normalise`): bad
 bands (the registry's water-vapour and edge ranges) dropped, each band clipped to its 1st/99th percentile and
 standardised, nodata pixels set to 0 after standardisation; :func:`finetune.datasets.normalise` does this
 per image. Optional ``valid`` ``[B, H, W]`` (bool) and ``gsd`` ``[B]`` (m) are passed to the encoder as
@@ -126,14 +130,20 @@ class Encoder(nn.Module):
         return torch.tensor(idx, dtype=torch.int64, device=device)
 
     def _prepare(self, pixels, wavelengths, fwhm, sensor, level):
+        if isinstance(pixels, dict):  # a TorchGeo-style sample: image + wavelength
+            pixels, wavelengths, fwhm = from_sample(pixels, wavelengths, fwhm)
+        if pixels.ndim == 3:
+            pixels = pixels[None]
         if pixels.ndim != 4:
             raise ValueError(f"pixels must be [B, C, H, W], got shape {tuple(pixels.shape)}")
         b, c, h, w = pixels.shape
         p = self.patch_size
         if h % p or w % p:
             raise ValueError(f"pixels are {h}x{w}; expected multiples of the encoder's patch size {p}")
-        wl = torch.as_tensor(wavelengths, dtype=torch.float32, device=pixels.device)
-        fw = torch.as_tensor(fwhm, dtype=torch.float32, device=pixels.device)
+        wl = to_nm(torch.as_tensor(wavelengths, dtype=torch.float32, device=pixels.device))
+        fw = spacing_fwhm(wl) if fwhm is None else torch.as_tensor(fwhm, dtype=torch.float32, device=pixels.device)
+        if fwhm is not None and float(wl.max()) > 100 and float(fw.max()) < 1:  # micrometres like the centres
+            fw = fw * 1000
         if wl.ndim == 1:
             wl = wl.expand(b, -1)
         if fw.ndim == 1:
@@ -144,15 +154,15 @@ class Encoder(nn.Module):
         lv = self._indices(level, "level", b, pixels.device)
         return pixels.float(), wl.contiguous(), fw.contiguous(), s, lv
 
-    def forward(self, pixels: torch.Tensor, wavelengths: torch.Tensor, fwhm: torch.Tensor,
-                sensor: Names = None, level: Names = None, valid: torch.Tensor | None = None,
+    def forward(self, pixels: torch.Tensor | dict, wavelengths: torch.Tensor | None = None,
+                fwhm: torch.Tensor | None = None, sensor: Names = None, level: Names = None, valid: torch.Tensor | None = None,
                 gsd: torch.Tensor | float | None = None) -> torch.Tensor:
         """Patch tokens ``[B, N, D]``, N = (H / patch) * (W / patch)."""
         x, wl, fw, s, lv = self._prepare(pixels, wavelengths, fwhm, sensor, level)
         return self.inner(x, wl, fw, sensor=s, level=lv, **self._extra(x, valid, gsd))
 
-    def features(self, pixels: torch.Tensor, wavelengths: torch.Tensor, fwhm: torch.Tensor,
-                 sensor: Names = None, level: Names = None, layers: Sequence[int] = (0, 1, 2, 3),
+    def features(self, pixels: torch.Tensor | dict, wavelengths: torch.Tensor | None = None,
+                 fwhm: torch.Tensor | None = None, sensor: Names = None, level: Names = None, layers: Sequence[int] = (0, 1, 2, 3),
                  valid: torch.Tensor | None = None, gsd: torch.Tensor | float | None = None) -> list[torch.Tensor]:
         """Tokens ``[B, N, D]`` after each of the given transformer blocks (for UperNet)."""
         x, wl, fw, s, lv = self._prepare(pixels, wavelengths, fwhm, sensor, level)
@@ -182,6 +192,32 @@ class Encoder(nn.Module):
         if d >= 4:
             return tuple(sorted({max(0, round(d * f) - 1) for f in (0.25, 0.5, 0.75, 1.0)}))
         return tuple(min(i, d - 1) for i in range(4))
+
+
+def to_nm(wavelengths: torch.Tensor) -> torch.Tensor:
+    """Band centres in nm: values all below 100 are micrometres (TorchGeo's unit; no sensor has centres under
+    100 nm) and are multiplied by 1000."""
+    return wavelengths * 1000 if wavelengths.numel() and float(wavelengths.max()) < 100 else wavelengths
+
+
+def spacing_fwhm(wl_nm: torch.Tensor) -> torch.Tensor:
+    """FWHM taken as the spacing of the centres (nm) when a sample carries none."""
+    if wl_nm.shape[-1] < 2:
+        return torch.full_like(wl_nm, 10.0)
+    return torch.gradient(wl_nm, dim=-1)[0].abs()
+
+
+def from_sample(sample: dict, wavelengths=None, fwhm=None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """(pixels, wavelengths, fwhm) of a TorchGeo-style sample: ``image`` ``[C, H, W]`` or ``[B, C, H, W]`` and
+    ``wavelength`` (or ``wavelengths``) in micrometres or nm; ``fwhm`` optional (else from the spacing)."""
+    if "image" not in sample:
+        raise ValueError(f"a sample dict needs an 'image' entry; it has {sorted(sample)}")
+    wl = sample.get("wavelength", sample.get("wavelengths", wavelengths))
+    if wl is None:
+        raise ValueError("a sample dict needs 'wavelength' (band centres, um or nm) or wavelengths= given")
+    img = torch.as_tensor(sample["image"])
+    return (img if img.ndim == 4 else img[None]), torch.as_tensor(wl, dtype=torch.float32), \
+        sample.get("fwhm", fwhm)
 
 
 def check_export(path: str | Path) -> Path:

@@ -77,3 +77,18 @@ def test_mismatched_export_is_a_clear_error(tmp_path, debug_export):
     (bad / "model_args.json").write_text(json.dumps(meta))
     with pytest.raises(ExportError, match=r"mismatch does not fit the model"):
         finetune.load_encoder(bad)
+
+
+def test_torchgeo_sample_dict_in_micrometres(encoder):
+    x = torch.randn(2, 5, 16, 16)
+    wl, fw = band_table(5)
+    with torch.no_grad():
+        ref = encoder(x, wl, torch.gradient(wl)[0].abs(), sensor="emit")
+        from_dict = encoder({"image": x, "wavelength": wl / 1000}, sensor="emit")  # TorchGeo: um, no FWHM
+        one = encoder({"image": x[0], "wavelength": (wl / 1000).tolist()}, sensor="emit")
+        um_tensors = encoder(x, wl / 1000, fw / 1000, sensor="emit")
+        nm_tensors = encoder(x, wl, fw, sensor="emit")
+    assert torch.allclose(from_dict, ref, atol=1e-5) and torch.allclose(one[0], ref[0], atol=1e-5)
+    assert torch.allclose(um_tensors, nm_tensors, atol=1e-5)
+    with pytest.raises(ValueError, match="needs 'wavelength'"):
+        encoder({"image": x})
