@@ -57,6 +57,9 @@ class EvalConfig:
     classification: fraction of each class's samples used for training."""
     window: int = 32
     """Segmentation: sliding-window size (pixels, a multiple of the encoder patch size)."""
+    label_fraction: float = 1.0
+    """Segmentation: fraction of each class's labelled training pixels kept (stratified, drawn with the seed);
+    PANGAEA's limited-label runs use 0.1."""
     stride: int = 16
     """Segmentation: sliding-window stride (overlap = window - stride)."""
     patch: int = 15
@@ -75,6 +78,8 @@ class EvalConfig:
     """Classification: patches resized to this side (None: smallest multiple of the patch size >= input)."""
 
     def __post_init__(self) -> None:
+        if not 0 < self.label_fraction <= 1:
+            raise ConfigError(f"eval.label_fraction must lie in (0, 1], got {self.label_fraction}")
         if not 0 < self.train_fraction < 1:
             raise ConfigError(f"eval.train_fraction must lie in (0, 1), got {self.train_fraction}")
         if self.stride < 1 or self.stride > self.window:
@@ -101,10 +106,15 @@ class TaskConfig:
     paper: dict[str, float] | None = None
     """SpecAware paper figures for this task (metric -> value), shown beside ours; None if unknown."""
     paper_note: str = ""
+    protocol: str = "finetune"
+    """``finetune`` (this project's heads and schedule) or ``pangaea`` (segmentation: PANGAEA's frozen encoder,
+    plain UPerNet over layers [3, 5, 7, 11], multi-step schedule; see finetune.tasks.segmentation)."""
 
     def __post_init__(self) -> None:
         from finetune.tasks import kinds  # the kinds are the registered task classes
 
+        if self.protocol not in ("finetune", "pangaea"):
+            raise ConfigError(f"task {self.name!r}: protocol is {self.protocol!r}; expected 'finetune' or 'pangaea'")
         if self.kind not in kinds():
             raise ConfigError(f"task {self.name!r}: kind is {self.kind!r}; expected one of {kinds()}")
         if not isinstance(self.data, dict) or "loader" not in self.data:

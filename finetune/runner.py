@@ -104,7 +104,8 @@ def build_report(suite: SuiteConfig, results, checkpoint: str) -> dict:
     for task, res, secs, fig in results:
         metric = task_class(task.kind).headline
         tasks[task.name] = {
-            "kind": task.kind, "dataset": res.dataset, "mode": task.train.mode, "headline": metric,
+            "kind": task.kind, "dataset": res.dataset, "mode": task.train.mode,
+            "protocol": task.protocol, "headline": metric,
             "metrics": res.metrics, "details": res.details, "paper": task.paper,
             "paper_note": task.paper_note or ("" if task.paper else PAPER_NOTE), "figure": fig,
             "seconds": round(secs, 1),
@@ -125,7 +126,7 @@ def write_reports(report: dict, folder: Path) -> None:
     if report.get("note"):
         lines += [report["note"], ""]
     for name, t in report["tasks"].items():
-        lines += [f"## {name} ({t['kind']}, {t['mode']}, {t['dataset']}, {t['seconds']} s)", "",
+        lines += [f"## {name} ({t['kind']}, protocol {t['protocol']}, {t['mode']}, {t['dataset']}, {t['seconds']} s)", "",
                   "| metric | ours | SpecAware paper |", "|---|---|---|"]
         for m, v in t["metrics"].items():
             lines.append(f"| {m} | {v:.4f} | {(t['paper'] or {}).get(m, '')} |")

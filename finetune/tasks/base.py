@@ -108,8 +108,13 @@ class Task:
         seed_everything(self.cfg.train.seed)
         self.prepare(encoder, data)
         model = self.build_head(encoder)
-        losses = train_loop(model, encoder, self.cfg, self.batch, self.loss, self.trainable_encoder())
+        losses = train_loop(model, encoder, self.cfg, self.batch, self.loss, self.trainable_encoder(),
+                            self.lr_schedule)
         return self.evaluate(model, losses)
+
+    def lr_schedule(self, step: int, total: int) -> float:
+        """The learning-rate factor at ``step`` (default: :func:`lr_factor`, warm-up + cosine)."""
+        return lr_factor(step, total)
 
     def trainable_encoder(self) -> bool:
         """Whether the encoder trains (``train.mode: finetune``) or stays frozen (``linear_probe``)."""
@@ -188,7 +193,7 @@ def _to(x, dev: torch.device):
 
 
 def train_loop(model: nn.Module, encoder: Encoder, cfg: TaskConfig, batch_fn: Callable, loss_fn: Callable,
-               train_encoder: bool | None = None) -> list[float]:
+               train_encoder: bool | None = None, schedule: Callable[[int, int], float] = None) -> list[float]:
     """``cfg.train.steps`` AdamW steps (head ``lr``, encoder ``encoder_lr``, warm-up + cosine): ``batch_fn(rng)
     -> (inputs tuple, target)``, ``loss_fn(model(*inputs), target)``; returns the loss curve. The encoder is
     frozen unless ``train_encoder`` (default: ``train.mode == "finetune"``). The model is moved to the
@@ -208,7 +213,7 @@ def train_loop(model: nn.Module, encoder: Encoder, cfg: TaskConfig, batch_fn: Ca
     model.train()
     for step in range(cfg.train.steps):
         for g, b in zip(opt.param_groups, base):
-            g["lr"] = b * lr_factor(step, cfg.train.steps)
+            g["lr"] = b * (schedule or lr_factor)(step, cfg.train.steps)
         inputs, target = batch_fn(rng)
         loss = loss_fn(model(*(_to(x, dev) for x in inputs)), _to(target, dev))
         opt.zero_grad(set_to_none=True)

@@ -4,6 +4,17 @@ Protocol: the data's own train mask, else the leftmost ``eval.train_fraction`` o
 random ``eval.window`` windows (horizontal flips) whose labels outside the training region are ignored; the
 whole scene predicted by overlapping sliding windows (``eval.stride``; probabilities averaged), scored on the
 test region: OA, AA, Kappa, mIoU (per-class IoU and the confusion matrix in the details).
+``eval.label_fraction`` keeps that fraction of each class's labelled training pixels (stratified, seeded).
+
+``protocol: pangaea`` is the PANGAEA benchmark's segmentation protocol (facts from its configs,
+github.com/VMarsocci/pangaea-bench and the sig-gis fork: task/segmentation.yaml 80 epochs, batch 8, sliding-window
+inference available; decoder/seg_upernet.yaml UPerNet with 512 channels and ``finetune: false``; train.yaml
+``limited_label_strategy: stratified``; the encoders' ``output_layers`` [3, 5, 7, 11]): the encoder frozen
+whatever ``train.mode`` says, the plain UPerNet (no pixel branch) over blocks [3, 5, 7, 11] (the same fractions
+of the depth for other depths), 512 channels unless ``head.channels`` says otherwise, unweighted cross-entropy,
+and a multi-step schedule (x0.1 at 60% and 90% of the steps, as PANGAEA's ``multi_step_lr``; its milestone
+fractions are recalled from the paper, not read in a config here). Epochs map to steps through the suite YAML
+(``train.steps``), with PANGAEA's lr 1e-4 and batch 8 written there.
 """
 
 from __future__ import annotations
@@ -23,6 +34,19 @@ class SegmentationTask(Task):
     kind = "segmentation"
     data_type = SegmentationData
     headline = "mIoU"
+    protocols = ("finetune", "pangaea")
+
+    @property
+    def pangaea(self) -> bool:
+        return self.cfg.protocol == "pangaea"
+
+    def trainable_encoder(self) -> bool:
+        return False if self.pangaea else super().trainable_encoder()
+
+    def lr_schedule(self, step: int, total: int) -> float:
+        if not self.pangaea:
+            return super().lr_schedule(step, total)
+        return 0.1 ** sum(step >= m * total for m in PANGAEA_MILESTONES)
 
     def prepare(self, encoder, data: SegmentationData) -> None:
         cfg = self.cfg
@@ -38,6 +62,8 @@ class SegmentationTask(Task):
             train_mask[:, : int(round(cfg.eval.train_fraction * w))] = True
         test_mask = ~train_mask if data.test_mask is None else data.test_mask & ~train_mask
         train_lab = np.where(train_mask, data.labels, -1)
+        if cfg.eval.label_fraction < 1:
+            train_lab = stratified_subset(train_lab, cfg.eval.label_fraction, cfg.train.seed)
         test_lab = np.where(test_mask, data.labels, -1)
         if (train_lab >= 0).sum() == 0 or (test_lab >= 0).sum() == 0:
             raise DatasetError(f"{data.name}: the split leaves no labelled training or test pixels")
@@ -54,10 +80,14 @@ class SegmentationTask(Task):
         self.data, self.img, self.ti, self.tl = data, img, ti, tl
         self.train_mask, self.test_lab = train_mask, test_lab
         self.n_classes = len(data.class_names)
-        self.weights = class_weights(tl, self.n_classes)
+        self.weights = torch.ones(self.n_classes) if self.pangaea else class_weights(tl, self.n_classes)
         self.args = (*spectral_tensors(data.spectral), data.spectral.sensor, data.spectral.level)
 
     def build_head(self, encoder):
+        if self.pangaea:
+            head = {"channels": 512, **self.cfg.head, "pixel_skip": False}
+            head.setdefault("layers", pangaea_layers(encoder.depth))
+            return UperNet(encoder, self.n_classes, **head)
         return UperNet(encoder, self.n_classes, **self.cfg.head)
 
     def batch(self, rng):
@@ -103,3 +133,24 @@ class SegmentationTask(Task):
         axs[2].axis("off")
         fig.suptitle(title(result), fontsize=9)
         return fig
+
+
+#: PANGAEA's multi-step learning-rate milestones (fractions of training; x0.1 at each).
+PANGAEA_MILESTONES = (0.6, 0.9)
+
+
+def pangaea_layers(depth: int) -> tuple[int, ...]:
+    """The encoder blocks PANGAEA's UPerNet reads: [3, 5, 7, 11] of 12, the same fractions of other depths."""
+    return tuple(max(0, round(depth * f) - 1) for f in (4 / 12, 6 / 12, 8 / 12, 12 / 12))
+
+
+def stratified_subset(labels: np.ndarray, fraction: float, seed: int) -> np.ndarray:
+    """``labels`` with only ``fraction`` of each class's labelled pixels kept (at least one each), others -1."""
+    rng = np.random.default_rng(seed + 7)
+    flat = labels.reshape(-1)
+    out = np.full_like(flat, -1)
+    for c in np.unique(flat[flat >= 0]):
+        idx = np.flatnonzero(flat == c)
+        keep = rng.choice(idx, size=max(1, int(round(fraction * idx.size))), replace=False)
+        out[keep] = c
+    return out.reshape(labels.shape)

@@ -39,7 +39,10 @@ def test_synthetic_suite_end_to_end(tmp_path, debug_export, tiny_corpus):
     assert set(fusion["details"]["baselines"]) == {"bilinear", "bicubic", "unsharp"}
     rows = list(csv.DictReader(open(out / "report.csv")))
     assert {r["task"] for r in rows} == set(report["tasks"]) and "specaware_paper" in rows[0]
+    assert report["tasks"]["segmentation_pangaea"]["protocol"] == "pangaea"  # the PANGAEA protocol runs in CI
+    assert report["tasks"]["segmentation"]["protocol"] == "finetune"
     md = (out / "report.md").read_text()
+    assert "protocol pangaea" in md
     assert all(f"## {n}" in md for n in report["tasks"]) and "bicubic" in md
 
 

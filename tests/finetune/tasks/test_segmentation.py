@@ -1,6 +1,7 @@
 """finetune.tasks.segmentation: UperNet learns a separable scene and is scored on the held-out half."""
 
 import numpy as np
+import pytest
 import torch
 
 from finetune.datasets.base import SegmentationData
@@ -51,3 +52,28 @@ def test_pixel_skip_resolves_boundaries_inside_a_token(encoder):
                                           eval={"window": 16, "stride": 8, "train_fraction": 0.5}))
         scores[skip] = res.metrics["OA"]
     assert scores[True] >= 0.9 and scores[False] < 0.75, scores
+
+
+def test_pangaea_protocol_freezes_the_encoder_and_uses_plain_upernet_on_its_layers(encoder):
+    from finetune.tasks.segmentation import SegmentationTask, pangaea_layers, stratified_subset
+
+    g = np.random.default_rng(0)
+    lab = np.zeros((16, 32), np.int64)
+    lab[:, 8:16] = 1
+    img = g.normal(0, 0.2, (C, 16, 32)).astype(np.float32)
+    img[:3] += 2 * lab
+    data = SegmentationData(img, lab, ["bg", "fg"], spectral())
+    before = {n: p.detach().clone() for n, p in encoder.named_parameters()}
+    c = cfg("segmentation", "finetune", steps=6, head={"channels": 16}, protocol="pangaea",
+            eval={"window": 16, "stride": 8, "label_fraction": 0.1})
+    task = SegmentationTask(c)
+    res = task.run(encoder, data)
+    assert all(torch.equal(p, before[n]) for n, p in encoder.named_parameters())  # frozen though mode=finetune
+    assert 0 <= res.metrics["OA"] <= 1
+    task.prepare(encoder, data)
+    head = task.build_head(encoder)
+    assert not head.pixel_skip and head.layers == pangaea_layers(encoder.depth)
+    assert pangaea_layers(12) == (3, 5, 7, 11)
+    assert [task.lr_schedule(s, 100) for s in (0, 59, 60, 89, 90)] == [1.0, 1.0, 0.1, 0.1, pytest.approx(0.01)]
+    kept = stratified_subset(np.where(np.arange(32)[None] < 16, lab, -1), 0.1, 0)
+    assert [(kept == k).sum() for k in (0, 1)] == [round(0.1 * 128), round(0.1 * 128)]
