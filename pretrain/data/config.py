@@ -67,7 +67,13 @@ class DataConfig:
         samples fail to decode (a store gone bad is not papered over with substitutes).
     prefetch: batches prepared ahead of the consumer.
     storage_options: passed to fsspec for remote URLs.
-    pin_memory: pin batches (only when CUDA is available).
+    pin_memory: pin batches (only when CUDA is available): thread workers allocate them pinned, process workers'
+        batches are copied into pinned memory; the copy to the GPU is then asynchronous.
+    decoder: ``auto`` (the ``zarrs`` codec pipeline for local stores, zarr-python's for other URLs), ``zarrs`` or
+        ``zarr`` (zarr-python's own pipeline everywhere).
+    normalise_on: ``workers`` (workers deliver normalised float32 ``pixels``), ``device`` (workers deliver the
+        stored FP16 ``raw`` + ``norm``; the loader normalises on the device it was built for, see
+        :func:`pretrain.data.build_loader`), or ``auto``: ``device`` when the loader is built for a CUDA device.
     """
 
     sources: list[SourceConfig]
@@ -86,6 +92,8 @@ class DataConfig:
     storage_options: dict | None = None
     crop_align: int = 0
     pin_memory: bool = False
+    decoder: str = "auto"
+    normalise_on: str = "auto"
 
     def __post_init__(self) -> None:
         if not isinstance(self.sources, list | tuple) or not self.sources:
@@ -108,6 +116,10 @@ class DataConfig:
                 raise DataError(f"DataConfig.{name} must be an integer >= 0, got {v!r}")
         if self.worker_type not in ("thread", "process"):
             raise DataError(f"DataConfig.worker_type must be 'thread' or 'process', got {self.worker_type!r}")
+        if self.decoder not in ("auto", "zarrs", "zarr"):
+            raise DataError(f"DataConfig.decoder must be 'auto', 'zarrs' or 'zarr', got {self.decoder!r}")
+        if self.normalise_on not in ("auto", "workers", "device"):
+            raise DataError(f"DataConfig.normalise_on must be 'auto', 'workers' or 'device', got {self.normalise_on!r}")
         if self.epochs is not None and (not isinstance(self.epochs, int) or self.epochs < 1):
             raise DataError(f"DataConfig.epochs must be a positive integer or None (endless), got {self.epochs!r}")
         for name in ("sensor_dropout", "max_bad_fraction", "max_bad_batch_fraction"):

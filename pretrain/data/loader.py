@@ -12,8 +12,10 @@ logged with store, patch and error, and :class:`Collate` raises :class:`DataErro
 limits. A reader process that dies is caught by :class:`WorkerWatchdog` (:class:`LoaderWorkerError`).
 Process workers use the ``spawn`` context: a launching script needs the ``if __name__ == "__main__":`` guard.
 
-Workers map whole batches: each reads its batch's crops and normalises them straight into the
-batch tensor (no per-sample float32 copies, no stacking); ``num_workers`` batches are in flight.
+Workers map whole batches: each decodes its batch's crops straight into the batch tensor (no per-sample
+copies, no stacking) and, with ``normalise_on="workers"``, normalises them there; with ``"device"`` they
+deliver the stored FP16 values and :class:`SpecLoader` normalises on the GPU. ``num_workers`` batches are in
+flight.
 
 Every node snapshots its source after each item, so the state of a mid-epoch loader is the exact
 position of the last batch handed out; resuming re-reads nothing that was already delivered.
@@ -25,6 +27,7 @@ from __future__ import annotations
 import logging
 import signal
 import threading
+import time
 from typing import Any
 
 import numpy as np
@@ -39,12 +42,11 @@ from torchdata.nodes import (
     StopCriteria,
 )
 
-from data_prep.dataset import open_store
 from data_prep.store import StoreError
 from pretrain.models.vocab import Vocabulary
 
 from .config import DataConfig, DataError, LoaderWorkerError
-from .reader import SampleReader, StoreTables, tables_from_store
+from .reader import SampleReader, StoreTables, finish_batch, open_store, tables_from_store
 from .sampling import PlanNode, ShardSource, StoreInfo, Substitutes, store_tag, subset_indices
 
 log = logging.getLogger(__name__)
@@ -122,7 +124,7 @@ class Collate(BaseNode[dict]):
                 f"{url}: {n} of {self.reads[url]} reads failed to decode, more than max_bad_fraction="
                 f"{self.max_bad_fraction} allows; failed patches (this run) {sorted(set(self._bad_idx[url]))[:50]}; "
                 f"first error: {self._first_error[url]}")
-        self.delivered += batch["pixels"].shape[0]
+        self.delivered += batch["raw" if "raw" in batch else "pixels"].shape[0]
         return batch
 
     def _count(self, s: dict) -> None:
@@ -226,27 +228,81 @@ def _from_plain(obj: Any) -> Any:
 class SpecLoader:
     """Iterable of batches for one rank, with ``state_dict()`` / ``load_state_dict()`` for exact resume.
 
+    ``for batch in loader`` yields training batches on :attr:`device` (normalised float32 ``pixels``; see
+    :func:`pretrain.data.finish_batch`). On a CUDA device the next batch's copy (from pinned memory,
+    ``non_blocking``) and normalisation run on a side stream while the current step computes: the loader reads
+    one batch ahead, and ``state_dict()`` still describes the position after the last batch *handed out*.
+    :meth:`batches` gives the pipeline's own CPU batches (``raw`` + ``norm`` when ``normalise_on`` is device).
+
     ``state_dict()`` returns plain dicts, lists, ints, floats, bools and strings (JSON-safe, loads with
-    ``torch.load(weights_only=True)``). It describes the position after the last batch handed out.
-    One pass of ``for batch in loader`` gives ``cfg.epochs`` epochs (or never ends when None).
+    ``torch.load(weights_only=True)``). One pass of ``for batch in loader`` gives ``cfg.epochs`` epochs (or never
+    ends when None). :attr:`data_wait_s` adds up the seconds the consumer spent blocked on the pipeline.
     """
 
     def __init__(self, cfg: DataConfig, rank: int, world_size: int, root: BaseNode, collate_node: Collate,
-                 num_batches: int | None, infos: dict[str, StoreInfo]):
+                 num_batches: int | None, infos: dict[str, StoreInfo], device: torch.device | None = None,
+                 normalise_on: str = "workers"):
         self.cfg, self.rank, self.world_size = cfg, rank, world_size
         self._collate = collate_node
         self.num_batches = num_batches
         """Batches one pass yields on this rank (None when endless), each of ``batch_size`` samples; the same
         on every rank, whatever fails to decode (failed samples are substituted or the loader raises)."""
         self.stores = infos
+        self.device = device if device is not None else torch.device("cpu")
+        self.normalise_on = normalise_on
+        """``workers`` or ``device``: where the pixels are normalised (``DataConfig.normalise_on`` resolved)."""
+        self.data_wait_s = 0.0
         self._loader = Loader(root)
+        self._state: dict | None = None  # the handed-out position while reading ahead (CUDA)
 
-    def __iter__(self):
+    def batches(self):
+        """The pipeline's batches as the workers made them, on the CPU (no device copy, no normalisation)."""
         return iter(self._loader)
 
+    def _next(self, it) -> dict:
+        t = time.perf_counter()
+        try:
+            return next(it)
+        finally:
+            self.data_wait_s += time.perf_counter() - t
+
+    def __iter__(self):
+        it = iter(self._loader)
+        self._state = None
+        if self.device.type != "cuda":
+            while True:
+                try:
+                    b = self._next(it)
+                except StopIteration:
+                    return
+                yield finish_batch(b, self.device) if self.normalise_on == "device" else b
+        stream = torch.cuda.Stream(device=self.device)
+
+        def fetch() -> tuple[dict, dict] | None:
+            try:
+                b = self._next(it)
+            except StopIteration:
+                return None
+            state = self._loader.state_dict()
+            with torch.cuda.stream(stream):
+                return finish_batch(b, self.device, non_blocking=True), state
+
+        nxt = fetch()
+        while nxt is not None:
+            batch, state = nxt
+            cur = torch.cuda.current_stream(self.device)
+            cur.wait_stream(stream)
+            for v in batch.values():
+                if isinstance(v, torch.Tensor):
+                    v.record_stream(cur)
+            nxt = fetch()  # the next copy overlaps the consumer's step on this batch
+            self._state = state
+            yield batch
+
     def state_dict(self) -> dict[str, Any]:
+        st = self._state if self._state is not None else self._loader.state_dict()
         return {"format": STATE_FORMAT, "rank": self.rank, "world_size": self.world_size,
-                "loader": _to_plain(self._loader.state_dict())}
+                "loader": _to_plain(st)}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         if state.get("format") != STATE_FORMAT:
@@ -255,6 +311,7 @@ class SpecLoader:
         if (state.get("rank"), state.get("world_size")) != (self.rank, self.world_size):
             raise DataError(f"loader state is for rank {state.get('rank')} of {state.get('world_size')}, "
                             f"this loader is rank {self.rank} of {self.world_size}")
+        self._state = None
         self._loader.load_state_dict(_from_plain(state["loader"]))
 
     @property
@@ -279,7 +336,7 @@ def _open(cfg: DataConfig) -> tuple[dict[str, StoreInfo], dict[str, StoreTables]
         if src.weight == 0:
             continue
         try:
-            store = open_store(src.url, cfg.storage_options)  # a store or a logical dataset of shard stores
+            store = open_store(src.url, cfg.storage_options, cfg.decoder)  # a store or a logical dataset
             if len(store) == 0:
                 raise DataError(f"{src.url}: the store is empty (n_patches = 0)")
             tab = tables_from_store(store)
@@ -330,19 +387,27 @@ def build_plan(cfg: DataConfig, rank: int = 0, world_size: int = 1,
     return plan, infos, (total * cfg.epochs if cfg.epochs else None)
 
 
-def build_loader(cfg: DataConfig, rank: int = 0, world_size: int = 1, vocab: Vocabulary | None = None) -> SpecLoader:
+def build_loader(cfg: DataConfig, rank: int = 0, world_size: int = 1, vocab: Vocabulary | None = None,
+                 device: torch.device | str | None = None) -> SpecLoader:
     """Open and check every source (DataError before any batch), then build this rank's pipeline.
 
     ``vocab`` maps each store's sensor and level to the batch's ``sensor``/``level`` indices: training passes
     the model's (``model.vocab``), so the indices are the ones the model was built with; without one (tools,
-    tests) the registry's current vocabulary is used."""
+    tests) the registry's current vocabulary is used. ``device`` is where the batches are consumed (default
+    CPU); with CUDA and ``normalise_on`` auto the workers only decode (FP16, pinned) and the loader normalises
+    on the GPU (see :class:`SpecLoader`)."""
+    dev = torch.device(device) if device is not None else torch.device("cpu")
+    mode = cfg.normalise_on if cfg.normalise_on != "auto" else ("device" if dev.type == "cuda" else "workers")
+    cuda = dev.type == "cuda" and torch.cuda.is_available()
+    pin_in_workers = cfg.pin_memory and cuda and cfg.worker_type == "thread"
     opened = _open(cfg)
     plan, infos, num_batches = build_plan(cfg, rank, world_size, _opened=opened)
     tables = opened[1]
     subs = Substitutes(infos, opened[2], seed=cfg.seed, crop=cfg.crop, crop_align=cfg.crop_align,
                        sensor_dropout=cfg.sensor_dropout)
     reader = SampleReader(tables, cfg.crop, cfg.storage_options, substitutes=subs,
-                          max_batch_bad=cfg.max_bad_batch_fraction, vocab=vocab)
+                          max_batch_bad=cfg.max_bad_batch_fraction, vocab=vocab, decoder=cfg.decoder,
+                          normalise_on=mode, pin=pin_in_workers)
     mapper = ParallelMapper(plan, reader, num_workers=cfg.num_workers, in_order=True, method=cfg.worker_type,
                             multiprocessing_context="spawn" if cfg.worker_type == "process" else None)
     watch = WorkerWatchdog(mapper) if cfg.worker_type == "process" and cfg.num_workers > 0 else None
@@ -350,6 +415,6 @@ def build_loader(cfg: DataConfig, rank: int = 0, world_size: int = 1, vocab: Voc
     # counters (loader.bad_samples ...) describe exactly the batches delivered so far.
     coll = Collate(Prefetcher(mapper, prefetch_factor=cfg.prefetch), cfg.max_bad_fraction, watch)
     node: BaseNode = coll
-    if cfg.pin_memory and torch.cuda.is_available():
+    if cfg.pin_memory and cuda and not pin_in_workers:
         node = PinMemory(node)
-    return SpecLoader(cfg, rank, world_size, node, coll, num_batches, infos)
+    return SpecLoader(cfg, rank, world_size, node, coll, num_batches, infos, device=dev, normalise_on=mode)

@@ -1,0 +1,134 @@
+"""pretrain.data reads: window segments, decoders, device-side normalisation (real tiny Zarr stores)."""
+
+import numpy as np
+import pytest
+import torch
+import zarr
+
+from pretrain.data import (
+    DataConfig,
+    SourceConfig,
+    build_loader,
+    finish_batch,
+    touched_elements,
+    window_segments,
+)
+from pretrain.data.reader import open_store
+
+from .data_fixtures import make_store
+
+# 48 bands, band chunk 8: bands 16..31 (two whole chunks) and 36 (inside a chunk) are bad
+GOOD = np.ones(48, bool)
+GOOD[16:32] = False
+GOOD[36] = False
+
+
+@pytest.fixture(scope="module")
+def store(tmp_path_factory):
+    return make_store(str(tmp_path_factory.mktemp("reader") / "emit_L2.zarr"), n=12, bands=48, good=GOOD)
+
+
+def test_window_segments_skip_bad_chunks_and_gather_inside_one():
+    sel = np.flatnonzero(GOOD)  # 0..15, 32..35, 37..47
+    segs = window_segments(sel, 8)
+    assert [(o, r0, r1) for o, r0, r1, _ in segs] == [(0, 0, 16), (16, 32, 48)]
+    assert segs[0][3] is None  # contiguous: decoded in place
+    np.testing.assert_array_equal(segs[1][3], sel[16:] - 32)  # band 36 decoded and dropped
+    # every touched chunk holds a selected band; none is touched twice
+    chunks = [c for _, r0, r1, _ in segs for c in range(r0 // 8, (r1 - 1) // 8 + 1)]
+    assert sorted(chunks) == sorted(set(chunks)) == sorted(set(sel // 8))
+    assert touched_elements((1, 8, 8, 8), sel, 0, 0, 16) == 4 * 8 * 16 * 16  # 4 chunks of 8 bands, not 6
+    assert touched_elements((1, 8, 8, 8), sel, 4, 0, 16) == 4 * 8 * 24 * 16  # off-grid crop: one more row
+
+
+def _loader(url, **kw):
+    base = dict(sources=[SourceConfig(url)], batch_size=3, crop=16, band_window=20, band_stride=8, epochs=1,
+                num_workers=2, sensor_dropout=0.0, seed=1)  # seed 1: windows at 0 and 8
+    base.update(kw)
+    return build_loader(DataConfig(**base))
+
+
+def _reference(st, bt, j):
+    i, y0, x0, w0 = (bt["meta"][k][j] for k in ("index", "crop_y", "crop_x", "band_start"))
+    sel = np.flatnonzero(st["good"])[w0:w0 + 20]
+    x = st["pixels"][i][sel][:, y0:y0 + 16, x0:x0 + 16].astype(np.float64)
+    s = st["stats"]
+    x = (np.clip(x, s.p01[sel, None, None], s.p99[sel, None, None]) - s.mean[sel, None, None]) / s.std[sel, None, None]
+    x[:, ~st["valid"][i, y0:y0 + 16, x0:x0 + 16]] = 0
+    return x
+
+
+@pytest.mark.parametrize("decoder", ["zarrs", "zarr"])
+def test_reads_across_skipped_and_gathered_bands_match_numpy(store, decoder):
+    batches = list(_loader(store["url"], decoder=decoder))
+    starts = {b["meta"]["band_start"][0] for b in batches}
+    assert len(batches) == 4 and starts == {0, 8}, starts  # 0: skips 2 bad chunks; 8: also drops band 36
+    for bt in batches:
+        for j in range(3):
+            np.testing.assert_allclose(bt["pixels"][j].numpy(), _reference(store, bt, j), atol=2e-4, rtol=1e-4)
+
+
+def test_decoders_give_identical_batches_and_zarrs_is_used_locally(store):
+    assert type(open_store(store["url"]).patches.async_array.codec_pipeline).__name__ == "ZarrsCodecPipeline"
+    assert type(open_store(store["url"], decoder="zarr").patches.async_array.codec_pipeline).__name__ \
+        == "BatchedCodecPipeline"
+    a, b = list(_loader(store["url"], decoder="zarrs")), list(_loader(store["url"], decoder="zarr"))
+    for x, y in zip(a, b, strict=True):
+        assert torch.equal(x["pixels"], y["pixels"]) and torch.equal(x["valid"], y["valid"])
+
+
+def test_chunks_of_bad_bands_only_are_never_decoded(store, monkeypatch):
+    """zarr-python's pipeline (decoder='zarr') lets us count the chunk decodes: exactly the segment rule's."""
+    from zarr.codecs.blosc import BloscCodec
+
+    calls = []
+    orig = BloscCodec._decode_sync
+
+    def counting(self, data, spec):
+        calls.append(tuple(spec.shape))
+        return orig(self, data, spec)
+
+    monkeypatch.setattr(BloscCodec, "_decode_sync", counting)
+    loader = _loader(store["url"], decoder="zarr", num_workers=0)
+    expected = 0
+    chunks = tuple(zarr.open_group(store["url"], mode="r")["patches"].chunks)
+    for bt in loader.batches():
+        for j in range(3):
+            sel = np.flatnonzero(GOOD)[bt["meta"]["band_start"][j]:][:20]
+            n = touched_elements(chunks, sel, bt["meta"]["crop_y"][j], bt["meta"]["crop_x"][j], 16)
+            expected += n // (chunks[1] * chunks[2] * chunks[3]) + (16 // 8) ** 2  # patches + valid chunks
+    decoded = [c for c in calls if c in ((1, 8, 8, 8), (1, 8, 8))]  # patches and valid chunks (not meta)
+    assert len(decoded) == expected
+    whole_range = 0  # what reading each window's contiguous raw band range would have decoded
+    for bt in loader.batches():
+        sel = np.flatnonzero(GOOD)[bt["meta"]["band_start"][0]:][:20]
+        whole_range += 3 * ((sel[-1] // 8 - sel[0] // 8 + 1) * 4 + 4)
+    assert expected < whole_range
+
+
+def test_device_normalisation_equals_worker_normalisation(store):
+    """normalise_on='device': workers hand out the stored FP16 values + norm; finish_batch gives the same batch."""
+    ref = list(_loader(store["url"], normalise_on="workers"))
+    dev_loader = _loader(store["url"], normalise_on="device")
+    raw = list(dev_loader.batches())
+    got = list(_loader(store["url"], normalise_on="device"))  # iterating finishes on the loader's device (CPU)
+    for r, w, g in zip(ref, raw, got, strict=True):
+        assert "pixels" not in w and w["raw"].dtype == torch.float16 and w["norm"].shape == (3, 4, 20)
+        for j in range(3):
+            i, y0, x0 = (w["meta"][k][j] for k in ("index", "crop_y", "crop_x"))
+            sel = np.flatnonzero(GOOD)[w["meta"]["band_start"][j]:][:20]
+            np.testing.assert_array_equal(w["raw"][j].numpy(), store["pixels"][i][sel][:, y0:y0 + 16, x0:x0 + 16])
+        f = finish_batch(w)
+        assert set(f) == set(r) and f["pixels"].dtype == torch.float32
+        torch.testing.assert_close(f["pixels"], r["pixels"], atol=1e-6, rtol=0)
+        torch.testing.assert_close(g["pixels"], r["pixels"], atol=1e-6, rtol=0)
+        assert r["meta"] == g["meta"]
+
+
+def test_finish_batch_zeroes_nan_and_invalid():
+    raw = torch.tensor([[[[0.5, float("nan")], [2.0, -1.0]]]], dtype=torch.float16)  # [1,1,2,2]
+    valid = torch.tensor([[[True, True], [True, False]]])
+    norm = torch.tensor([[[0.0], [1.0], [0.5], [2.0]]])  # lo, hi, mean, 1/std for the one band
+    out = finish_batch({"raw": raw, "valid": valid, "norm": norm, "meta": {"x": [1]}})
+    torch.testing.assert_close(out["pixels"], torch.tensor([[[[0.0, 0.0], [1.0, 0.0]]]]))
+    assert out["meta"] == {"x": [1]} and "raw" not in out and "norm" not in out
