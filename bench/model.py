@@ -1,20 +1,22 @@
 """MAE step cost with the HyperEmbedding against the same MAE with a fixed Conv2d patch embedding.
 
-For each size (default: debug and base) at 100 bands, 128 x 128, patch 8, batch 2, this prints:
+For the base size (``--sizes``) at 100 bands, 128 x 128, patch 8, over a grid of batch sizes (``--batches``,
+default 2 and 8) and hypernetwork ranks (``--ranks``, default 32 and 64, SpecAware's default and its own), this
+prints:
 
 - forward+backward step time of the MAE with HyperEmbedding + HyperLinear output and of the same MAE with a
   fixed Conv2d patch embedding and a fixed Linear output (same token count, same ViT and decoder), measured
-  in one run, alternating the two models step by step so both see the same machine load (median of reps);
+  in one run, alternating the two models step by step so both see the same machine load (median of reps, and
+  the spread of the per-rep ratios);
 - the same for the embedding alone (conditioning + token making, forward+backward);
-- peak memory of a step: the growth of resident memory during the first step after building, sampled by a
-  thread, each configuration in its own fresh process (tracemalloc does not see torch's allocator;
-  ``ru_maxrss`` keeps the build's earlier peak; later steps reuse memory malloc kept);
 - FLOPs per sample (``torch.utils.flop_counter.FlopCounterMode``, forward+backward) of both models, and the
-  forward FLOPs of the hyper embedding alone;
-- parameter counts of the hyper embedding at each size (hypernetworks, meta + content encoders).
+  forward FLOPs of the hyper embedding alone; the contraction order the hyper embedding picked;
+- parameter counts of the hyper embedding (hypernetworks, meta + content encoders);
+- with ``--memory``: peak memory of a step (the growth of resident memory during the first step after building,
+  sampled by a thread, each configuration in its own fresh process).
 
-``--json`` makes the last printed line one JSON object with ``hyper_over_fixed_step_time`` (base size),
-``hyper_embed_params_base``, ``gflops_per_sample_base`` and the rest of the figures.
+``--json`` makes the last printed line one JSON object with ``worst_hyper_over_fixed`` (the largest step-time
+ratio over the grid), ``hyper_over_fixed`` per ``b<batch>_r<rank>``, and the rest of the figures.
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ from __future__ import annotations
 import argparse
 import gc
 import json
+import os
 import resource
 import statistics
 import subprocess
@@ -45,10 +48,10 @@ def make_batch(b: int, c: int, size: int, seed: int = 0) -> dict:
             "level": torch.tensor([1, 2] * b)[:b], "valid": torch.ones(b, size, size, dtype=torch.bool)}
 
 
-def build(size: str, embed: str, bands: int) -> torch.nn.Module:
+def build(size: str, embed: str, bands: int, rank: int | None = None) -> torch.nn.Module:
     torch.manual_seed(0)
     if embed == "hyper":
-        return build_model(size)
+        return build_model(size, **({"rank": rank} if rank else {}))
     return build_model(size, patch_embed="fixed", fixed_bands=bands)
 
 
@@ -114,102 +117,130 @@ def peak_step_memory(model: torch.nn.Module, batch: dict, seed: int) -> float:
     return (max(peak[0], rss_bytes()) - base) / 2**20
 
 
-def child_memory(size: str, embed: str, bands: int, image: int, batch_size: int) -> None:
+def child_memory(size: str, embed: str, bands: int, image: int, batch_size: int, rank: int | None) -> None:
     """Subprocess body: build, then print the RSS growth of the first training step (gradients included)."""
-    model = build(size, embed, bands)
+    model = build(size, embed, bands, rank)
     batch = make_batch(batch_size, bands, image)
     print(json.dumps({"peak_step_mib": peak_step_memory(model, batch, 0)}))
 
 
-def memory(size: str, embed: str, args: argparse.Namespace) -> float:
+def memory(size: str, embed: str, args: argparse.Namespace, batch: int, rank: int) -> float:
     """Peak step memory of one configuration, measured in its own fresh process."""
     cmd = [sys.executable, __file__, "--child", size, embed, "--bands", str(args.bands), "--image",
-           str(args.image), "--batch", str(args.batch)]
+           str(args.image), "--batches", str(batch), "--ranks", str(rank)]
     res = subprocess.run(cmd, capture_output=True, text=True, check=False)
     if res.returncode != 0:
         raise RuntimeError(f"memory subprocess for {size}/{embed} failed:\n{res.stderr[-2000:]}")
     return float(json.loads(res.stdout.strip().splitlines()[-1])["peak_step_mib"])
 
 
-def bench_size(size: str, args: argparse.Namespace) -> dict:
-    hyper, fixed = build(size, "hyper", args.bands), build(size, "fixed", args.bands)
-    batch = make_batch(args.batch, args.bands, args.image)
+def bench_config(size: str, args: argparse.Namespace, batch_size: int, rank: int, fixed: torch.nn.Module) -> dict:
+    hyper = build(size, "hyper", args.bands, rank)
+    batch = make_batch(batch_size, args.bands, args.image)
     for m in (hyper, fixed):  # warm-up
         step(m, batch, 0)
     th, tf, eh, ef = [], [], [], []
     for r in range(args.reps):
         th.append(timed(lambda r=r: step(hyper, batch, r + 1)))
         tf.append(timed(lambda r=r: step(fixed, batch, r + 1)))
-        eh.append(timed(lambda: embed_step(hyper, batch)))
-        ef.append(timed(lambda: embed_step(fixed, batch)))
+        if args.embed_times:
+            eh.append(timed(lambda: embed_step(hyper, batch)))
+            ef.append(timed(lambda: embed_step(fixed, batch)))
     fh, feh = flops(hyper, args.bands, args.image)
     ff, fef = flops(fixed, args.bands, args.image)
     enc = hyper.encoder
+    n = (args.image // enc.patch_size) ** 2
+    n_vis = n - min(max(int(round(hyper.args.mask_ratio * n)), 0), n - 1)
     hyper_params = sum(p.numel() for p in enc.hyper.parameters())
     cond_params = sum(p.numel() for p in enc.meta.parameters()) + sum(p.numel() for p in enc.content.parameters())
-    fixed_embed_params = sum(p.numel() for p in fixed.encoder.fixed.parameters())
+    ratios = [a / b for a, b in zip(th, tf)]
     res = {
+        "batch": batch_size, "rank": rank,
         "step_s_hyper": statistics.median(th), "step_s_fixed": statistics.median(tf),
-        "embed_step_s_hyper": statistics.median(eh), "embed_step_s_fixed": statistics.median(ef),
+        "ratio_per_rep": [round(x, 4) for x in ratios],
         "gflops_per_sample_hyper": fh / 1e9, "gflops_per_sample_fixed": ff / 1e9,
         "gflops_per_sample_estimate": hyper.flops_per_sample(args.bands, args.image) / 1e9,
         "embed_gflops_fwd_hyper": feh / 1e9, "embed_gflops_fwd_fixed": fef / 1e9,
+        "contraction": enc.hyper.contraction(args.bands, n_vis),
         "hyper_embed_params": hyper_params + cond_params, "hypernet_params": hyper_params,
         "conditioning_params": cond_params, "hyperlinear_params": sum(p.numel() for p in hyper.head.parameters()),
-        "fixed_embed_params": fixed_embed_params,
+        "fixed_embed_params": sum(p.numel() for p in fixed.encoder.fixed.parameters()),
         "total_params_hyper": sum(p.numel() for p in hyper.parameters()),
         "total_params_fixed": sum(p.numel() for p in fixed.parameters()),
     }
-    res["hyper_over_fixed_step_time"] = res["step_s_hyper"] / res["step_s_fixed"]
+    if eh:
+        res["embed_step_s_hyper"], res["embed_step_s_fixed"] = statistics.median(eh), statistics.median(ef)
+    res["hyper_over_fixed_step_time"] = statistics.median(ratios)
     res["hyper_over_fixed_flops"] = fh / ff
     res["hyper_share_of_step"] = max(0.0, res["step_s_hyper"] - res["step_s_fixed"]) / res["step_s_hyper"]
-    if not args.no_memory:
-        del hyper, fixed
-        gc.collect()
-        res["peak_step_mib_hyper"] = memory(size, "hyper", args)
-        res["peak_step_mib_fixed"] = memory(size, "fixed", args)
+    hyper = None  # noqa: F841 - free it before the memory subprocesses
+    gc.collect()
+    if args.memory:
+        res["peak_step_mib_hyper"] = memory(size, "hyper", args, batch_size, rank)
+        res["peak_step_mib_fixed"] = memory(size, "fixed", args, batch_size, rank)
     return res
 
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--sizes", default="debug,base", help="comma-separated model sizes (default debug,base)")
+    ap.add_argument("--sizes", default="base", help="comma-separated model sizes (default base)")
     ap.add_argument("--bands", type=int, default=100, help="bands per sample (default 100)")
     ap.add_argument("--image", type=int, default=128, help="square image side in pixels (default 128)")
-    ap.add_argument("--batch", type=int, default=2, help="batch size (default 2)")
+    ap.add_argument("--batches", default="2,8", help="comma-separated batch sizes (default 2,8)")
+    ap.add_argument("--ranks", default="32,64", help="comma-separated hypernetwork ranks (default 32,64)")
     ap.add_argument("--reps", type=int, default=3, help="timed steps per model (median; default 3)")
-    ap.add_argument("--no-memory", action="store_true", help="skip the peak-memory measurement")
+    ap.add_argument("--embed-times", action="store_true", help="also time the embedding alone")
+    ap.add_argument("--memory", action="store_true", help="measure peak step memory (fresh processes; slow)")
     ap.add_argument("--child", nargs=2, metavar=("SIZE", "EMBED"), help=argparse.SUPPRESS)
     ap.add_argument("--json", action="store_true", help="print the figures as one JSON object on the last line")
     args = ap.parse_args(argv)
+    batches = [int(x) for x in args.batches.split(",") if x]
+    ranks = [int(x) for x in args.ranks.split(",") if x]
     if args.child:
-        child_memory(args.child[0], args.child[1], args.bands, args.image, args.batch)
+        child_memory(args.child[0], args.child[1], args.bands, args.image, batches[0], ranks[0])
         return 0
     sizes = [s for s in args.sizes.split(",") if s]
-    out: dict = {"bands": args.bands, "image": args.image, "patch": 8, "batch": args.batch,
-                 "threads": torch.get_num_threads(), "device": "cpu", "sizes": {}}
+    out: dict = {"bands": args.bands, "image": args.image, "patch": 8, "batches": batches, "ranks": ranks,
+                 "threads": torch.get_num_threads(), "device": "cpu", "load_average_start": os.getloadavg()[0],
+                 "sizes": {}}
+    worst = 0.0
     for size in sizes:
-        print(f"[{size}] {args.bands} bands, {args.image}x{args.image}, batch {args.batch} ...", flush=True)
-        r = bench_size(size, args)
-        out["sizes"][size] = r
-        print(f"  step (fwd+bwd): hyper {r['step_s_hyper']:.3f} s, fixed {r['step_s_fixed']:.3f} s, "
-              f"ratio {r['hyper_over_fixed_step_time']:.3f}")
-        print(f"  embedding alone (fwd+bwd): hyper {r['embed_step_s_hyper']:.3f} s, fixed {r['embed_step_s_fixed']:.3f} s")
-        print(f"  GFLOPs/sample (fwd+bwd): hyper {r['gflops_per_sample_hyper']:.2f}, fixed "
-              f"{r['gflops_per_sample_fixed']:.2f} (ratio {r['hyper_over_fixed_flops']:.3f}); embedding fwd "
-              f"hyper {r['embed_gflops_fwd_hyper']:.3f}, fixed {r['embed_gflops_fwd_fixed']:.3f}")
-        print(f"  hyper embedding params {r['hyper_embed_params'] / 1e6:.2f} M (hypernetworks "
-              f"{r['hypernet_params'] / 1e6:.2f} M), fixed embedding {r['fixed_embed_params'] / 1e6:.2f} M")
-        if "peak_step_mib_hyper" in r:
-            print(f"  peak RSS growth over a step: hyper {r['peak_step_mib_hyper']:.0f} MiB, fixed "
-                  f"{r['peak_step_mib_fixed']:.0f} MiB")
-    if "base" in out["sizes"]:
-        b = out["sizes"]["base"]
-        out["hyper_over_fixed_step_time"] = b["hyper_over_fixed_step_time"]
+        out["sizes"][size] = {}
+        for bs in batches:
+            fixed = build(size, "fixed", args.bands)
+            for rank in ranks:
+                print(f"[{size}] {args.bands} bands, {args.image}x{args.image}, batch {bs}, rank {rank} ...", flush=True)
+                r = bench_config(size, args, bs, rank, fixed)
+                out["sizes"][size][f"b{bs}_r{rank}"] = r
+                worst = max(worst, r["hyper_over_fixed_step_time"])
+                print(f"  step (fwd+bwd): hyper {r['step_s_hyper']:.3f} s, fixed {r['step_s_fixed']:.3f} s, ratio "
+                      f"{r['hyper_over_fixed_step_time']:.3f} (per rep {r['ratio_per_rep']}); contraction "
+                      f"{r['contraction']}")
+                if "embed_step_s_hyper" in r:
+                    print(f"  embedding alone (fwd+bwd): hyper {r['embed_step_s_hyper']:.3f} s, fixed "
+                          f"{r['embed_step_s_fixed']:.3f} s")
+                print(f"  GFLOPs/sample (fwd+bwd): hyper {r['gflops_per_sample_hyper']:.2f}, fixed "
+                      f"{r['gflops_per_sample_fixed']:.2f} (ratio {r['hyper_over_fixed_flops']:.3f}); embedding fwd "
+                      f"hyper {r['embed_gflops_fwd_hyper']:.3f}, fixed {r['embed_gflops_fwd_fixed']:.3f}; estimate "
+                      f"{r['gflops_per_sample_estimate']:.2f}")
+                print(f"  hyper embedding params {r['hyper_embed_params'] / 1e6:.2f} M (hypernetworks "
+                      f"{r['hypernet_params'] / 1e6:.2f} M), fixed embedding {r['fixed_embed_params'] / 1e6:.2f} M")
+                if "peak_step_mib_hyper" in r:
+                    print(f"  peak RSS growth over a step: hyper {r['peak_step_mib_hyper']:.0f} MiB, fixed "
+                          f"{r['peak_step_mib_fixed']:.0f} MiB")
+            del fixed
+            gc.collect()
+    out["worst_hyper_over_fixed"] = worst
+    out["hyper_over_fixed"] = {f"{size}/{k}": round(v["hyper_over_fixed_step_time"], 4)
+                               for size, d in out["sizes"].items() for k, v in d.items()}
+    out["load_average_end"] = os.getloadavg()[0]
+    if "base" in out["sizes"] and out["sizes"]["base"]:
+        b = next(iter(out["sizes"]["base"].values()))
         out["hyper_embed_params_base"] = b["hyper_embed_params"]
         out["hypernet_params_base"] = b["hypernet_params"]
         out["gflops_per_sample_base"] = b["gflops_per_sample_hyper"]
         out["embed_gflops_fwd_base"] = b["embed_gflops_fwd_hyper"]
+    print(f"worst hyper/fixed step-time ratio over the grid: {worst:.3f}")
     if args.json:
         print(json.dumps(out))
     return 0

@@ -87,10 +87,11 @@ class SpectralEncoder(nn.Module):
               sensor: torch.Tensor | None = None, level: torch.Tensor | None = None,
               valid: torch.Tensor | None = None, gsd: torch.Tensor | None = None,
               offset: tuple[int, int] = (0, 0), cell_weight: torch.Tensor | None = None,
-              ) -> tuple[torch.Tensor, torch.Tensor | None]:
+              keep: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Tokens with position embedding ``[B,N,D]`` and the band condition ``[B,C,d]``.
 
-        ``offset`` (rows, cols in tokens) places a crop inside a larger grid (JEPA context views)."""
+        ``offset`` (rows, cols in tokens) places a crop inside a larger grid (JEPA context views). ``keep``
+        ``[B,n]`` (token indices): only those tokens are embedded, ``[B,n,D]`` (an MAE's visible tokens)."""
         self.check_inputs(pixels, wavelengths, fwhm)
         p = self.patch_size
         h, w = pixels.shape[2] // p, pixels.shape[3] // p
@@ -98,13 +99,16 @@ class SpectralEncoder(nn.Module):
             pixels = pixels * valid.unsqueeze(1).to(pixels.dtype)
         cond = self.condition(pixels, wavelengths, fwhm, sensor, level, valid, cell_weight)
         if cond is None:
-            tok = self.fixed(pixels)
+            tok = self.fixed(pixels, keep)
         else:
-            tok = self.hyper(to_patches(pixels, p), cond)
+            tok = self.hyper(to_patches(pixels, p), cond, keep)
         scale = None
         if self.args.gsd_pos and gsd is not None:
             scale = torch.as_tensor(gsd, device=tok.device).float().reshape(-1) / self.args.ref_gsd
-        return tok + pos_embed(h, w, self.embed_dim, tok.device, offset, scale).to(tok.dtype), cond
+        pe = pos_embed(h, w, self.embed_dim, tok.device, offset, scale).to(tok.dtype)
+        if keep is not None:
+            pe = torch.gather(pe.expand(tok.shape[0], -1, -1), 1, keep.unsqueeze(-1).expand(-1, -1, self.embed_dim))
+        return tok + pe, cond
 
     def blocks_forward(self, x: torch.Tensor) -> torch.Tensor:
         """ViT blocks and the final norm on a token sequence ``[B,n,D]`` (any subset of tokens)."""
@@ -137,20 +141,21 @@ class SpectralEncoder(nn.Module):
         return [out[(i + depth) if i < 0 else i] for i in layers]
 
     # ------------------------------------------------------------------------------------------------------
-    def embed_flops(self, n_bands: int, image_size: int) -> float:
-        """Forward FLOPs (2 x MACs of matmuls) per sample of conditioning + patch embedding."""
+    def embed_flops(self, n_bands: int, image_size: int, n_tokens: int | None = None) -> float:
+        """Forward FLOPs (2 x MACs of matmuls) per sample of conditioning + patch embedding of ``n_tokens``
+        tokens (default all of the image's)."""
         a = self.args
         n = (image_size // a.patch_size) ** 2
+        n_emb = n if n_tokens is None else n_tokens
         P = a.patch_size ** 2
         if a.patch_embed == "fixed":
-            return 2.0 * n * n_bands * P * a.dim
+            return 2.0 * n_emb * n_bands * P * a.dim
         d, c = a.cond_dim, n_bands
         f = c * n * (2 * a.content_hidden) + c * a.content_hidden * d  # content
         f += c * ((2 * a.n_freq + 1) * d + d + d * d) + 2 * a.text_dim * d  # wavelength, fwhm, text
         f += c * (d * d + 3 * 2 * d * d + d * d + 2 * 2 * d * d)  # fusion
         f += a.spectral_depth * (c * (4 * d * d + 2 * 2 * d * d) + 2 * c * c * d)  # spectral transformer
-        f += c * d * (P * a.rank + a.rank * a.dim) + d * a.dim  # hypernetworks
-        f += c * n * P * a.rank + n * c * a.rank * a.dim  # token contraction
+        f += self.hyper.macs(c, n_emb)  # hypernetworks and the token contraction
         return 2.0 * f
 
     def blocks_flops(self, n_tokens: int) -> float:

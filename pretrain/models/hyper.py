@@ -1,10 +1,21 @@
 """HyperEmbedding (band-conditioned patch embedding) and HyperLinear (band-conditioned output layer).
 
 For band c of sample b the hypernetworks produce ``V[b,c]`` (p*p x r) and ``U[b,c]`` (r x D); a token is
-``sum_c U[b,c]^T (V[b,c]^T x[b,c,n]) / C + bias``. Contraction order (per sample, N tokens, P = p*p):
-project pixels first, ``[C,N,P] x [C,P,r] -> [N,C*r]`` (C*N*P*r MACs), then one matmul
-``[N,C*r] x [C*r,D]`` (N*C*r*D MACs); the alternative of forming W = V U per band costs C*P*r*D + N*C*P*D,
-and ``[B,C,N,D]`` is never materialised. Parameter counts do not depend on the number of bands.
+``sum_c U[b,c]^T (V[b,c]^T x[b,c,n]) / C + bias``. Parameter counts do not depend on the number of bands.
+
+Compute path (the maths above, evaluated in the cheaper of two orders; outputs agree to fp32 rounding):
+
+- pixels are projected first, ``y = x V / C`` (``[B,C,n,r]``, C*n*P*r MACs per sample);
+- *materialised*: generate ``U`` (``[B,C*r,D]``, C*d*r*D MACs) and contract ``[n,C*r] x [C*r,D]``
+  (n*C*r*D); or *re-associated*: since U is linear in the band condition h (``U = W_u h + b_u``),
+  ``token = sum_{k,j} (sum_c h[c,k] y[c,n,j]) W_u[k,j,:] + (sum_c y[c,n,:]) b_u``: n*C*d*r + n*d*r*D MACs and the
+  ``[B,C,r,D]`` tensor (157 MB at batch 8, rank 64, ViT-B) and its gradient are never formed.
+  :meth:`HyperEmbedding.contraction` picks the order with fewer MACs: re-associated when few tokens are embedded
+  (``keep``: an MAE embeds only its visible tokens), materialised when ``n`` is large against ``d``.
+- ``keep`` ``[B,n]`` embeds only those tokens (the others are never computed).
+
+HyperLinear generates ``A`` (r x Dd) and ``B`` (r x P) per band; its two contractions run as batched matmuls on
+transposed views, so no ``[B,C,N,r]`` copy is made. ``[B,C,N,D]`` is never materialised anywhere.
 """
 
 from __future__ import annotations
@@ -30,7 +41,8 @@ class HyperEmbedding(nn.Module):
         self.to_bias = nn.Linear(cond_dim, dim)
 
     def weights(self, cond: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """V ``[B,C,P,r]``, U ``[B,C,r,D]``, bias ``[B,1,D]`` from cond ``[B,C,d]``."""
+        """V ``[B,C,P,r]``, U ``[B,C,r,D]``, bias ``[B,1,D]`` from cond ``[B,C,d]`` (the generated weights, for
+        inspection; :meth:`forward` may never form U)."""
         b, c, _ = cond.shape
         h = self.norm(cond)
         v = self.to_v(h).view(b, c, self.P, self.r)
@@ -38,14 +50,45 @@ class HyperEmbedding(nn.Module):
         bias = self.to_bias(h.mean(1, keepdim=True))
         return v, u, bias
 
-    def forward(self, patches: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:
-        """patches ``[B,C,N,P]``, cond ``[B,C,d]`` -> tokens ``[B,N,D]``."""
-        b, c, n, _ = patches.shape
-        v, u, bias = self.weights(cond)
-        y = torch.matmul(patches.to(v.dtype), v * (1.0 / c))  # [B,C,N,r]; 1/C on the smallest tensor
-        y = y.transpose(1, 2).reshape(b, n, c * self.r)  # [B,N,C*r]
-        # bias + [B,N,C*r] @ [B,C*r,D] in one fused call
-        return torch.baddbmm(bias.expand(b, n, self.dim), y, u.reshape(b, c * self.r, self.dim))
+    def contraction(self, n_bands: int, n_tokens: int) -> str:
+        """``"reassociated"`` or ``"materialised"``: the order with fewer forward MACs for this shape."""
+        d, r, dim = self.to_u.in_features, self.r, self.dim
+        materialised = n_bands * d * r * dim + n_tokens * n_bands * r * dim
+        reassociated = n_tokens * n_bands * d * r + n_tokens * d * r * dim
+        return "reassociated" if reassociated < materialised else "materialised"
+
+    def macs(self, n_bands: int, n_tokens: int) -> int:
+        """Forward multiply-accumulates per sample: V and bias generation, pixel projection and the contraction
+        (in the order :meth:`contraction` picks, U generation included when materialised)."""
+        d, r, dim, P = self.to_u.in_features, self.r, self.dim, self.P
+        m = n_bands * d * P * r + d * dim + n_bands * n_tokens * P * r
+        if self.contraction(n_bands, n_tokens) == "materialised":
+            return m + n_bands * d * r * dim + n_tokens * n_bands * r * dim
+        return m + n_tokens * n_bands * d * r + n_tokens * d * r * dim + n_tokens * r * dim
+
+    def forward(self, patches: torch.Tensor, cond: torch.Tensor, keep: torch.Tensor | None = None) -> torch.Tensor:
+        """patches ``[B,C,N,P]``, cond ``[B,C,d]`` -> tokens ``[B,N,D]``; with ``keep`` ``[B,n]`` (token indices)
+        only those tokens, ``[B,n,D]``."""
+        b, c, n, P = patches.shape
+        if keep is not None:
+            n = keep.shape[1]
+            patches = torch.gather(patches, 2, keep[:, None, :, None].expand(b, c, n, P))
+        r, dim = self.r, self.dim
+        h = self.norm(cond)
+        v = self.to_v(h).view(b, c, P, r)
+        # y^T = V^T x^T / C, [B,C,r,n] (1/C on the smallest tensor); both orders read it without a copy
+        yt = torch.matmul((v * (1.0 / c)).transpose(-1, -2), patches.to(v.dtype).transpose(-1, -2))
+        bias = self.to_bias(h.mean(1, keepdim=True))  # [B,1,D]
+        if self.contraction(c, n) == "materialised":
+            u = self.to_u(h).view(b, c * r, dim)
+            return torch.baddbmm(bias.expand(b, n, dim), yt.view(b, c * r, n).transpose(1, 2), u)
+        d = h.shape[-1]
+        w = self.to_u.weight.view(r, dim, d).permute(2, 0, 1).reshape(d * r, dim)  # [(k,j), D]
+        z = torch.bmm(h.transpose(1, 2), yt.view(b, c, r * n))  # [B,d,r*n]: the sum over bands first
+        z = z.view(b, d, r, n).permute(0, 3, 1, 2).reshape(b, n, d * r)  # [B,n,(k,j)]
+        tok = torch.matmul(z, w)  # [B,n,D]
+        tok = tok + torch.matmul(yt.sum(1).transpose(1, 2), self.to_u.bias.view(r, dim))
+        return tok + bias
 
 
 class HyperLinear(nn.Module):
@@ -66,10 +109,10 @@ class HyperLinear(nn.Module):
         c = cond.shape[1]
         h = self.norm(cond)
         a = self.to_a(h).view(b, c * self.r, self.dim)
-        bm = self.to_b(h).view(b, c, self.r, self.P)
-        t = torch.bmm(z.to(a.dtype), a.transpose(1, 2))  # [B,N,C*r]
-        t = t.view(b, n, c, self.r).transpose(1, 2)  # [B,C,N,r]
-        return torch.matmul(t, bm) + self.to_bias(h).unsqueeze(2)
+        bm = self.to_b(h).view(b * c, self.r, self.P)
+        t = torch.bmm(a, z.to(a.dtype).transpose(1, 2))  # [B,C*r,N]
+        out = torch.bmm(t.view(b * c, self.r, n).transpose(1, 2), bm)  # [B*C,N,P] (transposed view, no copy)
+        return out.view(b, c, n, self.P) + self.to_bias(h).unsqueeze(2)
 
 
 class FixedPatchEmbed(nn.Module):
@@ -80,10 +123,18 @@ class FixedPatchEmbed(nn.Module):
         self.bands = bands
         self.proj = nn.Conv2d(bands, dim, patch_size, patch_size)
 
-    def forward(self, pixels: torch.Tensor) -> torch.Tensor:
+    def forward(self, pixels: torch.Tensor, keep: torch.Tensor | None = None) -> torch.Tensor:
+        """``[B,C,H,W]`` -> ``[B,N,D]``; with ``keep`` ``[B,n]`` only those tokens (the same weights as a matmul
+        over the kept patches, as :class:`HyperEmbedding` does)."""
         if pixels.shape[1] != self.bands:
             raise ValueError(f"fixed patch embedding takes {self.bands} bands, got {pixels.shape[1]}")
-        return self.proj(pixels).flatten(2).transpose(1, 2)
+        if keep is None:
+            return self.proj(pixels).flatten(2).transpose(1, 2)
+        b, c, hh, ww = pixels.shape
+        p = self.proj.kernel_size[0]
+        x = pixels.reshape(b, c, hh // p, p, ww // p, p).permute(0, 2, 4, 1, 3, 5).reshape(b, -1, c * p * p)
+        x = torch.gather(x, 1, keep.unsqueeze(-1).expand(-1, -1, x.shape[-1]))  # [B,n,C*p*p]
+        return torch.nn.functional.linear(x, self.proj.weight.flatten(1), self.proj.bias)
 
 
 class FixedLinear(nn.Module):

@@ -64,10 +64,9 @@ class MAE(Objective):
         h, w = hh // p, ww // p
         n = h * w
         mask, keep, restore = random_mask(b, n, a.mask_ratio, pixels.device, generator)
-        tokens, cond = enc.embed(pixels, batch["wavelengths"], batch["fwhm"], batch.get("sensor"),
-                                 batch.get("level"), valid, batch.get("gsd"), cell_weight=(~mask).float())
-        d = tokens.shape[-1]
-        x = torch.gather(tokens, 1, keep.unsqueeze(-1).expand(-1, -1, d))
+        # only the visible tokens are embedded (the same values as embedding all, then gathering them)
+        x, cond = enc.embed(pixels, batch["wavelengths"], batch["fwhm"], batch.get("sensor"),
+                            batch.get("level"), valid, batch.get("gsd"), cell_weight=(~mask).float(), keep=keep)
         x = enc.blocks_forward(x)
         # decoder: visible tokens + mask tokens back in place
         x = self.decoder_embed(x)
@@ -94,7 +93,7 @@ class MAE(Objective):
         n_vis = n - min(max(int(round(a.mask_ratio * n)), 0), n - 1)
         P = a.patch_size ** 2
         dd = a.decoder_dim
-        f = self.encoder.embed_flops(n_bands, image_size) + self.encoder.blocks_flops(n_vis)
+        f = self.encoder.embed_flops(n_bands, image_size, n_vis) + self.encoder.blocks_flops(n_vis)
         f += 2.0 * (n_vis * a.dim * dd + a.decoder_depth * block_macs(n, dd, a.mlp_ratio))
         if a.patch_embed == "hyper":
             f += 2.0 * (n_bands * a.cond_dim * (a.rank * dd + a.rank * P + P)

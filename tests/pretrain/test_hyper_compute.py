@@ -1,0 +1,107 @@
+"""The hypernetwork layers' compute path gives the maths of the plain formulas (values and gradients)."""
+
+import pytest
+import torch
+
+from pretrain.models import build_model
+from pretrain.models.hyper import FixedPatchEmbed, HyperEmbedding, HyperLinear
+from pretrain.models.layers import to_patches
+
+
+def _plain_embedding(m: HyperEmbedding, patches, cond):
+    """token = sum_c U_c^T (V_c^T x_c) / C + bias, with U and V formed explicitly (the first slice's order)."""
+    v, u, bias = m.weights(cond)
+    c = patches.shape[1]
+    y = torch.einsum("bcnp,bcpr->bcnr", patches, v) / c
+    return torch.einsum("bcnr,bcrd->bnd", y, u) + bias
+
+
+def _plain_linear(m: HyperLinear, z, cond):
+    h = m.norm(cond)
+    b, c = cond.shape[:2]
+    a = m.to_a(h).view(b, c, m.r, m.dim)
+    bm = m.to_b(h).view(b, c, m.r, m.P)
+    return torch.einsum("bnd,bcrd,bcrp->bcnp", z, a, bm) + m.to_bias(h).unsqueeze(2)
+
+
+def _grads(module, out, *inputs):
+    g = torch.randn_like(out)
+    params = [p for p in module.parameters()] + list(inputs)
+    return torch.autograd.grad(out, params, g, retain_graph=True), g
+
+
+@pytest.mark.parametrize("n_tokens,keep", [(64, False), (64, True), (16, True)])
+def test_hyper_embedding_both_orders_and_keep_match_plain_maths(n_tokens, keep):
+    torch.manual_seed(0)
+    b, c, P, d, r, dim = 2, 7, 16, 12, 5, 24
+    m = HyperEmbedding(d, 4, r, dim).double()
+    patches = torch.randn(b, c, n_tokens, P, dtype=torch.float64)
+    cond = torch.randn(b, c, d, dtype=torch.float64, requires_grad=True)
+    idx = torch.stack([torch.randperm(n_tokens)[: n_tokens // 4] for _ in range(b)]) if keep else None
+    ref = _plain_embedding(m, patches, cond)
+    if idx is not None:
+        ref = torch.gather(ref, 1, idx.unsqueeze(-1).expand(-1, -1, dim))
+    orders = set()
+    for order in ("materialised", "reassociated"):
+        m.contraction = lambda c_, n_, o=order: o  # force each order
+        out = m(patches, cond, idx)
+        orders.add(order)
+        torch.testing.assert_close(out, ref, rtol=1e-10, atol=1e-10)
+        g_out, g = _grads(m, out, cond)
+        g_ref = torch.autograd.grad(ref, [p for p in m.parameters()] + [cond], g, retain_graph=True)
+        for x, y in zip(g_out, g_ref, strict=True):
+            torch.testing.assert_close(x, y, rtol=1e-9, atol=1e-10)
+    assert orders == {"materialised", "reassociated"}
+
+
+def test_contraction_order_follows_the_mac_count():
+    m = HyperEmbedding(128, 8, 64, 768)  # ViT-B, SpecAware's rank 64
+    assert m.contraction(100, 64) == "reassociated"  # an MAE's 64 visible tokens of 256
+    assert m.contraction(100, 4096) == "materialised"  # many tokens: forming U once is cheaper
+    for n in (64, 4096):
+        mat = 100 * 128 * 64 * 768 + n * 100 * 64 * 768
+        re = n * 100 * 128 * 64 + n * 128 * 64 * 768
+        assert (m.contraction(100, n) == "reassociated") == (re < mat)
+
+
+def test_hyper_linear_matches_plain_maths():
+    torch.manual_seed(1)
+    b, c, n, d, r, dd = 2, 6, 10, 12, 5, 20
+    m = HyperLinear(d, 4, r, dd).double()
+    z = torch.randn(b, n, dd, dtype=torch.float64, requires_grad=True)
+    cond = torch.randn(b, c, d, dtype=torch.float64, requires_grad=True)
+    out, ref = m(z, cond), _plain_linear(m, z, cond)
+    torch.testing.assert_close(out, ref, rtol=1e-10, atol=1e-10)
+    g_out, g = _grads(m, out, z, cond)
+    g_ref = torch.autograd.grad(ref, [p for p in m.parameters()] + [z, cond], g)
+    for x, y in zip(g_out, g_ref, strict=True):
+        torch.testing.assert_close(x, y, rtol=1e-9, atol=1e-10)
+
+
+def test_fixed_embedding_keep_equals_conv_then_gather():
+    torch.manual_seed(2)
+    m = FixedPatchEmbed(5, 4, 16)
+    px = torch.randn(2, 5, 16, 16)
+    keep = torch.tensor([[0, 3, 15], [7, 2, 9]])
+    full = m(px)
+    torch.testing.assert_close(m(px, keep), torch.gather(full, 1, keep.unsqueeze(-1).expand(-1, -1, 16)),
+                               rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("embed", ["hyper", "fixed"])
+def test_encoder_embeds_visible_tokens_like_embedding_all_then_gathering(embed):
+    torch.manual_seed(3)
+    kw = {"patch_embed": "fixed", "fixed_bands": 6} if embed == "fixed" else {}
+    enc = build_model("debug", **kw).encoder
+    b, c, s = 2, 6, 32
+    px = torch.randn(b, c, s, s)
+    wl = torch.linspace(450, 2300, c).expand(b, -1)
+    fw = torch.full((b, c), 9.0)
+    keep = torch.stack([torch.randperm((s // enc.patch_size) ** 2)[:4] for _ in range(b)])
+    all_tok, cond_a = enc.embed(px, wl, fw)
+    vis, cond_v = enc.embed(px, wl, fw, keep=keep)
+    torch.testing.assert_close(vis, torch.gather(all_tok, 1, keep.unsqueeze(-1).expand(-1, -1, all_tok.shape[-1])),
+                               rtol=1e-5, atol=1e-5)
+    if cond_a is not None:
+        torch.testing.assert_close(cond_v, cond_a)
+    assert to_patches(px, enc.patch_size).shape[2] == all_tok.shape[1]
