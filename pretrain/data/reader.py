@@ -217,20 +217,24 @@ class SampleReader:
             i, y0, x0 = task["index"], task["y0"], task["x0"]
             ys, xs = slice(y0, y0 + c), slice(x0, x0 + c)
             dst = pixels[j].numpy() if on_device else self._scratch((nb, c, c))
+            # a logical dataset (shard stores) reads patch i from the shard holding it
+            part, k = store.locate(i) if hasattr(store, "locate") else (store, i)
             try:
                 for o, r0, r1, keep in segs:
                     if keep is None:
-                        store.patches.get_basic_selection((i, slice(r0, r1), ys, xs),
-                                                          out=NDBuffer.from_numpy_array(dst[o:o + r1 - r0]))
+                        part.patches.get_basic_selection((k, slice(r0, r1), ys, xs),
+                                                         out=NDBuffer.from_numpy_array(dst[o:o + r1 - r0]))
                     else:
-                        dst[o:o + keep.shape[0]] = store.patches[i, r0:r1, ys, xs][keep]
-                v = valid[j].numpy()
-                store.valid.get_basic_selection((i, ys, xs), out=NDBuffer.from_numpy_array(v))
+                        dst[o:o + keep.shape[0]] = part.patches[k, r0:r1, ys, xs][keep]
+                va = part.valid[k, ys, xs]
+                check = getattr(part, "check_read", None)  # stores that detect chunks missing from storage
+                v = check(f"patch {k}", dst, va) if check is not None else np.asarray(va, dtype=bool)
             except Exception as e:  # noqa: BLE001 - any decode/IO failure makes this one read bad
                 bad.append({"url": t.url, "index": task["index"], "step": task["step"],
                             "substitute_for": task.get("replaces"), "error": f"{type(e).__name__}: {e}",
                             "replaced_by": None})
                 return bad[-1]
+            valid[j] = torch.from_numpy(v)
             if not on_device:
                 normalise_into(pixels[j], dst, v, lo, hi, mean, inv)
             return None
@@ -262,8 +266,7 @@ class SampleReader:
                     "_bad": bad, "_reads": reads}
         batch = {
             ("raw" if on_device else "pixels"): pixels,
-            "wavelengths": torch.from_numpy(t.wavelengths[sel]).expand(n, -1).clone(),
-            "fwhm": torch.from_numpy(t.fwhm[sel]).expand(n, -1).clone(),
+            **_band_tables(store, t, sel, used),
             "valid": valid,
             "sensor": torch.tensor([0 if k["drop"] else self.vocab.sensor_index(t.sensor) for k in used],
                                    dtype=torch.int64),
@@ -288,6 +291,18 @@ class SampleReader:
             batch["_bad"] = bad
         batch["_reads"] = reads
         return batch
+
+
+def _band_tables(store: Any, t: StoreTables, sel: np.ndarray, used: list[dict]) -> dict[str, torch.Tensor]:
+    """``wavelengths`` and ``fwhm`` ``[B, C]`` of the window: each patch's own granule table where the store keeps
+    per-granule tables (``band_table(i)``), else the store's."""
+    if not hasattr(store, "band_table"):
+        n = len(used)
+        return {"wavelengths": torch.from_numpy(t.wavelengths[sel]).expand(n, -1).clone(),
+                "fwhm": torch.from_numpy(t.fwhm[sel]).expand(n, -1).clone()}
+    tabs = [store.band_table(k["index"]) for k in used]
+    return {"wavelengths": torch.from_numpy(np.stack([w[sel] for w, _ in tabs]).astype(np.float32)),
+            "fwhm": torch.from_numpy(np.stack([f[sel] for _, f in tabs]).astype(np.float32))}
 
 
 def _granule(t: StoreTables, i: int) -> str:
