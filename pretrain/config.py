@@ -103,7 +103,11 @@ class ParallelConfig:
     grad_accum: micro-batches per optimizer step; None = derived from global_batch.
     global_batch: samples per optimizer step over all ranks; must equal micro_batch x grad_accum x
     world size (checked at start). None = micro_batch x grad_accum x world size.
-    precision: "fp32" or "bf16".
+    precision: "fp32"; "bf16" (DeepSpeed's bf16 mode: bf16 weights and inputs, fp32 master weights in the
+    optimizer); "bf16-autocast" (fp32 weights, matmuls and attention in bf16 under ``torch.autocast`` through
+    DeepSpeed's ``torch_autocast``; losses in fp32 outside it; the GPU recipe).
+    compile: wrap the model in ``torch.compile`` (DeepSpeed's ``engine.compile()``); off by default (adopt it only
+    where a short run's loss curve matches eager: ``bench/gpu.py`` prints both).
     bucket_elements: size of DeepSpeed's communication buckets in elements (reduce, all-gather, ZeRO-3
     prefetch); DeepSpeed's defaults (5e8) make buffers of gigabytes, too much for small models.
     """
@@ -113,6 +117,7 @@ class ParallelConfig:
     grad_accum: int | None = None
     global_batch: int | None = None
     precision: str = "fp32"
+    compile: bool = False
     bucket_elements: int = 20_000_000
 
     def __post_init__(self) -> None:
@@ -126,8 +131,8 @@ class ParallelConfig:
             raise ConfigError(f"parallel.grad_accum must be >= 1 or null, got {self.grad_accum}")
         if self.global_batch is not None and self.global_batch < 1:
             raise ConfigError(f"parallel.global_batch must be >= 1 or null, got {self.global_batch}")
-        if self.precision not in ("fp32", "bf16"):
-            raise ConfigError(f"parallel.precision must be 'fp32' or 'bf16', got {self.precision!r}")
+        if self.precision not in ("fp32", "bf16", "bf16-autocast"):
+            raise ConfigError(f"parallel.precision must be 'fp32', 'bf16' or 'bf16-autocast', got {self.precision!r}")
 
     def resolve(self, world_size: int) -> tuple[int, int]:
         """(grad_accum, global_batch) for ``world_size`` ranks, or ConfigError when they do not fit."""

@@ -115,6 +115,7 @@ def deepspeed_config(cfg: TrainConfig, world_size: int) -> dict[str, Any]:
         "gradient_clipping": cfg.optim.grad_clip,
         "zero_optimization": {"stage": cfg.parallel.zero_stage},
         "bf16": {"enabled": cfg.parallel.precision == "bf16"},
+        "torch_autocast": {"enabled": cfg.parallel.precision == "bf16-autocast", "dtype": "bfloat16"},
         "steps_per_print": 10**9,
         "wall_clock_breakdown": False,
         "zero_allow_untested_optimizer": True,
@@ -251,14 +252,21 @@ def apply_activation_checkpointing(model: nn.Module, cfg: TrainConfig) -> None:
 
 
 def build_engine(model: nn.Module, plan: Plan) -> Any:
-    """``deepspeed.initialize`` with a torch AdamW (no fused-op compile) over :func:`param_groups`."""
+    """``deepspeed.initialize`` with a torch AdamW over :func:`param_groups` (torch's fused CUDA kernel when the
+    parameters are on a GPU; no DeepSpeed op compile), then ``engine.compile()`` when ``parallel.compile``."""
     import deepspeed
 
     cfg = plan.cfg
     apply_activation_checkpointing(model, cfg)
+    dev = device()
+    if dev.type == "cuda" and not is_partitioned(model):
+        model.to(dev)  # before the optimizer, so it can take the fused kernel
+    fused = dev.type == "cuda" and all(p.is_cuda for p in model.parameters())
     opt = torch.optim.AdamW(param_groups(model, cfg.optim.weight_decay), lr=cfg.optim.lr,
-                            betas=tuple(cfg.optim.betas), eps=cfg.optim.eps)
+                            betas=tuple(cfg.optim.betas), eps=cfg.optim.eps, **({"fused": True} if fused else {}))
     engine, _, _, _ = deepspeed.initialize(model=model, optimizer=opt, config=plan.deepspeed)
+    if cfg.parallel.compile:
+        engine.compile()
     return engine
 
 

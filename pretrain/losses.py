@@ -1,13 +1,27 @@
 """Losses: Charbonnier + spectral angle for masked reconstruction (SpecAware), latent loss for JEPA.
 
 Reconstruction tensors are laid out ``[B, C, N, P]`` (bands on dim 1); ``weight [B, N, P]`` selects the
-pixels that count (masked patches x valid pixels).
+pixels that count (masked patches x valid pixels). The losses are computed in fp32 outside any autocast region
+(a bf16-autocast run's predictions are upcast first; see :func:`fp32_loss`).
 """
 
 from __future__ import annotations
 
+import functools
+
 import torch
 import torch.nn.functional as F
+
+
+def fp32_loss(fn):
+    """Run ``fn`` with autocast off on its tensors' device (its inputs are upcast to fp32 inside)."""
+
+    @functools.wraps(fn)
+    def wrapper(pred: torch.Tensor, *args, **kwargs):
+        with torch.autocast(device_type=pred.device.type, enabled=False):
+            return fn(pred, *args, **kwargs)
+
+    return wrapper
 
 
 def charbonnier(pred: torch.Tensor, target: torch.Tensor, weight: torch.Tensor | None = None,
@@ -42,6 +56,7 @@ def sam_loss(pred: torch.Tensor, target: torch.Tensor, weight: torch.Tensor | No
     return (a * w).sum() / w.sum().clamp_min(1.0)
 
 
+@fp32_loss
 def reconstruction_loss(pred: torch.Tensor, target: torch.Tensor, weight: torch.Tensor | None = None,
                         charbonnier_weight: float = 1.0, sam_weight: float = 1.0,
                         eps: float = 1e-3) -> dict[str, torch.Tensor]:
@@ -51,6 +66,7 @@ def reconstruction_loss(pred: torch.Tensor, target: torch.Tensor, weight: torch.
     return {"loss": charbonnier_weight * ch + sam_weight * sa, "charbonnier": ch.detach(), "sam": sa.detach()}
 
 
+@fp32_loss
 def latent_loss(pred: torch.Tensor, target: torch.Tensor, kind: str = "smooth_l1") -> torch.Tensor:
     """JEPA loss between predicted tokens and (already normalised, detached) target tokens."""
     if kind == "mse":

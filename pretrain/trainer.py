@@ -149,7 +149,8 @@ class Trainer:
         vocab = getattr(model, "vocab", None)
         checksum = float(sum(v.double().abs().sum() for v in eng.encoder_state(model).values()
                              if v.is_floating_point()))
-        loader = build_loader(stage.data, self.rank, self.world_size, vocab=vocab)
+        loader = build_loader(stage.data, self.rank, self.world_size, vocab=vocab,
+                              device=self.device)  # on a GPU the batches are normalised there
         if stage.steps is not None:
             total = stage.steps
         else:
@@ -189,7 +190,7 @@ class Trainer:
             if bar.disable:
                 bar = None
         saved_at = st.step if parts.resume_from is not None else -1
-        last_t, last_samples = time.perf_counter(), st.samples_seen
+        last_t, last_samples, last_wait = time.perf_counter(), st.samples_seen, parts.loader.data_wait_s
         try:
             while st.step < total:
                 if cfg.max_steps is not None and st.global_step >= cfg.max_steps:
@@ -213,6 +214,9 @@ class Trainer:
                     rec = {"stage": stage.name, "step": st.step, "global_step": st.global_step, "lr": lr,
                            **metrics, "samples_seen": st.samples_seen}
                     rec.update(self._speed(batch, st.samples_seen - last_samples, now - last_t))
+                    # time blocked on the loader / time of the steps since the last record
+                    rec["data_wait_fraction"] = (parts.loader.data_wait_s - last_wait) / max(now - last_t, 1e-9)
+                    last_wait = parts.loader.data_wait_s
                     for source in sources:
                         rec.update(source(engine.module, batch, out))
                     last_t, last_samples = now, st.samples_seen
