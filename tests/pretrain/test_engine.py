@@ -51,7 +51,8 @@ def test_deepspeed_config_follows_the_typed_config():
     ds = deepspeed_config(cfg, world_size=4)
     assert ds["train_batch_size"] == 256 and ds["train_micro_batch_size_per_gpu"] == 32
     assert ds["gradient_accumulation_steps"] == 2 and ds["gradient_clipping"] == 0.5
-    assert ds["zero_optimization"]["stage"] == 2 and ds["bf16"]["enabled"] is True
+    assert ds["zero_optimization"]["stage"] == 2 and ds["bf16"]["enabled"] is False  # bf16-autocast:
+    assert ds["torch_autocast"] == {"enabled": True, "dtype": "bfloat16"}  # fp32 weights, bf16 matmuls
     with pytest.raises(ConfigError, match="not divisible"):
         deepspeed_config(cfg, world_size=3)
 

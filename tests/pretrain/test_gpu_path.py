@@ -37,13 +37,14 @@ def test_losses_are_fp32_outside_autocast():
 
 
 def test_deepspeed_config_for_autocast():
-    from pretrain.config import ConfigError, ParallelConfig, TrainConfig
+    from pretrain.config import ConfigError, ParallelConfig, load_config
     from pretrain.engine import deepspeed_config
 
-    cfg = TrainConfig(parallel=ParallelConfig(precision="bf16-autocast", micro_batch=2, global_batch=2))
-    ds = deepspeed_config(cfg, 1)
+    demo = REPO / "configs/pretrain/demo.yaml"
+    ds = deepspeed_config(load_config(demo, ["parallel.precision=bf16-autocast"]), 1)
     assert ds["torch_autocast"] == {"enabled": True, "dtype": "bfloat16"} and ds["bf16"]["enabled"] is False
-    assert deepspeed_config(TrainConfig(), 1)["torch_autocast"]["enabled"] is False
+    ds = deepspeed_config(load_config(demo, ["parallel.precision=bf16"]), 1)
+    assert ds["torch_autocast"]["enabled"] is False and ds["bf16"]["enabled"] is True
     with pytest.raises(ConfigError, match="bf16-autocast"):
         ParallelConfig(precision="fp16")
 
