@@ -157,10 +157,17 @@ def _check_compatible(g: Granule, w: st.StoreWriter, url: str, patch_size: int) 
     gwl = np.asarray(g.wavelengths_nm, dtype=np.float64)
     if wl.shape != gwl.shape:
         raise ProductError(f"{g.path}: field wavelengths_nm: {gwl.size} bands, but the store {url} has {wl.size}")
-    d = float(np.max(np.abs(wl - gwl)))
-    if d > WAVELENGTH_TOLERANCE_NM:
-        raise ProductError(f"{g.path}: field wavelengths_nm differs from the store {url} by up to {d:.2f} nm "
-                           f"(tolerance {WAVELENGTH_TOLERANCE_NM} nm)")
+
+
+def _band_entry(g: Granule, w: st.StoreWriter) -> dict:
+    """What the store keeps of a granule's own band table: its centres and FWHM when they differ from the store's
+    by more than WAVELENGTH_TOLERANCE_NM (per-scene calibrations win over the table), and its good bands (the
+    store trains only on bands good in every granule)."""
+    wl = np.asarray(w.attrs["wavelengths_nm"], dtype=np.float64)
+    gwl = np.asarray(g.wavelengths_nm, dtype=np.float64)
+    if float(np.max(np.abs(wl - gwl))) > WAVELENGTH_TOLERANCE_NM:
+        return {"wavelengths_nm": gwl.tolist(), "fwhm_nm": np.asarray(g.fwhm_nm, dtype=np.float64).tolist()}
+    return {}
 
 
 # ---------------------------------------------------------------- worker side
@@ -442,7 +449,8 @@ def _consume(results: Iterable, plan_of: dict[int, _Plan], writers: _Writers, su
                 n = offset - start
                 w.commit(granule_id=g.granule_id, source=str(g.path), start=start, count=n,
                          meta={k: np.concatenate(v) for k, v in meta.items()}, partial=partial,
-                         entry={"max_invalid": writers.max_invalid})
+                         entry={"max_invalid": writers.max_invalid, **_band_entry(g, w)},
+                         good_bands=np.asarray(g.good_bands, dtype=bool))
                 s = summary["stores"][plan.url]
                 s["granules_added"].append(g.granule_id)
                 s["patches_added"] += n
@@ -543,8 +551,10 @@ def ingest(inputs: Sequence[str | Path] | str | Path, out_root: str | Path, *, p
     Returns a summary: ``{"root", "stores": {url: {"sensor", "level", "granules_added",
     "granules_skipped", "patches_added", "n_patches", "n_granules"}}, "granules_added",
     "granules_skipped", "patches_added", "failed": [{"path", "granule_id", "error"}], "bytes_read",
-    "seconds", "mb_per_s"}``, with ``"shard"`` and ``"datasets"`` (manifest URLs, or None while
-    shards are missing) in sharded runs.
+    "seconds", "mb_per_s", "skipped"}`` (``skipped``: one line per kind of file that is not a product,
+    e.g. the sidecars of a folder as downloaded; archives are unpacked into a temporary folder for the
+    run), with ``"shard"`` and ``"datasets"`` (manifest URLs, or None while shards are missing) in
+    sharded runs.
 
     ``shard`` ("k/N"): this run is shard ``k`` of a job array; it takes the products whose file
     name hashes to ``k`` (:func:`in_shard`) and writes shard ``k``'s stores of the logical datasets
@@ -554,22 +564,31 @@ def ingest(inputs: Sequence[str | Path] | str | Path, out_root: str | Path, *, p
     worker threads), one Dask task per shard, and the manifests are written when all are done.
     Products must be reachable from the workers under the same paths (a shared file system or URLs).
     """
-    from data_prep.formats import find_products, open_product
+    from data_prep.formats import discover, open_product
 
     if isinstance(inputs, (str, Path)):
         inputs = [inputs]
     shard_t = parse_shard(shard)
     if executor not in (None, "local") and shard_t is not None:
         raise ValueError("--executor dask://... shards the run itself: give it --shards N, not --shard k/N")
-    paths = [str(p) for p in find_products(list(inputs)) if in_shard(Path(p).name, shard_t)]
-    if not paths and shard_t is None:
-        raise ProductError(f"no products found in {[str(p) for p in inputs]}")
-    kw = {"patch_size": patch_size, "max_invalid": max_invalid, "keep_going": keep_going}
-    if executor not in (None, "local"):
-        return _ingest_dask(paths, str(out_root), executor, shards, storage_options, kw)
-    granules = [open_product(p) for p in paths]
-    return ingest_granules(granules, str(out_root), workers=workers, shard=shard_t, progress=progress,
-                           storage_options=storage_options, sources=paths, finalise=finalise, **kw)
+    with discover(list(inputs)) as found:  # folders as downloaded; archives unpacked while this is open
+        paths = [str(p) for p in found.products if in_shard(Path(p).name, shard_t)]
+        if not paths and shard_t is None:
+            raise ProductError(f"no products found in {[str(p) for p in inputs]}"
+                               + "".join(f"; {line}" for line in found.summary_lines()))
+        kw = {"patch_size": patch_size, "max_invalid": max_invalid, "keep_going": keep_going}
+        if executor not in (None, "local"):
+            summary = _ingest_dask(paths, str(out_root), executor, shards, storage_options, kw)
+        else:
+            granules = []
+            for p in paths:
+                g = open_product(p, found.formats[Path(p)])
+                g.path = found.origin(p)
+                granules.append(g)
+            summary = ingest_granules(granules, str(out_root), workers=workers, shard=shard_t, progress=progress,
+                                      storage_options=storage_options, sources=paths, finalise=finalise, **kw)
+    summary["skipped"] = found.summary_lines()
+    return summary
 
 
 def _ingest_shard(paths: list[str], out_root: str, shard: tuple[int, int], storage_options: dict | None,

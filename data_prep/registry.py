@@ -28,10 +28,105 @@ DEFAULT_SENSOR_DIR = Path(__file__).resolve().parent.parent / "configs" / "senso
 UNKNOWN = "unknown"
 LEVELS: tuple[str, ...] = (UNKNOWN, "L1", "L2")
 WAVELENGTH_RANGE_NM = (350.0, 2550.0)
+#: a band's FWHM must lie in this range (nm); below it the widths are almost surely micrometres
+FWHM_RANGE_NM = (0.5, 500.0)
+MICROMETRE_UNITS = frozenset({"micrometers", "micrometer", "micrometres", "micrometre", "microns", "micron", "um",
+                              "µm", "μm"})
+NANOMETRE_UNITS = frozenset({"nanometers", "nanometer", "nanometres", "nanometre", "nm"})
+#: a step back between adjacent centres at a declared spectrometer start may be at most this (nm)
+MAX_OVERLAP_NM = 100.0
 
 
 class RegistryError(UserError):
     """A sensor YAML is malformed or a sensor/level is not in the registry."""
+
+
+def _fail(error, path, field: str, msg: str) -> Exception:
+    return error(f"{path}: field {field}: {msg}")
+
+
+def check_band_table(path, centres, widths=None, *, field: str = "wavelength", width_field: str = "fwhm",
+                     units: str | None = None, units_field: str = "wavelength units", n_bands: int | None = None,
+                     hyperspectral: bool = True, error: type[Exception] = UserError
+                     ) -> tuple[np.ndarray, np.ndarray | None]:
+    """A band table checked and in nanometres: ``(centres_nm, widths_nm or None)``.
+
+    The one implementation of the spectral-metadata checks (sensor YAMLs and every product reader use it); each
+    failure is ``error("<path>: field <field>: ...")``:
+
+    - one finite centre per band (``n_bands``: the file's band count) and, when given, one width per centre;
+    - units: ``units`` naming micrometres converts centres and widths x 1000; nanometres must look like
+      nanometres (a maximum centre under 100 is micrometres mislabelled: an error); no units (or "unknown"):
+      micrometres when the largest centre is under 100, else nanometres; any other unit is an error;
+    - hyperspectral centres within :data:`WAVELENGTH_RANGE_NM` (the reflective range);
+    - no duplicated centre;
+    - widths finite and within :data:`FWHM_RANGE_NM` (narrower than 0.5 nm is micrometres next to nm centres).
+
+    The order of the centres is checked separately by :func:`check_band_order` once the sensor is known.
+    """
+    wl = np.asarray(centres, dtype=np.float64).ravel()
+    if wl.size == 0:
+        raise _fail(error, path, field, "no band centres; expected one per band")
+    if n_bands is not None and wl.size != n_bands:
+        raise _fail(error, path, field, f"{wl.size} centres for {n_bands} bands (the file's band count); expected "
+                                        "one centre per band")
+    fw = None if widths is None else np.asarray(widths, dtype=np.float64).ravel()
+    if fw is not None and fw.size != wl.size:
+        raise _fail(error, path, width_field, f"{fw.size} widths for {wl.size} band centres; expected one per band")
+    bad = ~np.isfinite(wl)
+    if bad.any():
+        i = int(np.flatnonzero(bad)[0])
+        raise _fail(error, path, field, f"band {i} centre is {float(wl[i])!r}; expected a finite wavelength")
+    u = (units or "").strip().strip('"').strip().lower()
+    u = "" if u in ("unknown", "none") else u
+    if u in MICROMETRE_UNITS:
+        factor = 1000.0
+    elif u in NANOMETRE_UNITS:
+        if wl.max() < 100.0:
+            raise _fail(error, path, units_field, f"says {units!r} but the centres span {wl.min():g}-{wl.max():g} "
+                                                  "(micrometres?); fix the units or the values")
+        factor = 1.0
+    elif u == "":
+        factor = 1000.0 if wl.max() < 100.0 else 1.0
+    else:
+        raise _fail(error, path, units_field, f"{units!r}; expected nanometers or micrometers")
+    wl = wl * factor
+    lo, hi = WAVELENGTH_RANGE_NM
+    if hyperspectral and (wl.min() < lo or wl.max() > hi):
+        raise _fail(error, path, field, f"centres span {wl.min():.2f}-{wl.max():.2f} nm; expected within "
+                                        f"{lo:g}-{hi:g} nm (reflective range of an imaging spectrometer)")
+    if np.unique(wl).size != wl.size:
+        order = np.argsort(wl, kind="stable")
+        k = int(np.flatnonzero(np.diff(wl[order]) == 0)[0])
+        i, j = sorted((int(order[k]), int(order[k + 1])))
+        raise _fail(error, path, field, f"bands {i} and {j} have the same centre {wl[i]:g} nm; expected each band "
+                                        "at its own wavelength (duplicated centre)")
+    if fw is not None:
+        fw = fw * factor
+        flo, fhi = FWHM_RANGE_NM
+        ok = np.isfinite(fw) & (fw >= flo) & (fw <= fhi)
+        if not ok.all():
+            i = int(np.flatnonzero(~ok)[0])
+            hint = " (micrometres next to nm centres?)" if np.isfinite(fw[i]) and 0 < fw[i] < flo else ""
+            raise _fail(error, path, width_field, f"band {i} width is {float(fw[i])!r} nm; expected a finite FWHM in "
+                                                  f"{flo:g}-{fhi:g} nm{hint}")
+    return wl, fw
+
+
+def check_band_order(path, wl: np.ndarray, spectrometer_starts=(), *, field: str = "wavelength",
+                     what: str = "", error: type[Exception] = UserError) -> None:
+    """Centres strictly increasing, except that a spectrometer's first band (an index in ``spectrometer_starts``)
+    may step back by up to :data:`MAX_OVERLAP_NM` (the VNIR/SWIR overlaps of AVIRIS-Classic)."""
+    wl = np.asarray(wl, dtype=np.float64)
+    starts = {int(i) for i in spectrometer_starts or ()}
+    d = np.diff(wl)
+    for i in np.flatnonzero(d <= 0):
+        if int(i) + 1 in starts and -MAX_OVERLAP_NM < d[i] < 0:
+            continue
+        where = (f"; {what} declares spectrometer starts at bands {sorted(starts)}" if starts else
+                 f"; {what} has no spectrometer overlap" if what else "")
+        raise _fail(error, path, field, f"centres not strictly increasing at band {i + 1} ({wl[i]:.3f} -> "
+                                        f"{wl[i + 1]:.3f} nm){where}; expected ascending band centres")
 
 
 @dataclass(frozen=True)
@@ -66,6 +161,8 @@ class Sensor:
     fwhm_nm: np.ndarray
     bad_band_ranges_nm: tuple[tuple[float, float], ...]
     platform: str = ""
+    spectrometer_starts: tuple[int, ...] = ()
+    """0-based band indices where a new spectrometer begins and the centres may step back (AVIRIS-Classic)."""
     source_file: str = field(default="", compare=False)
 
     @property
@@ -102,15 +199,27 @@ def _parse(path: Path) -> Sensor:
     missing = [k for k in required if k not in doc]
     if missing:
         raise RegistryError(f"{path}: missing field(s) {missing}")
-    wl = np.asarray(doc["wavelengths_nm"], dtype=np.float64)
-    fw = np.asarray(doc["fwhm_nm"], dtype=np.float64)
-    if wl.ndim != 1 or wl.shape != fw.shape or wl.size == 0:
-        raise RegistryError(f"{path}: wavelengths_nm ({wl.size}) and fwhm_nm ({fw.size}) must be equal, non-empty lists")
-    lo, hi = WAVELENGTH_RANGE_NM
-    if wl.min() < lo or wl.max() > hi:
-        raise RegistryError(f"{path}: wavelengths_nm must lie in {lo}-{hi} nm, got {wl.min()}-{wl.max()}")
-    if (fw <= 0).any():
-        raise RegistryError(f"{path}: fwhm_nm must be positive")
+    try:
+        wl = np.asarray(doc["wavelengths_nm"], dtype=np.float64)
+        fw = np.asarray(doc["fwhm_nm"], dtype=np.float64)
+    except (TypeError, ValueError) as e:
+        raise RegistryError(f"{path}: field wavelengths_nm/fwhm_nm: not lists of numbers: {e}") from None
+    if wl.ndim != 1 or fw.ndim != 1:
+        raise RegistryError(f"{path}: field wavelengths_nm/fwhm_nm: expected flat lists of numbers")
+    kind = str(doc["kind"])
+    wl, fw = check_band_table(path, wl, fw, field="wavelengths_nm", width_field="fwhm_nm", units="nm",
+                              units_field="wavelengths_nm", hyperspectral=True, error=RegistryError)
+    starts = doc.get("spectrometer_starts") or []
+    if not isinstance(starts, list) or not all(isinstance(i, int) and 0 < i < wl.size for i in starts):
+        raise RegistryError(f"{path}: field spectrometer_starts: {starts!r}; expected a list of band indices in "
+                            f"1..{wl.size - 1} (0-based first band of each further spectrometer)")
+    check_band_order(path, wl, starts, field="wavelengths_nm", what="the YAML", error=RegistryError)
+    try:
+        gsd = float(doc["gsd_m"])
+    except (TypeError, ValueError):
+        gsd = float("nan")
+    if not np.isfinite(gsd) or gsd <= 0:
+        raise RegistryError(f"{path}: field gsd_m: {doc['gsd_m']!r}; expected a positive number of metres")
     levels = {}
     for lname, spec in doc["levels"].items():
         if lname not in LEVELS[1:]:
@@ -129,14 +238,15 @@ def _parse(path: Path) -> Sensor:
     return Sensor(
         name=str(doc["name"]),
         display_name=str(doc["display_name"]),
-        kind=str(doc["kind"]),
+        kind=kind,
         format=str(doc["format"]),
-        gsd_m=float(doc["gsd_m"]),
+        gsd_m=gsd,
         levels=levels,
         wavelengths_nm=wl,
         fwhm_nm=fw,
         bad_band_ranges_nm=tuple((float(a), float(b)) for a, b in doc.get("bad_band_ranges_nm") or []),
         platform=str(doc.get("platform", "")),
+        spectrometer_starts=tuple(int(i) for i in starts),
         source_file=str(path),
     )
 

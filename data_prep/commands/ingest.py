@@ -50,6 +50,8 @@ def run(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps(summary))
     else:
+        for line in summary.get("skipped", []):
+            print(line)
         for url, s in summary["stores"].items():
             print(f"{url}: +{s['patches_added']} patches from {len(s['granules_added'])} granule(s), "
                   f"{len(s['granules_skipped'])} already there; {s['n_patches']} patches in total")

@@ -8,7 +8,8 @@ from pathlib import Path
 import numpy as np
 
 from data_prep.granule import ProductError
-from data_prep.registry import WAVELENGTH_RANGE_NM, RegistryError, Sensor, get_sensor, load_registry
+from data_prep.registry import RegistryError, Sensor, check_band_order, get_sensor, load_registry
+from data_prep.registry import check_band_table as registry_check_band_table
 
 #: a product's band centres may differ from the registry's by at most this to match a sensor (nm)
 MATCH_TOLERANCE_NM = 5.0
@@ -33,43 +34,20 @@ def level_spec_or_error(path: str | Path, sensor: Sensor, level: str):
         raise perr(path, "level", str(e)) from None
 
 
-def check_band_table(path: str | Path, wl: np.ndarray, fwhm: np.ndarray | None, *, field: str = "wavelength",
-                     fwhm_field: str = "fwhm", hyperspectral: bool = True) -> tuple[np.ndarray, np.ndarray | None]:
-    """Finite, strictly increasing centres within 350-2550 nm (hyperspectral); finite positive FWHM."""
-    wl = np.asarray(wl, dtype=np.float64).ravel()
-    if wl.size == 0:
-        raise perr(path, field, "no band centres; expected one per band")
-    bad = ~np.isfinite(wl)
-    if bad.any():
-        i = int(np.flatnonzero(bad)[0])
-        raise perr(path, field, f"band {i} centre is {wl[i]!r}; expected a finite wavelength in nm")
-    lo, hi = WAVELENGTH_RANGE_NM
-    if hyperspectral and (wl.min() < lo or wl.max() > hi):
-        raise perr(path, field, f"centres span {wl.min():.2f}-{wl.max():.2f} nm; expected within {lo:g}-{hi:g} nm "
-                                "(reflective range of an imaging spectrometer)")
-    if fwhm is not None:
-        fwhm = np.asarray(fwhm, dtype=np.float64).ravel()
-        if fwhm.shape != wl.shape:
-            raise perr(path, fwhm_field, f"{fwhm.size} values for {wl.size} bands")
-        if not np.isfinite(fwhm).all() or (fwhm <= 0).any():
-            i = int(np.flatnonzero(~np.isfinite(fwhm) | (fwhm <= 0))[0])
-            raise perr(path, fwhm_field, f"band {i} FWHM is {fwhm[i]!r}; expected a positive finite width in nm")
-    return wl, fwhm
+def band_table(path: str | Path, wl, fwhm, *, field: str = "wavelength", fwhm_field: str = "fwhm",
+               units: str | None = None, units_field: str = "wavelength units", n_bands: int | None = None,
+               hyperspectral: bool = True) -> tuple[np.ndarray, np.ndarray | None]:
+    """A product's band table checked and in nm (see :func:`data_prep.registry.check_band_table`)."""
+    return registry_check_band_table(path, wl, fwhm, field=field, width_field=fwhm_field, units=units,
+                                     units_field=units_field, n_bands=n_bands, hyperspectral=hyperspectral,
+                                     error=ProductError)
 
 
-def check_increasing(path: str | Path, wl: np.ndarray, sensor: Sensor, field: str = "wavelength") -> None:
-    """Centres strictly increasing, except at the spectrometer overlaps the registry's own table has (AVIRIS-Classic
-    and EnMAP have a VNIR/SWIR overlap where the next centre is shorter): a step back is allowed only at the same
-    band index as in the registry, and by at most 100 nm."""
-    d = np.diff(wl)
-    allowed = set()
-    if sensor.n_bands == wl.size:
-        allowed = set(np.flatnonzero(np.diff(sensor.wavelengths_nm) < 0).tolist())
-    for i in np.flatnonzero(d <= 0):
-        if int(i) in allowed and -100.0 < d[i] < 0:
-            continue
-        raise perr(path, field, f"centres not strictly increasing at band {i + 1} ({wl[i]:.3f} -> {wl[i + 1]:.3f} "
-                                f"nm), and {sensor.name}'s registry table has no spectrometer overlap there")
+def check_order(path: str | Path, wl: np.ndarray, sensor: Sensor, field: str = "wavelength") -> None:
+    """Centres ascending, except at the spectrometer starts the sensor's registry entry declares (when the product
+    has the registry's band count)."""
+    starts = sensor.spectrometer_starts if sensor.n_bands == np.asarray(wl).size else ()
+    check_band_order(path, wl, starts, field=field, what=f"{sensor.name}'s registry entry", error=ProductError)
 
 
 def match_sensor(path: str | Path, wl: np.ndarray, formats: set[str] | None = None) -> Sensor:
@@ -105,30 +83,24 @@ def valid_mask(cube: np.ndarray, good: np.ndarray) -> np.ndarray:
     return ~np.isnan(cube[good]).any(axis=0)
 
 
+def nodata_bands(cube: np.ndarray) -> np.ndarray:
+    """bool (bands,): bands that are NaN (nodata) at every pixel of ``cube`` (bands, rows, cols) where most of the
+    other bands hold data: a band the product fills entirely with its nodata value (EnMAP L2A's water-vapour
+    bands). Pixels outside the coverage (nodata in most bands) do not count; no pixel with data -> none."""
+    has = ~np.isnan(cube)
+    covered = has.mean(axis=0) >= 0.5
+    if not covered.any():
+        return np.zeros(cube.shape[0], dtype=bool)
+    return ~has[:, covered].any(axis=1)
+
+
 # ------------------------------------------------------------------ geolocation
 def affine_from_latlon(lat: np.ndarray, lon: np.ndarray) -> tuple[float, ...]:
-    """GDAL-style geotransform (x0, dx_col, dx_row, y0, dy_col, dy_row) of pixel corners, EPSG:4326, least squares
-    over pixel centres (exact for an affine grid)."""
-    lat = np.asarray(lat, dtype=np.float64)
-    lon = np.asarray(lon, dtype=np.float64)
-    rows, cols = lat.shape
-    rr, cc = np.meshgrid(np.arange(rows) + 0.5, np.arange(cols) + 0.5, indexing="ij")
-    a = np.stack([np.ones(rr.size), cc.ravel(), rr.ravel()], axis=1)
-    if rows * cols < 3:
-        a = a[:, :1]
-    px, *_ = np.linalg.lstsq(a, lon.ravel(), rcond=None)
-    py, *_ = np.linalg.lstsq(a, lat.ravel(), rcond=None)
-    px = np.pad(px, (0, 3 - px.size))
-    py = np.pad(py, (0, 3 - py.size))
-    return (float(px[0]), float(px[1]), float(px[2]), float(py[0]), float(py[1]), float(py[2]))
+    """EPSG:4326 geotransform (pixel corners) fitted to pixel-centre lat/lon:
+    :func:`data_prep.formats.geo.fit_transform` with longitude as x."""
+    from data_prep.formats.geo import fit_transform
 
-
-def latlon_from_affine(gt: tuple[float, ...], rows: int, cols: int) -> tuple[np.ndarray, np.ndarray]:
-    """(lat, lon) float64 (rows, cols) of pixel centres."""
-    rr, cc = np.meshgrid(np.arange(rows) + 0.5, np.arange(cols) + 0.5, indexing="ij")
-    lon = gt[0] + gt[1] * cc + gt[2] * rr
-    lat = gt[3] + gt[4] * cc + gt[5] * rr
-    return lat, lon
+    return fit_transform(lon, lat)
 
 
 def check_latlon(path: str | Path, lat, lon, rows: int, cols: int) -> tuple[np.ndarray | None, np.ndarray | None]:

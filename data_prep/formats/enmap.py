@@ -1,76 +1,101 @@
-"""EnMAP L2A reflectance / L1B radiance: a product folder
-``ENMAP01-____L2A-DT0000001234_20230405T123456Z_001_V010303_20230406T000000Z/`` holding
-``<folder>-SPECTRAL_IMAGE.TIF`` (int16, band-sequential GeoTIFF; L2A reflectance x 10000) and
-``<folder>-METADATA.XML`` with ``specific/bandCharacterisation/bandID[@number]/`` ``wavelengthCenterOfBand``,
-``FWHMOfBand``, ``GainOfBand``, ``OffsetOfBand`` (physical = DN x gain + offset).
+"""EnMAP L2A reflectance (and the simulator's L1 radiance) as DLR delivers it.
 
-Simplifications (documented): the L1B variant is written as one SPECTRAL_IMAGE (real L1B splits VNIR
-and SWIR), and the GeoTIFF grid is EPSG:4326 (real products are UTM).
+A product is ``<prefix>-METADATA.XML`` plus ``<prefix>-SPECTRAL_IMAGE`` in the format the user ordered: GeoTIFF
+(``.TIF``, ``.TIFF``, ``.GEOTIFF``, EOLab's ``_COG.TIF``; band- or pixel-interleaved, compressed or not) or ENVI
+(``.BSQ``/``.BIL``/``.BIP`` with ``.HDR``), in a folder
+``ENMAP01-____L2A-DT0000051064_20231121T023506Z_013_V010402_20240408T193411Z/`` (zipped as ``.ZIP`` by DLR);
+beside it ``-QL_PIXELMASK``, ``-QL_QUALITY_*``, ``-QL_VNIR``, ``-QL_SWIR`` and ``-HISTORY.XML`` (sidecars).
+
+XML (DLR's L2A format, as GFZ EnPT writes and EnMAP-Box reads it): root ``level_X``;
+``specific/bandCharacterisation/bandID[@number]/`` ``wavelengthCenterOfBand``, ``FWHMOfBand``, ``GainOfBand``
+(1e-4 for L2A), ``OffsetOfBand``; ``product/ortho/{projection,resolution}``; ``product/bandStatistics/bandID``
+``{wavelength, mean, stdDeviation}``. Nodata -32768. Bands sorted by wavelength (VNIR and SWIR interleave); about
+six bands in 1320-1470 nm are filled with nodata (found per granule, see :mod:`._xmltif`). UTM grid.
+
+Simplification (documented): the L1 variant the simulator writes is one SPECTRAL_IMAGE like L2A; real L1B splits
+VNIR and SWIR in sensor geometry, which :func:`._xmltif.group_files` reports as unsupported.
 """
 
 from __future__ import annotations
 
 import datetime as dt
 import re
+import xml.etree.ElementTree as ET
 from pathlib import Path
 
-from data_prep.formats._common import parse_time, perr, utc
-from data_prep.formats._xmltif import XmlLayout, open_xmltif, write_xmltif
+import numpy as np
+
+from data_prep.formats._geotiff import write_geotiff
+from data_prep.formats._xmltif import (
+    XmlLayout,
+    band_xml,
+    open_product_files,
+    prepare,
+    quantise,
+    tiny_tif,
+    utm_grid,
+    write_folder,
+    xml_bytes,
+)
 from data_prep.granule import Granule
 from data_prep.registry import Sensor
 
 NAME = re.compile(r"^ENMAP01-_{4}(?P<lev>L1B|L1C|L2A)-DT(?P<dt>\d{10})_(?P<time>\d{8}T\d{6})Z_\d{3}_V\d{6}_\d{8}T\d{6}Z")
 LAYOUT = XmlLayout(sensor="enmap", format="enmap-geotiff", root="level_X", band="specific/bandCharacterisation/bandID",
                    number="@number", centre="wavelengthCenterOfBand", width="FWHMOfBand", gain="GainOfBand",
-                   offset="OffsetOfBand")
-
-
-def find_files(entry: Path) -> tuple[Path, Path, Path]:
-    """(folder, image, metadata) of an EnMAP product given the folder, the image or the metadata file."""
-    entry = Path(entry)
-    folder = entry if entry.is_dir() else entry.parent
-    tifs = sorted(p for p in folder.iterdir() if re.search(r"-SPECTRAL_IMAGE\.TIF{1,2}$", p.name, re.I))
-    xmls = sorted(p for p in folder.iterdir() if re.search(r"-METADATA\.XML$", p.name, re.I))
-    if entry.is_file() and entry in tifs:
-        tifs = [entry]
-    if not tifs:
-        raise perr(folder, "SPECTRAL_IMAGE", "no ...-SPECTRAL_IMAGE.TIF in the product folder")
-    if not xmls:
-        raise perr(folder, "METADATA", "no ...-METADATA.XML in the product folder")
-    return folder, tifs[0], xmls[0]
+                   offset="OffsetOfBand", detectors=2)
+#: the simulator fills the bands with centres in this window (nm) with nodata, as DLR fills about six there
+NODATA_WINDOW_NM = (1325.0, 1400.0)
 
 
 def open_enmap(path: str | Path) -> Granule:
-    folder, tif, xml = find_files(Path(path))
-    m = NAME.match(tif.name) or NAME.match(folder.name)
-    if m:
-        level = "L2" if m["lev"] == "L2A" else "L1"
-        t = parse_time(m["time"])
-    else:
-        import xml.etree.ElementTree as ET
-
-        lev = (ET.parse(xml).getroot().findtext("base/level") or "").strip().upper()
-        if lev[:2] not in ("L1", "L2"):
-            raise perr(xml, "base/level", f"{lev!r}; expected L1B or L2A (and the name says nothing)")
-        level, t = lev[:2], None
-    gid = folder.name if m and NAME.match(folder.name) else tif.name.rsplit("-SPECTRAL_IMAGE", 1)[0]
-    return open_xmltif(tif, xml, level, LAYOUT, granule_id=gid, entry=folder if Path(path).is_dir() else tif,
-                       t_name=t)
+    return open_product_files(Path(path), LAYOUT, NAME)
 
 
 def product_name(level: str, t: dt.datetime) -> str:
     lev = "L2A" if level == "L2" else "L1B"
     datatake = int(t.timestamp()) // 60 % 10**10
     proc = t + dt.timedelta(days=1)
-    return f"ENMAP01-____{lev}-DT{datatake:010d}_{t:%Y%m%dT%H%M%S}Z_001_V010303_{proc:%Y%m%dT%H%M%S}Z"
+    return f"ENMAP01-____{lev}-DT{datatake:010d}_{t:%Y%m%dT%H%M%S}Z_001_V010402_{proc:%Y%m%dT%H%M%S}Z"
 
 
 def write_enmap(out_dir: Path, *, sensor: Sensor, level: str, cube, name=None, lat=None, lon=None, time=None,
                 wavelengths_nm=None, fwhm_nm=None, gsd_m=None) -> Path:
-    t = utc(time)
+    """The product folder as unzipped from DLR: sorted bands, L2A no-data bands filled with -32768, a
+    pixel-interleaved GeoTIFF on a UTM grid, QL files and HISTORY.XML; returns the SPECTRAL_IMAGE."""
+    cube, wl, fw, t, spec = prepare(sensor, level, cube, wavelengths_nm, fwhm_nm, time)
+    order = np.argsort(wl, kind="stable")
+    cube, wl, fw = cube[order], wl[order], fw[order]
+    nodata = int(spec.nodata)
+    fill = np.zeros(wl.size, dtype=bool)
+    if level == "L2":
+        fill = (wl >= NODATA_WINDOW_NM[0]) & (wl <= NODATA_WINDOW_NM[1])
+    dn, gain, offset = quantise(cube, spec, nodata)
+    dn[fill] = nodata
+    grid = utm_grid(lat, lon)
     prefix = name or product_name(level, t)
     lev = "L2A" if level == "L2" else "L1B"
-    return write_xmltif(out_dir, prefix, f"{prefix}-SPECTRAL_IMAGE.TIF", f"{prefix}-METADATA.XML", LAYOUT,
-                        sensor=sensor, level=level, cube=cube, lat=lat, lon=lon, time=t,
-                        wavelengths_nm=wavelengths_nm, fwhm_nm=fwhm_nm, gsd_m=gsd_m,
-                        base_fields={"format": f"ENMAP_{lev}", "level": lev, "mission": "ENMAP"})
+    extra = {"base/format": f"ENMAP_{lev}", "base/level": lev,
+             "product/ortho/projection": f"UTM_Zone_{grid.crs.utm_zone}" if grid is not None else "",
+             "product/ortho/resolution": f"{float(gsd_m or sensor.gsd_m):g}"}
+    root = band_xml(LAYOUT.root, LAYOUT, t=t, wl=wl, fw=fw, gain=gain, offset=offset,
+                    base_fields={"mission": "ENMAP"}, extra=extra)
+    stats = ET.SubElement(root.find("product"), "bandStatistics")
+    for i in range(wl.size):
+        b = ET.SubElement(stats, "bandID", {"number": str(i + 1)})
+        ok = dn[i] != nodata
+        phys = dn[i][ok].astype(np.float64) * gain[i] + offset[i]
+        ET.SubElement(b, "wavelength").text = f"{wl[i]:.3f}"
+        ET.SubElement(b, "mean").text = f"{phys.mean():.6g}" if phys.size else "-1000000"
+        ET.SubElement(b, "stdDeviation").text = f"{phys.std():.6g}" if phys.size else "0"
+    valid = (dn != nodata).any(axis=0)
+    ql = np.where(valid, 255, 0).astype(np.uint8)[None]
+    files = {f"{prefix}-SPECTRAL_IMAGE.TIF": lambda p: write_geotiff(p, dn, nodata=nodata, grid=grid,
+                                                                     interleave="pixel"),
+             f"{prefix}-METADATA.XML": xml_bytes(root),
+             f"{prefix}-HISTORY.XML": b'<?xml version="1.0" encoding="UTF-8"?>\n<history/>\n'}
+    for q in ("QL_PIXELMASK", "QL_QUALITY_CLOUD", "QL_QUALITY_CLOUDSHADOW", "QL_QUALITY_HAZE", "QL_QUALITY_SNOW",
+              "QL_QUALITY_CIRRUS", "QL_QUALITY_TESTFLAGS", "QL_VNIR", "QL_SWIR"):
+        files[f"{prefix}-{q}.TIF"] = tiny_tif(ql if q != "QL_PIXELMASK" else 255 - ql, grid)
+    write_folder(out_dir / prefix, files)
+    return out_dir / prefix / f"{prefix}-SPECTRAL_IMAGE.TIF"

@@ -4,7 +4,8 @@ uint16 reflectance x 10000, nodata 0 (GDAL_NODATA tag), band-sequential, EPSG:43
 GDAL_METADATA tag with ``ACQUISITION_TIME`` and ``GSD_M`` (the ground sample distance, so that a fusion
 product's finer grid survives). Band centres come from the registry (a GeoTIFF carries none).
 
-Names: ``20230405_123456_00_24a3_3B_AnalyticMS_SR_8b.tif`` (PlanetScope; date, time, satellite id) and
+Not audited against the real distributions (real Sentinel-2 L2A is SAFE with per-band JPEG2000 at 10/20/60 m;
+``_stack.tif`` is this project's own form). Names: ``20230405_123456_00_24a3_3B_AnalyticMS_SR_8b.tif`` (PlanetScope; date, time, satellite id) and
 ``S2A_MSIL2A_20230405T123456_N0509_R123_T33UUP_20230405T150000_stack.tif`` (Sentinel-2 bands stacked).
 """
 
@@ -18,8 +19,6 @@ from pathlib import Path
 import numpy as np
 
 from data_prep.formats._common import (
-    affine_from_latlon,
-    latlon_from_affine,
     level_spec_or_error,
     parse_time,
     perr,
@@ -29,6 +28,7 @@ from data_prep.formats._common import (
     valid_mask,
 )
 from data_prep.formats._geotiff import GeoTiff, write_geotiff
+from data_prep.formats.geo import WGS84, Grid, fit_transform
 from data_prep.granule import Granule
 from data_prep.registry import Sensor
 
@@ -74,8 +74,8 @@ def open_multispectral(path: str | Path) -> Granule:
     nodata = img.nodata if img.nodata is not None else spec.nodata
     scale = np.float32(spec.scale_factor)
     lat = lon = None
-    if img.geotransform is not None:
-        lat, lon = latlon_from_affine(img.geotransform, rows, cols)
+    if img.grid is not None:
+        lat, lon = img.grid.latlon(rows, cols)
     wl, fw = sensor.wavelengths_nm.copy(), sensor.fwhm_nm.copy()
     good = sensor.good_band_mask(wl)
 
@@ -111,12 +111,12 @@ def write_multispectral(out_dir: Path, *, sensor: Sensor, level: str, cube, name
     nan = np.isnan(cube)
     dn = np.clip(np.round(np.where(nan, 0, cube) / spec.scale_factor), 1, 65535).astype(np.uint16)
     dn[nan] = int(spec.nodata)
-    gt = affine_from_latlon(lat, lon) if lat is not None else None
+    grid = Grid(fit_transform(lon, lat), WGS84) if lat is not None else None
     md = {"ACQUISITION_TIME": t.strftime("%Y-%m-%dT%H:%M:%SZ"), "GSD_M": f"{float(gsd_m or sensor.gsd_m):g}",
           "SENSOR": sensor.display_name, "SCALE_FACTOR": f"{spec.scale_factor:g}"}
     tmp = out_dir / f".{stem}.tif.part-{os.getpid()}"
     try:
-        write_geotiff(tmp, dn, nodata=spec.nodata, geotransform=gt, metadata=md)
+        write_geotiff(tmp, dn, nodata=spec.nodata, grid=grid, metadata=md)
         os.replace(tmp, final)
     except BaseException:
         tmp.unlink(missing_ok=True)

@@ -26,6 +26,8 @@ from data_prep.simulate.scene import Scene, make_scene, swap_regions
 log = logging.getLogger(__name__)
 
 HYPERSPECTRAL = ("aviris-classic", "aviris-ng", "aviris-3", "emit", "enmap", "desis")
+#: sensors whose products are map-projected north-up grids (the others follow the flight heading)
+NORTH_UP = ("enmap", "desis", "planetscope", "sentinel-2")
 #: (hyperspectral L2 sensor, multispectral partner) for the fusion pairs.
 FUSION_PAIRS = (("emit", "planetscope"), ("enmap", "sentinel-2"))
 CHANGE_SENSORS = ("aviris-ng", "emit")
@@ -70,16 +72,11 @@ class Job:
 
 def geolocation(rows: int, cols: int, gsd_m: float, centre: tuple[float, float],
                 heading_deg: float) -> tuple[np.ndarray, np.ndarray]:
-    """WGS-84 lat/lon (rows, cols) of pixel centres of a grid rotated by ``heading_deg`` about ``centre``."""
-    r = (np.arange(rows)[:, None] + 0.5 - rows / 2) * gsd_m
-    c = (np.arange(cols)[None, :] + 0.5 - cols / 2) * gsd_m
-    h = np.deg2rad(heading_deg)
-    north = -r * np.cos(h) - c * np.sin(h)
-    east = -r * np.sin(h) + c * np.cos(h)
-    lat0, lon0 = centre
-    lat = lat0 + north / 111_320.0
-    lon = lon0 + east / (111_320.0 * np.cos(np.deg2rad(lat0)))
-    return lat, lon
+    """WGS-84 lat/lon (rows, cols) of the pixel centres of a ``gsd_m`` grid in the UTM zone of ``centre``, rotated
+    by ``heading_deg`` (the flight line); affine in UTM, so UTM products (map info, GeoTIFF) describe it exactly."""
+    from data_prep.formats.geo import flight_grid
+
+    return flight_grid(rows, cols, gsd_m, centre, heading_deg).latlon(rows, cols)
 
 
 def _atmosphere(seed: int, job: Job) -> Atmosphere:
@@ -245,12 +242,13 @@ def simulate_corpus(out_dir: str | Path, *, sensors: Sequence[str] = HYPERSPECTR
                 cache = {key: list(job_blocks(job, len(mats)))}  # keep only the current grid
                 blocks = cache[key]
             cube, labels, _valid = render_job(job, spectra, seed, out=buf, blocks=blocks)
-            lat, lon = geolocation(job.rows, job.cols, job.gsd_m, job.centre, job.heading_deg)
+            heading = 0.0 if job.sensor in NORTH_UP else job.heading_deg
+            lat, lon = geolocation(job.rows, job.cols, job.gsd_m, job.centre, heading)
             entry = Path(write_product(out / job.scene_id, sensor=job.sensor, level=job.level, cube=cube,
                                        lat=lat, lon=lon, time=job.time, wavelengths_nm=sensor.wavelengths_nm,
                                        fwhm_nm=sensor.fwhm_nm, gsd_m=job.gsd_m))
             del cube, buf
-            side = entry.parent / f"{entry.stem}_materials.npz"
+            side = out / job.scene_id / f"{entry.stem.removesuffix('-SPECTRAL_IMAGE')}_materials.npz"
             arrays = {"labels": labels, "names": np.array(names)}
             if job.role == "change_t1":
                 labels_t1[job.scene_id] = labels

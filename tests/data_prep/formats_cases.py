@@ -33,18 +33,22 @@ def make_cube(sensor: str, level: str, seed: int = 0) -> np.ndarray:
 
 
 def geolocation(gsd_m: float, heading_deg: float = 12.0, centre=(35.0, -110.0)) -> tuple[np.ndarray, np.ndarray]:
-    """An affine, rotated pixel-centre grid (as a pushbroom flightline's, locally)."""
-    r = (np.arange(ROWS)[:, None] + 0.5 - ROWS / 2) * gsd_m
-    c = (np.arange(COLS)[None, :] + 0.5 - COLS / 2) * gsd_m
-    h = np.deg2rad(heading_deg)
-    north = -r * np.cos(h) - c * np.sin(h)
-    east = -r * np.sin(h) + c * np.cos(h)
-    return centre[0] + north / 111_320.0, centre[1] + east / (111_320.0 * np.cos(np.deg2rad(centre[0])))
+    """A rotated pixel-centre grid, affine in UTM (as a flight line's)."""
+    from data_prep.formats.geo import flight_grid
+
+    return flight_grid(ROWS, COLS, gsd_m, centre, heading_deg).latlon(ROWS, COLS)
 
 
 def tolerance(sensor: str, level: str, cube: np.ndarray) -> np.ndarray:
     """Per-band absolute tolerance of the format's precision: float32 exact; int16/uint16 half a quantum."""
     s = get_sensor(sensor)
+    if (sensor, level) == ("aviris-classic", "L1"):  # int16 DN = radiance x gain (300/600/1200)
+        from data_prep.formats.aviris import CLASSIC_GAINS
+
+        gain = np.empty(s.n_bands)
+        for lo, hi, g in CLASSIC_GAINS:
+            gain[lo - 1:hi] = g
+        return (0.5 / gain + 1e-5)[:, None, None].astype(np.float32)
     if s.format in ("envi", "emit-netcdf"):
         return np.zeros((cube.shape[0], 1, 1), dtype=np.float32) + 1e-7
     if level == "L2":

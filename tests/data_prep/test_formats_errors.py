@@ -140,9 +140,9 @@ def test_netcdf_inf_wavelength(tmp_path):
 
 
 def _xml_product(tmp_path, sensor):
-    d = write_product(tmp_path, sensor=sensor, level="L2", cube=make_cube(sensor, "L2"), time=TIME)
-    xml = next(p for p in d.iterdir() if p.name.upper().endswith("-METADATA.XML"))
-    return d, xml
+    img = write_product(tmp_path, sensor=sensor, level="L2", cube=make_cube(sensor, "L2"), time=TIME)
+    xml = next(p for p in img.parent.iterdir() if p.name.upper().endswith("-METADATA.XML"))
+    return img, xml
 
 
 @pytest.mark.parametrize(("sensor", "band"), [("enmap", "bandID"), ("desis", "band")])
@@ -216,3 +216,24 @@ def test_corrupt_netcdf_and_tiff(tmp_path):
     tif.write_bytes(b"II*\x00" + bytes(50))
     with _raises(tif.name, "field tiff"):
         open_product(tif)
+
+
+def test_netcdf_that_is_not_emit_is_refused(tmp_path):
+    """The EMIT reader only takes EMIT files: an EMIT-shaped NetCDF without the EMIT name or instrument attribute
+    is no product (named as such), and is skipped, not ingested, when a folder is walked."""
+    nc = _emit(tmp_path)
+    other = tmp_path / "sub" / "granule.nc"
+    other.parent.mkdir()
+    with h5py.File(nc, "r") as src, h5py.File(other, "w") as dst:
+        for k in src:
+            src.copy(k, dst)
+        for k, v in src.attrs.items():
+            if k not in ("instrument", "title"):
+                dst.attrs[k] = v
+    with _raises("granule.nc", "field format", "NetCDF of no known product"):
+        open_product(other)
+    assert find_products([tmp_path / "sub"]) == []
+    from data_prep.formats.emit import open_emit
+
+    with _raises("granule.nc", "field instrument", "not an EMIT file"):
+        open_emit(other)

@@ -283,8 +283,29 @@ def test_mismatched_patch_size_or_bands_for_an_existing_store(populated):
     root, url, before, _ = populated
     with pytest.raises(StoreError, match="patch_size 32"):
         ingest_granules([make_granule(make_cube(), "p64")], root, patch_size=64, progress=False)
-    g = make_granule(make_cube(), "shifted")
-    g.wavelengths_nm = g.wavelengths_nm + 10.0
-    with pytest.raises(ProductError, match=r"shifted\.tif: field wavelengths_nm"):
+    g = make_granule(make_cube()[:200], "fewer")
+    g.wavelengths_nm, g.fwhm_nm, g.good_bands = g.wavelengths_nm[:200], g.fwhm_nm[:200], g.good_bands[:200]
+    with pytest.raises(ProductError, match=r"fewer\.tif: field wavelengths_nm: 200 bands"):
         ingest_granules([g], root, patch_size=32, progress=False)
     assert committed_view(url) == before
+
+
+def test_per_granule_band_centres_and_good_bands_are_kept(populated):
+    """A granule whose calibration moved its centres by more than the tolerance keeps its own table in the store
+    (per-scene centres win); a band nodata in one granule is no longer a good band of the store."""
+    root, url, before, _ = populated
+    g = make_granule(make_cube(seed=3), "shifted")
+    g.wavelengths_nm = g.wavelengths_nm + 10.0
+    g.fwhm_nm = g.fwhm_nm + 1.0
+    g.good_bands = g.good_bands.copy()
+    g.good_bands[5] = False
+    ingest_granules([g], root, patch_size=32, progress=False)
+    store = PatchStore(url)
+    entry = store.attrs["granules"]["shifted"]
+    np.testing.assert_allclose(entry["wavelengths_nm"], g.wavelengths_nm)
+    first, mine = 0, entry["start"]
+    np.testing.assert_allclose(store.band_table(mine)[0], g.wavelengths_nm)
+    np.testing.assert_allclose(store.band_table(mine)[1], g.fwhm_nm)
+    np.testing.assert_allclose(store.band_table(first)[0], store.wavelengths_nm)
+    assert "wavelengths_nm" not in store.attrs["granules"]["good"]
+    assert not store.good_bands[5] and store.good_bands.sum() == get_sensor(SENSOR).good_band_mask().sum() - 1
