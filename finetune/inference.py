@@ -439,9 +439,9 @@ def _is_store(src: str, storage_options: dict | None) -> bool:
 
 
 def _is_product_dir(p: Path) -> bool:
-    from data_prep.formats.detect import _xml_folder_kind
+    from data_prep.formats.detect import xml_folder_kind
 
-    return bool(_xml_folder_kind(p))
+    return bool(xml_folder_kind(p))
 
 
 # --------------------------------------------------------------------------------------------- products

@@ -145,6 +145,11 @@ class GeoTiff:
         self._lock = threading.Lock()
         self._cache: tuple[int, int, np.ndarray] | None = None
 
+    @property
+    def geotransform(self) -> tuple[float, ...] | None:
+        """The GDAL geotransform of the grid (in its CRS), or None."""
+        return None if self.grid is None else self.grid.transform
+
     def __getstate__(self):  # the lock and the cache stay behind
         d = dict(self.__dict__)
         d["_lock"], d["_cache"] = None, None

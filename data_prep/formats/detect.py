@@ -302,16 +302,27 @@ def discover(paths: list[str | Path]) -> Iterator[Discovery]:
         shutil.rmtree(tmp, ignore_errors=True)
 
 
+def xml_folder_kind(folder: str | Path) -> str | None:
+    """``enmap-geotiff`` / ``desis-geotiff`` when ``folder`` holds one EnMAP/DESIS product (its SPECTRAL_IMAGE and
+    METADATA), else None."""
+    p = Path(folder)
+    try:
+        groups = group_files([q for q in p.iterdir() if q.is_file()])
+    except OSError:
+        return None
+    good = [g for g in groups.values() if not g.unsupported]
+    return f"{good[0].mission}-geotiff" if len(good) == 1 else None
+
+
 def detect_format(path: str | Path) -> str:
     """One of :data:`FORMATS` for a product entry (file or product folder); ProductError if none fits."""
     p = Path(path)
     if not p.exists():
         raise perr(p, "path", "does not exist")
     if p.is_dir():
-        groups = group_files([q for q in p.iterdir() if q.is_file()])
-        if len(groups) == 1:
-            g = next(iter(groups.values()))
-            return f"{g.mission}-geotiff"
+        kind = xml_folder_kind(p)
+        if kind:
+            return kind
         raise perr(p, "format", "unknown format: a folder that is not one EnMAP/DESIS product (SPECTRAL_IMAGE + "
                                 "METADATA); give a product file or use find_products to search it")
     found = _discover([p], None)

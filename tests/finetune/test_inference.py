@@ -27,9 +27,9 @@ def flightline(tmp_path_factory) -> Path:
     from data_prep.simulate.corpus import simulate_corpus
 
     root = tmp_path_factory.mktemp("flightline")
-    simulate_corpus(root, sensors=("aviris-ng",), levels=("L2",), scenes=1, size=COLS, lines=ROWS, seed=3,
-                    change_pairs=False, fusion=False, progress=False)
-    return next(root.rglob("*_rfl_*.hdr"))
+    manifest = simulate_corpus(root, sensors=("aviris-ng",), levels=("L2",), scenes=1, size=COLS, lines=ROWS, seed=3,
+                               change_pairs=False, fusion=False, progress=False)
+    return root / json.loads(manifest.read_text())["products"][0]["path"]
 
 
 def _scene(path: Path):
