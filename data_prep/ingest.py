@@ -55,8 +55,10 @@ from data_prep.tiling import MIN_PATCH, StripTiles, strip_starts, tile_strip
 
 log = logging.getLogger(__name__)
 
-#: an existing store's band centres may differ from a new granule's by at most this (nm)
+#: a granule whose band centres differ from its store's table by more than this (nm) keeps its own table
 WAVELENGTH_TOLERANCE_NM = 2.0
+#: ... and by more than this it is refused: not a calibration shift but another band order or sensor table
+MAX_CENTRE_SHIFT_NM = 20.0
 
 
 def parse_shard(text: str | tuple[int, int] | None) -> tuple[int, int] | None:
@@ -157,12 +159,16 @@ def _check_compatible(g: Granule, w: st.StoreWriter, url: str, patch_size: int) 
     gwl = np.asarray(g.wavelengths_nm, dtype=np.float64)
     if wl.shape != gwl.shape:
         raise ProductError(f"{g.path}: field wavelengths_nm: {gwl.size} bands, but the store {url} has {wl.size}")
+    d = float(np.max(np.abs(wl - gwl)))
+    if d > MAX_CENTRE_SHIFT_NM:
+        raise ProductError(f"{g.path}: field wavelengths_nm differs from the store {url} by up to {d:.2f} nm, more "
+                           f"than a calibration shift ({MAX_CENTRE_SHIFT_NM:g} nm): another band order or sensor "
+                           "table (stores of EnMAP are in ascending wavelength); use another --out root")
 
 
 def _band_entry(g: Granule, w: st.StoreWriter) -> dict:
-    """What the store keeps of a granule's own band table: its centres and FWHM when they differ from the store's
-    by more than WAVELENGTH_TOLERANCE_NM (per-scene calibrations win over the table), and its good bands (the
-    store trains only on bands good in every granule)."""
+    """The manifest fields of a granule's own band table: its centres and FWHM when they differ from the store's
+    by more than WAVELENGTH_TOLERANCE_NM (per-scene calibrations win over the table)."""
     wl = np.asarray(w.attrs["wavelengths_nm"], dtype=np.float64)
     gwl = np.asarray(g.wavelengths_nm, dtype=np.float64)
     if float(np.max(np.abs(wl - gwl))) > WAVELENGTH_TOLERANCE_NM:

@@ -287,6 +287,10 @@ def test_mismatched_patch_size_or_bands_for_an_existing_store(populated):
     g.wavelengths_nm, g.fwhm_nm, g.good_bands = g.wavelengths_nm[:200], g.fwhm_nm[:200], g.good_bands[:200]
     with pytest.raises(ProductError, match=r"fewer\.tif: field wavelengths_nm: 200 bands"):
         ingest_granules([g], root, patch_size=32, progress=False)
+    g = make_granule(make_cube(), "reordered")  # e.g. EnMAP in detector order into a sorted store
+    g.wavelengths_nm = g.wavelengths_nm[::-1].copy()
+    with pytest.raises(ProductError, match=r"reordered\.tif: field wavelengths_nm differs .* more than a calibration"):
+        ingest_granules([g], root, patch_size=32, progress=False)
     assert committed_view(url) == before
 
 
