@@ -576,7 +576,7 @@ def ingest(inputs: Sequence[str | Path] | str | Path, out_root: str | Path, *, p
         inputs = [inputs]
     shard_t = parse_shard(shard)
     if executor not in (None, "local") and shard_t is not None:
-        raise ValueError("--executor dask://... shards the run itself: give it --shards N, not --shard k/N")
+        raise UserError("--executor dask://... shards the run itself: give it --shards N, not --shard k/N")
     with discover(list(inputs)) as found:  # folders as downloaded; archives unpacked while this is open
         paths = [str(p) for p in found.products if in_shard(Path(p).name, shard_t)]
         if not paths and shard_t is None:
@@ -611,27 +611,27 @@ def _dask_client(address: str):
     try:
         from distributed import Client, LocalCluster
     except ImportError:  # pragma: no cover - distributed is a dependency
-        raise ValueError("--executor dask://... needs the 'distributed' package (pip install 'dask[distributed]')") \
+        raise UserError("--executor dask://... needs the 'distributed' package (pip install 'dask[distributed]')") \
             from None
     spec = address.removeprefix("dask://")
     if spec == "local" or spec.startswith("local:"):
         try:
             n = int(spec.split(":", 1)[1]) if ":" in spec else max(1, os.cpu_count() or 1)
         except ValueError:
-            raise ValueError(f"executor {address!r}: expected dask://local:N with an integer N") from None
+            raise UserError(f"executor {address!r}: expected dask://local:N with an integer N") from None
         if n < 1:
-            raise ValueError(f"executor {address!r}: N must be at least 1")
+            raise UserError(f"executor {address!r}: N must be at least 1")
         cluster = LocalCluster(n_workers=n, threads_per_worker=1, processes=True, dashboard_address=None,
                                silence_logs=logging.ERROR)
         client = Client(cluster)
         client.run(_exit_with_parent)  # workers of a local cluster die with this process, even by kill -9
         return client, cluster
     if ":" not in spec:
-        raise ValueError(f"executor {address!r}: expected dask://HOST:PORT or dask://local:N")
+        raise UserError(f"executor {address!r}: expected dask://HOST:PORT or dask://local:N")
     try:
         return Client(spec, timeout="60s"), None
     except (OSError, TimeoutError) as e:
-        raise ValueError(f"executor {address!r}: cannot reach the Dask scheduler: {e}") from None
+        raise UserError(f"executor {address!r}: cannot reach the Dask scheduler: {e}") from None
 
 
 def _ingest_dask(paths: list[str], out_root: str, address: str, shards: int | None, storage_options: dict | None,
@@ -639,6 +639,7 @@ def _ingest_dask(paths: list[str], out_root: str, address: str, shards: int | No
     t0 = time.perf_counter()
     out_root = out_root.rstrip("/") or "/"
     check_root(out_root, storage_options)
+    environ = dict(os.environ)
     client, cluster = _dask_client(address)
     try:
         n = shards or ds.layout(out_root, storage_options) or max(1, sum(client.nthreads().values()))
@@ -652,6 +653,10 @@ def _ingest_dask(paths: list[str], out_root: str, address: str, shards: int | No
         client.close()
         if cluster is not None:
             cluster.close()
+        # distributed's Nanny writes its pre-spawn environment (MALLOC_TRIM_THRESHOLD_, ...) into this
+        # process's os.environ; give the caller its own environment back
+        os.environ.clear()
+        os.environ.update(environ)
     summary: dict[str, Any] = {"root": out_root, "stores": {}, "granules_added": 0, "granules_skipped": 0,
                                "patches_added": 0, "failed": [], "bytes_read": 0, "shards": n}
     for r in results:

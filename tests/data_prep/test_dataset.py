@@ -5,6 +5,7 @@ as one source with one normalisation."""
 from __future__ import annotations
 
 import json
+import os
 
 import numpy as np
 import pytest
@@ -63,7 +64,9 @@ def _same_dataset(one: st.PatchStore, ds: ShardedStore) -> None:
 
 def test_dask_local_cluster_ingest_equals_single_process(products):
     d, one = products
+    environ = dict(os.environ)
     res = ingest([str(d / "in")], str(d / "dask"), patch_size=16, progress=False, executor="dask://local:2")
+    assert dict(os.environ) == environ  # the cluster's nanny exports MALLOC_TRIM_THRESHOLD_; the caller keeps its own
     url = dataset_url(str(d / "dask"), "aviris-ng", "L1")
     assert res["shards"] == 2 and res["datasets"] == [url] and res["granules_added"] == N_PRODUCTS
     ds = open_store(url)
