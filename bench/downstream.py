@@ -77,19 +77,30 @@ def pretrain_briefly(out: Path, manifest: str, steps: int = 150) -> Path:
     return save_encoder(model, out, extra={"pretrained_by": "bench/downstream.py", "steps": steps})
 
 
-def random_twin(enc: Encoder, seed: int = 0) -> Encoder:
-    """Same architecture and vocabularies, fresh random weights; the frozen text-embedding buffers are copied."""
+def random_twin(enc: Encoder, seed: int = 0, init: str = "project") -> Encoder:
+    """Same architecture and vocabularies, fresh random weights; the frozen text-embedding buffers are copied.
+
+    ``init="project"``: the model's own initialisation (what pretraining starts from); ``"torch"``: PyTorch's
+    default initialisation of every layer (``reset_parameters``), the other common random baseline."""
     from pretrain.models.args import ModelArgs
     from pretrain.models.encoder import SpectralEncoder
 
+    if init not in ("project", "torch"):
+        raise ValueError(f"init must be 'project' or 'torch', got {init!r}")
     inner = enc.inner
     torch.manual_seed(seed)
     fresh = SpectralEncoder(ModelArgs.from_dict(enc.args["args"]), inner.vocab, compute_text=False)
+    if init == "torch":  # construction gave the project's scheme; PyTorch's own default instead, layer by layer
+        for m in fresh.modules():
+            if isinstance(m, torch.nn.Linear):
+                torch.nn.Linear.reset_parameters(m)
+            elif isinstance(m, torch.nn.LayerNorm):
+                m.reset_parameters()
     bufs = dict(inner.named_buffers())
     for name, b in fresh.named_buffers():
         if name in bufs:
             b.copy_(bufs[name])
-    return Encoder(fresh.eval(), enc.args, source="random init")
+    return Encoder(fresh.eval(), enc.args, source=f"random init ({init}, seed {seed})")
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -19,7 +19,7 @@ import numpy as np
 from data_prep.errors import UserError
 from data_prep.registry import get_sensor
 from data_prep.simulate.atmosphere import Atmosphere
-from data_prep.simulate.library import load_library, select_materials
+from data_prep.simulate.library import load_library, split_materials
 from data_prep.simulate.render import RasterBlock, raster_blocks, render_cube, sensor_model
 from data_prep.simulate.scene import Scene, make_scene, swap_regions
 
@@ -31,6 +31,8 @@ NORTH_UP = ("enmap", "desis", "planetscope", "sentinel-2")
 #: (hyperspectral L2 sensor, multispectral partner) for the fusion pairs.
 FUSION_PAIRS = (("emit", "planetscope"), ("enmap", "sentinel-2"))
 CHANGE_SENSORS = ("aviris-ng", "emit")
+MATERIALS_PER_SCENE = 24
+"""Materials each scene draws from the library subset (its regions use only these)."""
 MEMMAP_BYTES = 512 * 2**20
 CACHE_BYTES = 256 * 2**20
 """A scene's rasterisation is reused across the sensors of that scene when it is smaller than this."""
@@ -86,16 +88,17 @@ def _atmosphere(seed: int, job: Job) -> Atmosphere:
 
 
 def job_blocks(job: Job, n_materials: int) -> Iterator[RasterBlock]:
-    """The job's scene rasterised on its grid, a block of rows at a time."""
-    return raster_blocks(job.scene, n_materials, job.rows, job.cols, ratio=job.ratio,
+    """The job's scene rasterised on its grid, a block of rows at a time (``n_materials``: the pool's size)."""
+    return raster_blocks(job.scene, job.scene.material_count(n_materials), job.rows, job.cols, ratio=job.ratio,
                          valid_coarsen=job.valid_coarsen)
 
 
 def render_job(job: Job, spectra: np.ndarray, seed: int, *, noise: bool = True,
                out: np.ndarray | None = None, blocks: Iterable[RasterBlock] | None = None
                ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """(cube, labels, valid) of a job; deterministic in (seed, job). ``blocks``: a cached rasterisation."""
-    model = sensor_model(get_sensor(job.sensor), job.level, spectra, _atmosphere(seed, job))
+    """(cube, labels, valid) of a job; deterministic in (seed, job). ``spectra``: the pool's (pool, grid);
+    ``blocks``: a cached rasterisation."""
+    model = sensor_model(get_sensor(job.sensor), job.level, job.scene.spectra_of(spectra), _atmosphere(seed, job))
     if blocks is None:
         blocks = job_blocks(job, spectra.shape[0])
     rng = _rng(seed, "noise", job.scene_id, job.role, job.sensor, job.level) if noise else None
@@ -133,7 +136,8 @@ def get_writer() -> tuple[Callable, bool]:
 
 
 def plan(*, sensors: Sequence[str], levels: Sequence[str], scenes: int, size: int, lines: int | None,
-         seed: int, change_pairs: bool, fusion: bool, ratio: int, material_classes: list[str]) -> list[Job]:
+         seed: int, change_pairs: bool, fusion: bool, ratio: int, material_classes: list[str],
+         materials_per_scene: int | None = None) -> list[Job]:
     """Every product of a corpus, in writing order."""
     rows = lines or size
     jobs: list[Job] = []
@@ -141,7 +145,7 @@ def plan(*, sensors: Sequence[str], levels: Sequence[str], scenes: int, size: in
     for i in range(scenes):
         sid = f"s{i:03d}"
         rng = _rng(seed, "scene", i)
-        scene = make_scene(rng, material_classes, height=rows / size)
+        scene = make_scene(rng, material_classes, height=rows / size, materials_per_scene=materials_per_scene)
         day = base + dt.timedelta(days=int(rng.integers(0, 6 * 365)))
         centre = (float(rng.uniform(25, 50)), float(rng.uniform(-122, -80)))
         heading = float(rng.uniform(-30, 30))
@@ -172,7 +176,8 @@ def plan(*, sensors: Sequence[str], levels: Sequence[str], scenes: int, size: in
             for hs, ms in FUSION_PAIRS:
                 if hs not in sensors:
                     continue
-                fscene = make_scene(_rng(seed, "fusion", i, hs), material_classes, height=rows / size)
+                fscene = make_scene(_rng(seed, "fusion", i, hs), material_classes, height=rows / size,
+                                    materials_per_scene=materials_per_scene)
                 gsd = get_sensor(hs).gsd_m
                 a, b = f"{sid}-fus-{hs}-hs", f"{sid}-fus-{hs}-ms"
                 jobs.append(Job(a, "fusion_hs", hs, "L2", fscene, rows, size, gsd, when(), centre, heading,
@@ -200,13 +205,18 @@ def _check_args(sensors, levels, scenes, size, lines, ratio) -> None:
 def simulate_corpus(out_dir: str | Path, *, sensors: Sequence[str] = HYPERSPECTRAL,
                     levels: Sequence[str] = ("L1", "L2"), scenes: int = 1, size: int = 64, seed: int = 0,
                     change_pairs: bool = True, fusion: bool = True, progress: bool = True,
-                    lines: int | None = None, ratio: int = 3, library: str | Path | None = None) -> Path:
+                    lines: int | None = None, ratio: int = 3, library: str | Path | None = None,
+                    materials: str = "pretrain", materials_per_scene: int | None = MATERIALS_PER_SCENE) -> Path:
     """Simulate a corpus under ``out_dir``; returns the path of its ``manifest.json``.
 
     Every scene is written for each sensor and level (``size`` columns, ``lines`` rows, default
     ``size``); per scene one change pair (AVIRIS-NG, else EMIT, else the first hyperspectral sensor)
     and, when L2 is asked for, the fusion pairs EMIT + PlanetScope and EnMAP + Sentinel-2 (for those
     hyperspectral sensors in ``sensors``) with the multispectral image ``ratio`` times finer.
+
+    ``materials``: the library subset the scenes draw from (``pretrain``, ``heldout`` or ``all``; see
+    :func:`data_prep.simulate.library.split_materials`); each scene draws ``materials_per_scene`` of them
+    (None: regions draw from the whole subset). Sidecar labels index the manifest's ``materials`` list.
     """
     sensors, levels = list(sensors), list(levels)
     _check_args(sensors, levels, scenes, size, lines, ratio)
@@ -215,12 +225,13 @@ def simulate_corpus(out_dir: str | Path, *, sensors: Sequence[str] = HYPERSPECTR
     if not os.access(out, os.W_OK):
         raise PermissionError(f"{out}: output folder is not writable")
     lib = load_library(library)
-    mats = select_materials(lib, seed=seed)
+    mats = split_materials(lib, materials)
     names = [lib.name(i) for i in mats]
     classes = [lib.classes[i] for i in mats]
     spectra = lib.spectra[mats]
     jobs = plan(sensors=sensors, levels=levels, scenes=scenes, size=size, lines=lines, seed=seed,
-                change_pairs=change_pairs, fusion=fusion, ratio=ratio, material_classes=classes)
+                change_pairs=change_pairs, fusion=fusion, ratio=ratio, material_classes=classes,
+                materials_per_scene=materials_per_scene)
     write_product, _real = get_writer()
     entries = []
     labels_t1: dict[str, np.ndarray] = {}
@@ -238,7 +249,7 @@ def simulate_corpus(out_dir: str | Path, *, sensors: Sequence[str] = HYPERSPECTR
                                                 shape=(sensor.n_bands, job.rows, job.cols))
             key = (id(job.scene), job.rows, job.cols, job.ratio, job.valid_coarsen)
             blocks = cache.get(key)
-            if blocks is None and len(mats) * job.rows * job.cols * 8 < CACHE_BYTES:
+            if blocks is None and job.scene.material_count(len(mats)) * job.rows * job.cols * 8 < CACHE_BYTES:
                 cache = {key: list(job_blocks(job, len(mats)))}  # keep only the current grid
                 blocks = cache[key]
             cube, labels, _valid = render_job(job, spectra, seed, out=buf, blocks=blocks)
@@ -266,7 +277,7 @@ def simulate_corpus(out_dir: str | Path, *, sensors: Sequence[str] = HYPERSPECTR
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     manifest = {"seed": seed, "size": size, "lines": lines or size, "products": entries, "materials": names,
-                "material_classes": classes}
+                "material_classes": classes, "material_subset": materials}
     path = out / "manifest.json"
     part = out / ".manifest.json.part"
     part.write_text(json.dumps(manifest, indent=1))

@@ -105,7 +105,7 @@ def raster_blocks(scene: Scene, n_materials: int, rows: int, cols: int, *, ratio
             valid = np.repeat(np.repeat(coarse, v, axis=0), v, axis=1)[r0 - cr0 * v: r1 - cr0 * v, :cols]
         eff = eff.astype(np.float32)
         region = weights.argmax(axis=0)
-        labels = scene.primary[region].astype(np.int16)
+        labels = scene.region_labels[region].astype(np.int16)
         labels[~valid] = -1
         yield RasterBlock(r0, r1, eff, labels, valid, region)
 

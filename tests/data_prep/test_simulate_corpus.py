@@ -7,8 +7,8 @@ import numpy as np
 import pytest
 
 from data_prep.registry import get_sensor
-from data_prep.simulate.corpus import HYPERSPECTRAL, plan, render_job, simulate_corpus
-from data_prep.simulate.library import load_library, select_materials
+from data_prep.simulate.corpus import HYPERSPECTRAL, MATERIALS_PER_SCENE, plan, render_job, simulate_corpus
+from data_prep.simulate.library import load_library, split_materials
 from data_prep.simulate.render import raster_blocks
 from data_prep.simulate.srf import sensor_srf
 
@@ -45,13 +45,14 @@ def corpus(tmp_path_factory, real_data):
 @pytest.fixture(scope="module")
 def materials(real_data):
     lib = load_library()
-    sel = select_materials(lib, seed=ARGS["seed"])
+    sel = split_materials(lib, "pretrain")  # the corpus's default pool
     return lib.spectra[sel], [lib.classes[i] for i in sel]
 
 
 def _jobs(classes):
     return plan(sensors=ARGS["sensors"], levels=ARGS["levels"], scenes=1, size=ARGS["size"], lines=None,
-                seed=ARGS["seed"], change_pairs=True, fusion=True, ratio=3, material_classes=classes)
+                seed=ARGS["seed"], change_pairs=True, fusion=True, ratio=3, material_classes=classes,
+                materials_per_scene=MATERIALS_PER_SCENE)
 
 
 def test_manifest_lists_every_product(corpus):
@@ -129,7 +130,8 @@ def test_change_map_marks_exactly_the_swapped_regions(corpus, materials):
     p2 = next(p for p in m["products"] if p["role"] == "change_t2")
     assert p2["scene"] == t2.scene_id and p1["pair"] == p2["scene"]
     side = np.load(out / p2["materials"])
-    region = np.concatenate([b.region for b in raster_blocks(t2.scene, len(classes), t2.rows, t2.cols)])
+    k = t2.scene.material_count(len(classes))
+    region = np.concatenate([b.region for b in raster_blocks(t2.scene, k, t2.rows, t2.cols)])
     valid = side["labels"] >= 0
     expected = np.isin(region, t2.change) & valid
     np.testing.assert_array_equal(side["change"], expected)
@@ -153,8 +155,9 @@ def test_fusion_ms_is_srf_of_the_high_resolution_scene(materials):
         assert ms.gsd_m == pytest.approx(hs.gsd_m / 3)
         ms_cube, _, ms_valid = render_job(ms, spectra, ARGS["seed"], noise=False)
         hs_cube, _, hs_valid = render_job(hs, spectra, ARGS["seed"], noise=False)
-        eff = np.concatenate([b.eff for b in raster_blocks(ms.scene, len(classes), ms.rows, ms.cols)], axis=1)
-        fine = np.einsum("kg,kij->gij", spectra, eff)  # 1 nm high-resolution reflectance
+        k = ms.scene.material_count(len(classes))
+        eff = np.concatenate([b.eff for b in raster_blocks(ms.scene, k, ms.rows, ms.cols)], axis=1)
+        fine = np.einsum("kg,kij->gij", ms.scene.spectra_of(spectra), eff)  # 1 nm high-resolution reflectance
         expect_ms = np.einsum("bg,gij->bij", sensor_srf(get_sensor(ms_name)), fine)
         np.testing.assert_allclose(ms_cube[:, ms_valid], expect_ms[:, ms_valid], atol=2e-5)
         g = fine.shape[0]
