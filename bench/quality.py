@@ -94,7 +94,7 @@ def build_eval_set(*, sensor: str = "emit", level: str = "L2", scenes: int = 36,
     from data_prep.simulate.library import CLASSES, load_library, split_materials
     from data_prep.simulate.render import raster_blocks, render_cube, sensor_model
     from data_prep.simulate.scene import make_scene
-    from finetune.datasets.base import normalise
+    from data_prep.spectral import normalise
 
     lib = load_library()
     pool = split_materials(lib, subset)

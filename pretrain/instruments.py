@@ -37,6 +37,8 @@ import torch.nn.functional as F
 
 from pretrain.losses import reconstruction_loss
 
+log = logging.getLogger("specfm.pretrain")
+
 COLLAPSE_SIMILARITY = 0.9
 """cond_similarity above this is reported as a collapse of the band conditions."""
 COLLAPSE_RANK = 2.0
@@ -194,7 +196,7 @@ def collapse_warnings(rec: dict[str, Any], similarity_max: float = COLLAPSE_SIMI
                       rank_min: float = COLLAPSE_RANK) -> list[str]:
     """Messages for a collapse seen in one record (empty when none)."""
     out = []
-    where = f"stage {rec.get('stage', '?')} step {rec.get('step', '?')}"
+    where = f"stage {rec['stage']} step {rec['step']}" if "step" in rec else "instruments"
     s, r = rec.get("cond_similarity"), rec.get("band_map_rank")
     if s is not None and s > similarity_max:
         out.append(f"{where}: band conditions are collapsing (mean pairwise cosine similarity {s:.3f} > "
@@ -209,12 +211,12 @@ def collapse_warnings(rec: dict[str, Any], similarity_max: float = COLLAPSE_SIMI
     return out
 
 
-def log_step(model: Any, batch: dict, out: dict, rec: dict[str, Any], logger: logging.Logger | None = None,
-             ) -> dict[str, Any]:
-    """Add the instruments to the log record ``rec`` and log a warning per collapse; returns ``rec``."""
-    rec.update(record(model, batch, out))
+def log_metrics(model: Any, batch: dict, out: dict) -> dict[str, float]:
+    """The trainer's per-log-step hook (``logging.instruments: [pretrain.instruments:log_metrics]``, or a
+    model's ``log_metrics``): :func:`record`, and a warning in the log for each collapse it shows."""
+    rec = record(model, batch, out)
     for msg in collapse_warnings(rec):
-        (logger or logging.getLogger("specfm.pretrain")).warning(msg)
+        log.warning(msg)
     return rec
 
 

@@ -38,6 +38,7 @@ import torch.distributed as dist
 from data_prep.configtree import import_object
 from pretrain import checkpoint as ckpt
 from pretrain import engine as eng
+from pretrain.instruments import plot_curves
 from pretrain.data import build_loader
 from pretrain.logging_utils import RunLogger, memory_figures, peak_rss_mb, throughput, write_summary
 from pretrain.plan import Plan, StagePlan
@@ -293,6 +294,11 @@ class Trainer:
         save_reconstruction(batch, out, path, p, title=f"stage {stage.name}, step {st.step}")
         self.figures.append(path)
         self.logger.log_image(path, st.global_step)
+        if self.layout.metrics_file.is_file():  # loss and instrument curves of the run so far
+            curves = plot_curves(self.layout.metrics_file, self.layout.figures_root / "instruments.png",
+                                 title=str(self.layout.root))
+            if curves not in self.figures:
+                self.figures.append(curves)
 
     def finish_stage(self, engine: Any, stage: StagePlan, st: TrainState, total: int) -> None:
         """Export the encoder, then mark the stage done (the marker is written last)."""

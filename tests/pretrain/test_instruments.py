@@ -86,9 +86,16 @@ def test_skill_and_collapse_warnings(caplog):
     msgs = I.collapse_warnings(bad)
     assert len(msgs) == 3 and "0.950" in msgs[0] and "1.30" in msgs[1] and "s1 step 40" in msgs[0]
     assert I.collapse_warnings({"cond_similarity": 0.5, "band_map_rank": 7.0, "skill_vs_band_mean": 0.3}) == []
+    assert I.collapse_warnings({"cond_similarity": 0.99})[0].startswith("instruments: band conditions")
+    collapsed = build_model("debug")
+    with torch.no_grad():  # every band gets the same condition: the meta encoder ignores the band
+        collapsed.encoder.meta.norm.weight.zero_()
+        collapsed.encoder.meta.norm.bias.normal_()
+    batch = _batch()
     with caplog.at_level(logging.WARNING, logger="specfm.pretrain"):
-        I.log_step(torch.nn.Linear(1, 1), {}, {}, dict(bad))
-    assert "collapsing" in caplog.text
+        rec = I.log_metrics(collapsed, batch, collapsed(batch))
+    assert rec["cond_similarity"] == pytest.approx(1.0, abs=1e-5) and rec["band_map_rank"] < 1.01
+    assert "collapsing" in caplog.text and "panchromatic" in caplog.text
 
 
 def _batch(b=2, c=12, s=16):
