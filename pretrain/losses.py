@@ -1,8 +1,10 @@
 """Losses: Charbonnier + spectral angle for masked reconstruction (SpecAware), latent loss for JEPA.
 
 Reconstruction tensors are laid out ``[B, C, N, P]`` (bands on dim 1); ``weight [B, N, P]`` selects the
-pixels that count (masked patches x valid pixels). The losses are computed in fp32 outside any autocast region
-(a bf16-autocast run's predictions are upcast first; see :func:`fp32_loss`).
+pixels that count (masked patches x valid pixels), or ``[B, C, N, P]`` per band (spectral masking scores
+hidden bands of visible patches too). The losses are computed in fp32 outside any autocast region
+(a bf16-autocast run's predictions are upcast first; see :func:`fp32_loss`). :func:`condition_decorrelation`
+keeps the band conditions apart.
 """
 
 from __future__ import annotations
@@ -26,10 +28,14 @@ def fp32_loss(fn):
 
 def charbonnier(pred: torch.Tensor, target: torch.Tensor, weight: torch.Tensor | None = None,
                 eps: float = 1e-3) -> torch.Tensor:
-    """Mean of ``sqrt((pred - target)^2 + eps^2) - eps`` over bands and weighted pixels (0 when equal)."""
+    """Mean of ``sqrt((pred - target)^2 + eps^2) - eps`` over bands and weighted pixels (0 when equal);
+    ``weight`` ``[B, N, P]`` (every band alike) or ``[B, C, N, P]`` (per band)."""
     e = torch.sqrt((pred.float() - target.float()) ** 2 + eps * eps) - eps
     if weight is None:
         return e.mean()
+    if weight.dim() == pred.dim():
+        w = weight.float().expand_as(e)
+        return (e * w).sum() / w.sum().clamp_min(1.0)
     w = weight.float().expand(pred.shape[0], *pred.shape[2:]).unsqueeze(1)
     return (e * w).sum() / (w.sum() * pred.shape[1]).clamp_min(1.0)
 
@@ -60,9 +66,10 @@ def sam_loss(pred: torch.Tensor, target: torch.Tensor, weight: torch.Tensor | No
 def reconstruction_loss(pred: torch.Tensor, target: torch.Tensor, weight: torch.Tensor | None = None,
                         charbonnier_weight: float = 1.0, sam_weight: float = 1.0,
                         eps: float = 1e-3) -> dict[str, torch.Tensor]:
-    """``{"loss", "charbonnier", "sam"}``: weighted sum of Charbonnier and spectral-angle terms."""
+    """``{"loss", "charbonnier", "sam"}``: weighted sum of Charbonnier and spectral-angle terms. With a per-band
+    ``weight [B, C, N, P]`` the angle counts every pixel that has any weighted band."""
     ch = charbonnier(pred, target, weight, eps)
-    sa = sam_loss(pred, target, weight)
+    sa = sam_loss(pred, target, weight.amax(1) if weight is not None and weight.dim() == pred.dim() else weight)
     return {"loss": charbonnier_weight * ch + sam_weight * sa, "charbonnier": ch.detach(), "sam": sa.detach()}
 
 
@@ -72,3 +79,16 @@ def latent_loss(pred: torch.Tensor, target: torch.Tensor, kind: str = "smooth_l1
     if kind == "mse":
         return F.mse_loss(pred.float(), target.float())
     return F.smooth_l1_loss(pred.float(), target.float())
+
+
+def condition_decorrelation(cond: torch.Tensor) -> torch.Tensor:
+    """Mean over samples of the mean squared cosine similarity between the conditions ``cond [B, C, d]`` of two
+    different bands: 1 when every band has the same condition (the collapse of issue 11), 1/d or so for
+    unrelated ones, 0 for orthogonal ones. A loss term that keeps the hypernetwork's band weights apart."""
+    c = cond.shape[1]
+    if c < 2:
+        return cond.new_zeros(())
+    u = F.normalize(cond.float(), dim=-1)
+    g = u @ u.transpose(1, 2)
+    off = (g * g).sum((1, 2)) - (g.diagonal(dim1=1, dim2=2) ** 2).sum(1)
+    return (off / (c * (c - 1))).mean()

@@ -77,6 +77,15 @@ class ModelArgs:
     """JEPA context: fraction of the token grid side kept by the spatial crop (uniform in range)."""
     jepa_loss: str = "smooth_l1"
     """``smooth_l1`` or ``mse`` between predicted and layer-normed target tokens."""
+    cond_decorrelation: float = 0.0
+    """Weight of the band-condition decorrelation term (mean squared cosine similarity between the
+    conditions of two bands of a sample, :func:`pretrain.losses.condition_decorrelation`); 0 = off."""
+    band_mask_ratio: float = 0.0
+    """MAE spectral masking: fraction of each sample's bands hidden from the encoder (exact count, at least
+    one band kept); the loss also scores the hidden bands of the visible patches. 0 = off."""
+    head_condition: str = "content"
+    """Conditions of the MAE output layer: ``content`` (the encoder's: meta + content) or ``meta``
+    (wavelength, FWHM, sensor, level only, so per-band image statistics cannot reach the output)."""
 
     def __post_init__(self) -> None:
         for k in ("dim", "depth", "heads", "patch_size", "cond_dim", "cond_heads", "rank", "n_freq",
@@ -106,6 +115,15 @@ class ModelArgs:
             lo, hi = getattr(self, k)
             if not 0.0 < lo <= hi <= 1.0:
                 raise ModelError(f"{k} must satisfy 0 < lo <= hi <= 1, got {(lo, hi)}")
+        if self.cond_decorrelation < 0:
+            raise ModelError(f"cond_decorrelation must be >= 0, got {self.cond_decorrelation}")
+        if not 0.0 <= self.band_mask_ratio < 1.0:
+            raise ModelError(f"band_mask_ratio must be in [0, 1), got {self.band_mask_ratio}")
+        if self.head_condition not in ("content", "meta"):
+            raise ModelError(f"head_condition must be 'content' or 'meta', got {self.head_condition!r}")
+        if self.band_mask_ratio > 0 and self.head_condition != "meta":
+            raise ModelError("band_mask_ratio > 0 needs head_condition='meta' (the content of a hidden band "
+                             "would give the output layer that band's values)")
         if self.charbonnier_weight < 0 or self.sam_weight < 0:
             raise ModelError("loss weights must be >= 0")
 

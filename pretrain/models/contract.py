@@ -104,6 +104,13 @@ class Objective(nn.Module):
     def set_grad_checkpointing(self, enabled: bool = True) -> None:
         set_grad_checkpointing(self, enabled)
 
+    def log_metrics(self, batch: dict[str, Any], out: dict[str, Any]) -> dict[str, float]:
+        """The learning instruments of :mod:`pretrain.instruments` (band-condition similarity, band-to-token
+        map rank, reconstruction skill), logged by the trainer every log step, with a warning on a collapse."""
+        from pretrain.instruments import log_metrics
+
+        return log_metrics(self, batch, out)
+
     def forward(self, batch: dict[str, Any], generator: torch.Generator | None = None) -> dict[str, torch.Tensor]:
         raise NotImplementedError
 

@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..losses import latent_loss
+from ..losses import condition_decorrelation, latent_loss
 from .args import ModelArgs
 from .contract import Objective
 from .encoder import SpectralEncoder, block_macs
@@ -98,8 +98,8 @@ class JEPA(Objective):
         b0, k, y0, sh, x0, sw = self.draw_view(c, h, w, generator)
         ys, xs = slice(y0 * p, (y0 + sh) * p), slice(x0 * p, (x0 + sw) * p)
         ctx_valid = valid[:, ys, xs] if valid is not None else None
-        ctx, _ = self.encoder.embed(pixels[:, b0:b0 + k, ys, xs], wl[:, b0:b0 + k], fw[:, b0:b0 + k], sensor, level,
-                                    ctx_valid, gsd, offset=(y0, x0))
+        ctx, cond = self.encoder.embed(pixels[:, b0:b0 + k, ys, xs], wl[:, b0:b0 + k], fw[:, b0:b0 + k], sensor,
+                                       level, ctx_valid, gsd, offset=(y0, x0))
         ctx = self.encoder.blocks_forward(ctx)
         z = self.pred_embed(ctx)
         pd = z.shape[-1]
@@ -108,7 +108,12 @@ class JEPA(Objective):
         x = self.pred_blocks(torch.cat([z, q], 1))
         pred = self.pred_out(self.pred_norm(x[:, z.shape[1]:]))
         loss = latent_loss(pred, target, self.args.jepa_loss)
-        return {"loss": loss, "band_window": torch.tensor([b0, k]), "crop": torch.tensor([y0, sh, x0, sw])}
+        out = {"band_window": torch.tensor([b0, k]), "crop": torch.tensor([y0, sh, x0, sw])}
+        if self.args.cond_decorrelation > 0 and cond is not None:
+            dec = condition_decorrelation(cond)
+            loss = loss + self.args.cond_decorrelation * dec
+            out["cond_decorrelation"] = dec.detach()
+        return {"loss": loss, **out}
 
     def flops_per_sample(self, n_bands: int, image_size: int) -> float:
         """Training FLOPs per sample (context encoder + predictor forward and backward, target forward), at

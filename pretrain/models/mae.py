@@ -1,12 +1,18 @@
 """Masked autoencoder around the shared encoder: 0.75 random masking, a lighter decoder, and a HyperLinear
-output that reconstructs every band present from each decoded token (SpecAware)."""
+output that reconstructs every band present from each decoded token (SpecAware).
+
+Learning-recipe options (:class:`~pretrain.models.args.ModelArgs`, issue 11): ``band_mask_ratio`` hides
+that fraction of each sample's bands from the encoder (spectral masking: the hidden bands are then predicted
+at every patch, so reconstruction needs inter-band structure); ``head_condition="meta"`` conditions the output
+layer on the bands' metadata only; ``cond_decorrelation`` adds the band-condition decorrelation term.
+"""
 
 from __future__ import annotations
 
 import torch
 from torch import nn
 
-from ..losses import reconstruction_loss
+from ..losses import condition_decorrelation, reconstruction_loss
 from .args import ModelArgs
 from .contract import Objective
 from .encoder import block_macs
@@ -28,6 +34,20 @@ def random_mask(b: int, n: int, ratio: float, device: torch.device,
     mask = torch.ones(b, n, dtype=torch.bool, device=device)
     mask.scatter_(1, keep, False)
     return mask, keep, restore
+
+
+def random_band_mask(b: int, c: int, ratio: float, device: torch.device,
+                     generator: torch.Generator | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Exactly ``round(ratio * c)`` hidden bands per sample (at least one kept), drawn per sample.
+
+    Returns ``hidden [B,C]`` bool (True = hidden from the encoder) and ``visible [B,c_vis]`` band indices in
+    ascending order (the encoder sees the bands in their own order)."""
+    n_hide = min(max(int(round(ratio * c)), 0), c - 1)
+    order = torch.rand(b, c, device=device, generator=generator).argsort(1)
+    visible = order[:, : c - n_hide].sort(1).values
+    hidden = torch.ones(b, c, dtype=torch.bool, device=device)
+    hidden.scatter_(1, visible, False)
+    return hidden, visible
 
 
 class MAE(Objective):
@@ -59,14 +79,21 @@ class MAE(Objective):
         enc, a = self.encoder, self.args
         pixels = batch["pixels"]
         valid = batch.get("valid")
+        wl, fw, sensor, level = batch["wavelengths"], batch["fwhm"], batch.get("sensor"), batch.get("level")
         b, c, hh, ww = pixels.shape
         p = a.patch_size
         h, w = hh // p, ww // p
         n = h * w
         mask, keep, restore = random_mask(b, n, a.mask_ratio, pixels.device, generator)
+        hidden = None
+        px_in, wl_in, fw_in = pixels, wl, fw
+        if a.band_mask_ratio > 0 and c > 1:
+            hidden, vis = random_band_mask(b, c, a.band_mask_ratio, pixels.device, generator)
+            px_in = torch.gather(pixels, 1, vis[:, :, None, None].expand(-1, -1, hh, ww))
+            wl_in, fw_in = torch.gather(wl, 1, vis), torch.gather(fw, 1, vis)
         # only the visible tokens are embedded (the same values as embedding all, then gathering them)
-        x, cond = enc.embed(pixels, batch["wavelengths"], batch["fwhm"], batch.get("sensor"),
-                            batch.get("level"), valid, batch.get("gsd"), cell_weight=(~mask).float(), keep=keep)
+        x, cond = enc.embed(px_in, wl_in, fw_in, sensor, level, valid, batch.get("gsd"),
+                            cell_weight=(~mask).float(), keep=keep)
         x = enc.blocks_forward(x)
         # decoder: visible tokens + mask tokens back in place
         x = self.decoder_embed(x)
@@ -75,15 +102,37 @@ class MAE(Objective):
         full = torch.gather(full, 1, restore.unsqueeze(-1).expand(-1, -1, dd))
         full = full + pos_embed(h, w, dd, full.device).to(full.dtype)
         full = self.decoder_norm(self.decoder_blocks(full))
-        out = self.head(full, cond) if cond is not None else self.head(full)  # [B,C,N,P]
+        if cond is None:
+            out = self.head(full)  # [B,C,N,P]
+        else:
+            out = self.head(full, self.head_condition(batch, cond))
         target = to_patches(pixels, p)
         weight = mask.unsqueeze(-1).float().expand(-1, -1, p * p)
+        if hidden is not None:  # masked patches in every band, and the hidden bands of the visible patches
+            weight = torch.maximum(weight.unsqueeze(1), hidden.float()[:, :, None, None])
         if valid is not None:
-            weight = weight * to_patches(valid.unsqueeze(1).float(), p)[:, 0]
+            vw = to_patches(valid.unsqueeze(1).float(), p)[:, 0]
+            weight = weight * (vw.unsqueeze(1) if hidden is not None else vw)
         losses = reconstruction_loss(out, target, weight, a.charbonnier_weight, a.sam_weight, a.charbonnier_eps)
+        if a.cond_decorrelation > 0 and cond is not None:
+            dec = condition_decorrelation(cond)
+            losses["loss"] = losses["loss"] + a.cond_decorrelation * dec
+            losses["cond_decorrelation"] = dec.detach()
         losses["pred"] = from_patches(out.detach(), h, w, p)
         losses["mask"] = mask.view(b, h, w)
+        if hidden is not None:
+            losses["hidden_bands"] = hidden
         return losses
+
+    def head_condition(self, batch: dict, cond: torch.Tensor) -> torch.Tensor:
+        """The output layer's band conditions ``[B, C, d]`` for every band of the batch: the encoder's own
+        (``head_condition="content"``, no spectral masking) or the meta encoder's without image content."""
+        if self.args.head_condition == "content":
+            return cond
+        b, c = batch["wavelengths"].shape
+        enc = self.encoder
+        zero = cond.new_zeros(b, c, cond.shape[-1])
+        return enc.meta(batch["wavelengths"], batch["fwhm"], batch.get("sensor"), batch.get("level"), zero)
 
     def flops_per_sample(self, n_bands: int, image_size: int) -> float:
         """Training FLOPs (forward + backward = 3 x forward matmul FLOPs) per sample at this band count and

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 
+import pytest
 import torch
 
 from pretrain.losses import charbonnier, latent_loss, reconstruction_loss, sam_loss, spectral_angle
@@ -98,3 +99,35 @@ def test_latent_loss_kinds():
     assert latent_loss(a, a).item() == 0.0 and latent_loss(a, a, "mse").item() == 0.0
     torch.testing.assert_close(latent_loss(a, a + 2.0, "mse"), torch.tensor(4.0))
     torch.testing.assert_close(latent_loss(a, a + 2.0), torch.tensor(1.5))  # smooth L1: |d| - 0.5
+
+
+def test_per_band_weight_scores_only_the_weighted_bands():
+    from pretrain.losses import charbonnier as ch
+
+    t = torch.zeros(1, 3, 2, 4)
+    p = t.clone()
+    p[:, 1] = 2.0  # band 1 wrong everywhere
+    w = torch.zeros(1, 3, 2, 4)
+    w[:, 0] = 1.0
+    assert ch(p, t, w, eps=1e-6).item() == 0.0  # band 1 not weighted
+    w[:, 1, 0] = 1.0  # band 1, token 0
+    assert ch(p, t, w, eps=1e-6).item() == pytest.approx(2.0 * 4 / (8 + 4), rel=1e-5)
+    # a per-band weight that is the same in every band equals the shared weight
+    shared = (rand(1, 2, 4, seed=3) > 0).float()
+    q = rand(1, 3, 2, 4, seed=4)
+    assert ch(q, t, shared).item() == pytest.approx(ch(q, t, shared.unsqueeze(1).expand(1, 3, 2, 4)).item(), rel=1e-6)
+    full = reconstruction_loss(q, t, shared.unsqueeze(1).expand(1, 3, 2, 4))
+    assert full["sam"].item() == pytest.approx(sam_loss(q, t, shared).item(), rel=1e-6)
+
+
+def test_condition_decorrelation_of_known_conditions():
+    from pretrain.losses import condition_decorrelation
+
+    same = rand(1, 1, 8).expand(2, 5, 8)
+    assert condition_decorrelation(same).item() == pytest.approx(1.0, abs=1e-6)
+    assert condition_decorrelation(torch.eye(6).unsqueeze(0)).item() == pytest.approx(0.0, abs=1e-7)
+    opposite = torch.tensor([[[1.0, 0.0], [-1.0, 0.0]]])
+    assert condition_decorrelation(opposite).item() == pytest.approx(1.0, abs=1e-6)  # squared: anti-aligned too
+    x = rand(3, 7, 16, seed=5).requires_grad_(True)
+    condition_decorrelation(x).backward()
+    assert torch.isfinite(x.grad).all() and x.grad.abs().sum() > 0
