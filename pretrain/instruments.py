@@ -237,6 +237,8 @@ def plot_curves(records: Iterable[dict] | str | Path, path: str | Path, title: s
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    from pretrain.viz import save_figure
+
     recs = read_records(records) if isinstance(records, str | Path) else list(records)
     panels = [("loss", "loss"), ("cond_similarity", "band-condition cosine similarity"),
               ("band_map_rank", "band-to-token map effective rank"),
@@ -265,9 +267,4 @@ def plot_curves(records: Iterable[dict] | str | Path, path: str | Path, title: s
         ax.set_title(name, fontsize=9)
         ax.set_xlabel("step")
     fig.suptitle(title)
-    fig.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=80)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path)

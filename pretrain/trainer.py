@@ -38,8 +38,8 @@ import torch.distributed as dist
 from data_prep.configtree import import_object
 from pretrain import checkpoint as ckpt
 from pretrain import engine as eng
-from pretrain.instruments import plot_curves
 from pretrain.data import build_loader
+from pretrain.instruments import plot_curves
 from pretrain.logging_utils import RunLogger, memory_figures, peak_rss_mb, throughput, write_summary
 from pretrain.plan import Plan, StagePlan
 from pretrain.schedules import ema_momentum, lr_at

@@ -58,10 +58,17 @@ def save_reconstruction(batch: dict[str, Any], out: dict[str, Any], path: str | 
     ax.legend(fontsize=7)
     ax.set_title("masked pixels")
     fig.suptitle(title)
+    return save_figure(fig, path)
+
+
+def save_figure(fig: Any, path: str | Path, dpi: int = 80) -> Path:
+    """Lay out, write (parent folders made) and close a matplotlib figure; returns the path."""
+    import matplotlib.pyplot as plt
+
     fig.tight_layout()
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=80)
+    fig.savefig(path, dpi=dpi)
     plt.close(fig)
     return path
 
