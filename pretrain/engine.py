@@ -141,18 +141,6 @@ def is_partitioned(module: nn.Module) -> bool:
     return any(hasattr(p, "ds_id") for p in module.parameters())
 
 
-def check_zero_support(cfg: TrainConfig) -> None:
-    """Combinations this engine cannot run correctly, refused before anything starts.
-
-    JEPA's target encoder is an EMA of the encoder updated outside forward/backward
-    (``model.update_target``) and, under ``zero.Init``, a deep copy of a partitioned module: with ZeRO-3 its
-    parameters are empty partitions there, so the EMA would silently do nothing.
-    """
-    if cfg.parallel.zero_stage == 3 and cfg.model.objective == "jepa":
-        raise ConfigError("model.objective 'jepa' does not support parallel.zero_stage 3 yet (its EMA target "
-                          "encoder is updated outside DeepSpeed's gather hooks); use zero_stage 0, 1 or 2")
-
-
 def construct_model(plan: Plan, vocab: Vocabulary | None = None) -> nn.Module:
     """Build ``cfg.model`` with its builder; under ZeRO-3, inside ``deepspeed.zero.Init`` when the builder
     says its models support it (``zero_init_safe = True``: the shipped :func:`pretrain.models.build_model`).
@@ -168,7 +156,6 @@ def construct_model(plan: Plan, vocab: Vocabulary | None = None) -> nn.Module:
     passed to builders that take a ``vocab`` argument.
     """
     cfg = plan.cfg
-    check_zero_support(cfg)
     build_model = import_object(cfg.model.builder)
     m = cfg.model
     kw = dict(m.overrides)
@@ -225,6 +212,30 @@ def extend_vocabulary(model: nn.Module, vocab: Vocabulary | None) -> None:
         model.add_sensor(name)
     if model.vocab != vocab:
         raise RuntimeError(f"model vocabulary {list(model.vocab.sensors)} did not extend to {list(vocab.sensors)}")
+
+
+def update_target(model: nn.Module, momentum: float) -> None:
+    """The EMA step of an EMA model (the contract's ``update_target``), exact under every ZeRO stage.
+
+    Partitioned (ZeRO-3), each rank updates its own partition of every target parameter from the same
+    partition of the context parameter (identical layouts: same shapes, same world size), plus the whole
+    copy that DeepSpeed keeps of a gathered (persistent) parameter: no communication, and elementwise the
+    arithmetic of the whole model, so the result is bitwise the ZeRO-0/1/2 one."""
+    if not is_partitioned(model):
+        model.update_target(momentum)
+        return
+    from deepspeed.runtime.zero.partition_parameters import ZeroParamStatus
+
+    def partitions(t: nn.Parameter, o: nn.Parameter) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        pairs = [(t.ds_tensor.data, o.ds_tensor.data)]
+        if t.ds_status == ZeroParamStatus.AVAILABLE:  # a whole copy is held (persistent): keep it in step
+            if o.ds_status != ZeroParamStatus.AVAILABLE:
+                raise RuntimeError(f"EMA: target parameter {t.ds_id} is gathered but its context parameter "
+                                   f"{o.ds_id} is not")
+            pairs.append((t.data, o.data))
+        return pairs
+
+    model.update_target(momentum, storage=partitions)
 
 
 def encoder_state(model: nn.Module) -> dict[str, torch.Tensor]:

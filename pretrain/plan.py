@@ -114,9 +114,6 @@ def missing_stores(plan: Plan) -> list[str]:
 
 def preflight(plan: Plan) -> None:
     """Every check that can fail before training starts (run on every rank): ConfigError with the reason."""
-    from pretrain.engine import check_zero_support
-
-    check_zero_support(plan.cfg)
     missing = missing_stores(plan)
     if missing:
         raise ConfigError(f"patch store(s) not found: {missing}; create them with `python -m data_prep ingest` "

@@ -267,8 +267,8 @@ class Trainer:
             engine.step()
             losses.append(out["loss"].detach().float())
         module = engine.module
-        if hasattr(module, "update_target"):
-            module.update_target(ema_momentum(st.step, total_steps=total))
+        if hasattr(module, "update_target"):  # an EMA model (pretrain.models.contract.EMAModel)
+            eng.update_target(module, ema_momentum(st.step, total_steps=total))
         gn = engine.get_global_grad_norm()
         loss = eng.all_reduce_mean(float(torch.stack(losses).mean()))
         return {"loss": loss, "grad_norm": float(gn) if gn is not None else float("nan")}, batch, out

@@ -33,8 +33,13 @@ everything parallel is applied from outside by ``pretrain.engine``):
     Activation checkpointing of the model's transformer stacks (:class:`~pretrain.models.layers.Blocks`);
     the engine turns it on for ``model.activation_checkpointing``.
 
-An EMA model (JEPA) also satisfies :class:`EMAModel`: ``update_target(momentum)`` moves its target
-network after every optimizer step; the trainer calls it with ``pretrain.schedules.ema_momentum``.
+An EMA model (JEPA) also satisfies :class:`EMAModel`: ``update_target(momentum, storage=None)`` moves its
+target network after every optimizer step (the trainer calls ``pretrain.engine.update_target`` with
+``pretrain.schedules.ema_momentum``). ``storage(target_param, context_param)`` names the tensors that hold
+the two parameters' values on this process; under ZeRO-3 the engine passes the local partitions (and the
+whole copies of gathered parameters), so the update is exact and needs no communication. Its target is
+built equal to its encoder without a copy (the encoder's random draws replayed), so that holds under
+``zero.Init`` too.
 
 Model files import no distributed code; :class:`Objective` is the base the shipped objectives share.
 """
@@ -72,7 +77,7 @@ class PretrainModel(Protocol):
 class EMAModel(PretrainModel, Protocol):
     """A model with a target network that follows the trained one by an exponential moving average."""
 
-    def update_target(self, momentum: float) -> None:
+    def update_target(self, momentum: float, storage: Any = None) -> None:
         ...
 
 

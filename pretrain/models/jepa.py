@@ -10,7 +10,9 @@ parameter-free LayerNorm. The target encoder has no gradients and moves only by 
 
 from __future__ import annotations
 
+import contextlib
 import math
+from collections.abc import Callable, Iterable, Iterator
 
 import torch
 import torch.nn.functional as F
@@ -20,8 +22,28 @@ from ..losses import condition_decorrelation, latent_loss
 from .args import ModelArgs
 from .contract import Objective
 from .encoder import SpectralEncoder, block_macs
-from .layers import Block, Blocks, Linear, pos_embed
+from .layers import Block, Blocks, Linear, pos_embed, reset_parameters
 from .vocab import Vocabulary
+
+Storage = Callable[[nn.Parameter, nn.Parameter], Iterable[tuple[torch.Tensor, torch.Tensor]]]
+
+
+class _Draws:
+    """Torch's random state now (CPU, and the current CUDA device's), to draw the same values again later."""
+
+    def __init__(self) -> None:
+        self.cpu = torch.random.get_rng_state()
+        self.cuda = torch.cuda.get_rng_state() if torch.cuda.is_available() else None
+
+    @contextlib.contextmanager
+    def replay(self) -> Iterator[None]:
+        """Run the block from the saved state; afterwards the random state is as it was before the block."""
+        devices = [torch.cuda.current_device()] if self.cuda is not None else []
+        with torch.random.fork_rng(devices=devices):
+            torch.random.set_rng_state(self.cpu)
+            if self.cuda is not None:
+                torch.cuda.set_rng_state(self.cuda)
+            yield
 
 
 def _randint(lo: int, hi: int, g: torch.Generator | None) -> int:
@@ -36,9 +58,12 @@ class JEPA(Objective):
     objective = "jepa"
 
     def __init__(self, args: ModelArgs, vocab: Vocabulary | None = None, compute_text: bool = True) -> None:
+        draws = _Draws()  # the random state the encoder is drawn from, replayed for the target
         super().__init__(args, vocab, compute_text)
-        # built as its own module (zero.Init partitions it like any other), then set equal to the encoder
-        self.target_encoder = SpectralEncoder(args, self.encoder.vocab, compute_text)
+        # the target is its own module (zero.Init partitions it like any other) drawn from the same random
+        # state as the encoder: equal to it bitwise, partitioned or not, with nothing copied
+        with draws.replay():
+            self.target_encoder = SpectralEncoder(args, self.encoder.vocab, compute_text)
         for p in self.target_encoder.parameters():
             p.requires_grad_(False)
         pd = args.pred_dim
@@ -49,26 +74,41 @@ class JEPA(Objective):
         self.pred_norm = nn.LayerNorm(pd)
         self.pred_out = Linear(pd, args.dim, init="xavier")
         self.reset_parameters()
-        self.update_target(0.0)
 
     def reset_parameters(self) -> None:
         """This module's own parameter (children initialise themselves)."""
         nn.init.normal_(self.pred_query, std=0.02)
 
     def init_weights(self) -> None:
-        super().init_weights()
-        self.update_target(0.0)  # the target starts as a copy of the encoder
+        """Fresh weights for everything; the target again equal to the encoder (same draws replayed)."""
+        draws = _Draws()
+        reset_parameters(self.encoder)
+        with draws.replay():
+            reset_parameters(self.target_encoder)
+        for name, child in self.named_children():
+            if name not in ("encoder", "target_encoder"):
+                reset_parameters(child)
+        self.reset_parameters()
 
     @torch.no_grad()
-    def update_target(self, momentum: float) -> None:
-        """EMA: ``target = momentum * target + (1 - momentum) * context`` (parameters); buffers copied."""
+    def update_target(self, momentum: float, storage: Storage | None = None) -> None:
+        """EMA: ``target = momentum * target + (1 - momentum) * context`` (parameters); buffers copied.
+
+        ``storage(target_param, context_param)`` gives the pairs of tensors that hold the two parameters'
+        values on this process (default: the parameters themselves); under ZeRO-3 the engine passes one that
+        gives the local partitions (``pretrain.engine.update_target``), so the update is exact there too and
+        needs no communication."""
         if not 0.0 <= momentum <= 1.0:
             raise ValueError(f"momentum must be in [0, 1], got {momentum}")
-        tp = list(self.target_encoder.parameters())
-        op = list(self.encoder.parameters())
-        torch._foreach_mul_(tp, momentum)
-        torch._foreach_add_(tp, [p.detach() for p in op], alpha=1.0 - momentum)
-        for bt, bo in zip(self.target_encoder.buffers(), self.encoder.buffers()):
+        tp, op = [], []
+        for t, o in zip(self.target_encoder.parameters(), self.encoder.parameters(), strict=True):
+            for tt, oo in (storage(t, o) if storage is not None else ((t, o),)):
+                tp.append(tt)
+                op.append(oo.detach())
+        if tp:
+            torch._foreach_mul_(tp, momentum)
+            torch._foreach_add_(tp, op, alpha=1.0 - momentum)
+        for bt, bo in zip(self.target_encoder.buffers(), self.encoder.buffers(), strict=True):
             bt.copy_(bo)
 
     def train(self, mode: bool = True) -> JEPA:

@@ -15,7 +15,6 @@ from torch import nn
 from pretrain.config import ConfigError, load_config
 from pretrain.engine import (
     bound_cpu_allocator,
-    check_zero_support,
     deepspeed_config,
     import_object,
     load_export_into,
@@ -86,15 +85,6 @@ def test_zero3_config_bounds_the_working_set():
     # DeepSpeed's defaults are 1e9 (whole partition stepped at once, every parameter live): bounded here
     assert z["sub_group_size"] == z["stage3_max_live_parameters"] == z["reduce_bucket_size"] == 1_000_000
     assert z["stage3_prefetch_bucket_size"] == 500_000 and z["stage3_param_persistence_threshold"] == 100_000
-
-
-def test_jepa_with_zero3_is_refused_clearly():
-    cfg = load_config(REPO / "configs/pretrain/demo.yaml", ["model.objective=jepa", "parallel.zero_stage=3"])
-    with pytest.raises(ConfigError, match="objective 'jepa' does not support parallel.zero_stage 3"):
-        check_zero_support(cfg)
-    check_zero_support(load_config(REPO / "configs/pretrain/demo.yaml",
-                                   ["model.objective=jepa", "parallel.zero_stage=2"]))
-    check_zero_support(load_config(REPO / "configs/pretrain/demo.yaml", ["parallel.zero_stage=3"]))
 
 
 ALLOC_PROBE = """
