@@ -61,10 +61,12 @@ def prepare_corpus(suite: SuiteConfig, work: Path, data: str | None = None) -> s
 
 def run_suite(suite: SuiteConfig, encoder: Encoder | Callable[[], Encoder], out: str | Path, *,
               checkpoint: str = "", data: str | None = None, data_root: str | None = None,
-              progress: bool = True) -> dict:
+              progress: bool = True, on_task: Callable[[TaskConfig, TaskResult], None] | None = None) -> dict:
     """Run every task; write ``report.md``, ``report.json``, ``report.csv`` and ``figures/<task>.png`` to ``out``.
 
-    ``encoder`` is an :class:`Encoder` or a factory; each task starts from a fresh copy of the weights."""
+    ``encoder`` is an :class:`Encoder` or a factory; each task starts from a fresh copy of the weights.
+    ``on_task(task, result)`` is called after each task while ``result.model`` (the trained model) is still
+    valid: the next task resets the shared encoder's weights, so the runner drops the model after the call."""
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=".bench-", dir=out.parent))
@@ -84,6 +86,9 @@ def run_suite(suite: SuiteConfig, encoder: Encoder | Callable[[], Encoder], out:
             ds = load_dataset(substitute(task.data, {"corpus": corpus, "root": data_root}))
             res = run_task(enc, ds, task)
             fig = task_figure(res, tmp / "figures" / f"{task.name}.png")
+            if on_task is not None:
+                on_task(task, res)
+            res.model = None
             results.append((task, res, time.time() - t0, f"figures/{fig.name}"))
         report = build_report(suite, results, checkpoint)
         write_reports(report, tmp)

@@ -1,7 +1,11 @@
 """Fine-tune / linear-probe one task from a configs/finetune YAML and write its report and figure.
 
     python launch/finetune.py --config configs/finetune/synthetic_segmentation.yaml --checkpoint EXPORT \\
-        --out runs/ft/seg [--data MANIFEST] [--data-root DIR] [train.steps=50 train.mode=linear_probe ...]
+        --out runs/ft/seg [--data MANIFEST] [--data-root DIR] [--save-head DIR] [train.steps=50 ...]
+
+``--save-head DIR`` (segmentation tasks) writes the trained head with ``finetune.inference.save_head``
+(head.safetensors + head.json, and encoder/ when the encoder was fine-tuned), for
+``python launch/embed.py --head DIR PRODUCT --out OUT.zarr``.
 """
 
 from __future__ import annotations
@@ -27,6 +31,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--data-root", default=None, help="folder of public datasets (replaces ${root})")
     ap.add_argument("--simulate-size", type=int, default=48,
                     help="when the config needs ${corpus} and --data is not given: simulate EMIT scenes of this size")
+    ap.add_argument("--save-head", default=None, metavar="DIR",
+                    help="segmentation tasks: write the trained head (and the encoder when it was fine-tuned) to DIR, "
+                         "for launch/embed.py --head DIR")
     ap.add_argument("overrides", nargs="*", help="task key=value overrides, e.g. train.steps=50 train.mode=linear_probe")
     args = ap.parse_intermixed_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s")
@@ -34,19 +41,30 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def run(args: argparse.Namespace) -> int:
-    from finetune.config import SuiteConfig, load_task
+    from finetune.config import ConfigError, SuiteConfig, load_task
     from finetune.encoder_api import load_encoder
     from finetune.runner import run_suite
 
     task = load_task(args.config, args.overrides)
+    on_task = None
+    if args.save_head:
+        if task.kind != "segmentation":
+            raise ConfigError(f"--save-head writes segmentation heads; task {task.name!r} in {args.config} is "
+                              f"kind {task.kind!r}")
+        from finetune.inference import save_head
+
+        def on_task(_, res) -> None:
+            save_head(res.model, args.save_head, res.arrays.get("class_names"))
     simulate = None
     if args.data is None and "${corpus}" in str(task.data):
         simulate = {"sensors": ["emit"], "levels": ["L2"], "scenes": 2, "size": args.simulate_size, "seed": 0}
     suite = SuiteConfig(name=task.name, tasks=[task], simulate=simulate)
     report = run_suite(suite, load_encoder(args.checkpoint), args.out, checkpoint=args.checkpoint,
-                       data=args.data, data_root=args.data_root)
+                       data=args.data, data_root=args.data_root, on_task=on_task)
     t = report["tasks"][task.name]
     print(" ".join(f"{k}={v:.4f}" for k, v in t["metrics"].items()))
+    if args.save_head:
+        print(f"head written to {args.save_head}")
     return 0
 
 

@@ -42,6 +42,9 @@ class TaskResult:
     arrays: dict = field(default_factory=dict)
     """What the figure needs (maps, spectra); not written to the JSON."""
     dataset: str = ""
+    model: nn.Module | None = field(default=None, repr=False, compare=False)
+    """The trained model (head around the encoder), set by :meth:`Task.run`; the runner passes it to its
+    ``on_task`` callback (e.g. ``launch/finetune.py --save-head``) and then drops it."""
 
 
 class Task:
@@ -110,7 +113,9 @@ class Task:
         model = self.build_head(encoder)
         losses = train_loop(model, encoder, self.cfg, self.batch, self.loss, self.trainable_encoder(),
                             self.lr_schedule)
-        return self.evaluate(model, losses)
+        result = self.evaluate(model, losses)
+        result.model = model
+        return result
 
     def lr_schedule(self, step: int, total: int) -> float:
         """The learning-rate factor at ``step`` (default: :func:`lr_factor`, warm-up + cosine)."""

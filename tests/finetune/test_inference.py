@@ -242,10 +242,7 @@ def test_patch_store_input_embeds_each_patch_as_pretraining_reads_it(flightline,
 
 
 def test_cli_embeds_and_reports_bad_input_with_exit_2(flightline, debug_export, tmp_path, capsys):
-    spec = importlib.util.spec_from_file_location("launch_embed", REPO / "launch" / "embed.py")
-    cli = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(cli)
-
+    cli = _launch("embed")
     out = tmp_path / "cli.zarr"
     assert cli.main(["--checkpoint", str(debug_export), str(flightline), "--out", str(out), "--tile", "32",
                      "--overlap", "8", "--no-progress", "--json"]) == 0
@@ -259,3 +256,47 @@ def test_cli_embeds_and_reports_bad_input_with_exit_2(flightline, debug_export, 
                      str(tmp_path / "y.zarr")]) == 2
     assert "missing.hdr" in capsys.readouterr().err
     assert not (tmp_path / "y.zarr").exists()
+
+
+def test_finetune_cli_saves_a_head_that_embed_cli_applies(flightline, debug_export, tiny_corpus, tmp_path, capsys):
+    """launch/finetune.py --save-head -> launch/embed.py --head: the class map is the saved head's own output
+    on each tile (the fine-tuned encoder travels in the head folder, so embed needs no --checkpoint)."""
+    ft, cli = _launch("finetune"), _launch("embed")
+    head_dir = tmp_path / "head"
+    assert ft.main(["--config", str(REPO / "configs/finetune/synthetic_segmentation.yaml"), "--checkpoint",
+                    str(debug_export), "--out", str(tmp_path / "ft"), "--data", str(tiny_corpus), "--save-head",
+                    str(head_dir), "train.steps=2", "data.band_stride=16", "head.channels=8"]) == 0
+    meta = json.loads((head_dir / "head.json").read_text())
+    assert (head_dir / "encoder" / "encoder.safetensors").is_file()  # train.mode finetune: the encoder changed
+    assert meta["class_names"] and meta["n_classes"] == len(meta["class_names"]) and meta["channels"] == 8
+    out = tmp_path / "cls.zarr"
+    assert cli.main([str(flightline), "--head", str(head_dir), "--out", str(out), "--tile", str(TILE), "--overlap",
+                     str(OVERLAP), "--no-progress"]) == 0
+    head, _ = load_head(head_dir)
+    g, x, v, _ = _scene(flightline)
+    _, wl, fw = _tokens(head.encoder, g)
+
+    def fn(crop, vc):
+        with torch.no_grad():
+            return head(crop, wl, fw, sensor=g.sensor, level=g.level).softmax(1)[0].numpy()
+
+    prob, _ = _expected(g, x, v, fn, 1)
+    got = open_embeddings(str(out))["classes"][:]
+    top2 = np.sort(prob, 0)[-2:]
+    clear = (top2[1] - top2[0]) > 1e-4  # ties may go either way
+    assert clear.mean() > 0.9
+    np.testing.assert_array_equal(got[clear], np.where(v, prob.argmax(0), -1)[clear])
+    # a head needs a segmentation task
+    assert ft.main(["--config", str(REPO / "configs/finetune/synthetic_linear_probe.yaml"), "--checkpoint",
+                    str(debug_export), "--out", str(tmp_path / "ft2"), "--data", str(tiny_corpus), "--save-head",
+                    str(tmp_path / "h2")]) == 2
+    assert "--save-head writes segmentation heads" in capsys.readouterr().err
+    assert not (tmp_path / "h2").exists() and not (tmp_path / "ft2").exists()
+
+
+def _launch(name: str):
+    """Import launch/<name>.py by path (launch/ on sys.path would shadow the packages)."""
+    spec = importlib.util.spec_from_file_location(f"launch_{name}", REPO / "launch" / f"{name}.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
