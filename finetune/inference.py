@@ -15,7 +15,8 @@ export's training statistics for the product's sensor and level when it carries 
 own, accumulated in a first pass with :class:`data_prep.stats.PartialStats` over the level's clip range
 (what an ingest of this one product would give its store). The statistics used are recorded in the output.
 
-Tiling and blending (product input). Tiles of ``tile`` pixels start every ``stride = tile - overlap``
+Tiling and blending (product input): the grid and weights of :mod:`finetune.windows` (the ones the
+downstream tasks' whole-scene predictions use). Tiles of ``tile`` pixels start every ``stride = tile - overlap``
 pixels along each axis (the last ones stick out of the scene and are padded with nodata, as ingest pads
 edge patches); both are multiples of the encoder's patch size so every tile's token grid lies on the
 scene's. Each tile's output is weighted by a separable ramp over the ``overlap`` (``(k + 0.5) / o`` on the
@@ -66,6 +67,7 @@ from torch import nn
 
 from data_prep.errors import UserError
 from data_prep.spectral import BandScaling, normalise_into
+from finetune.windows import Axis
 
 FORMAT = "specfm-embeddings"
 VERSION = 1
@@ -85,56 +87,6 @@ class EmbedError(UserError):
 
 
 # --------------------------------------------------------------------------------------------- geometry
-
-@dataclass(frozen=True)
-class Axis:
-    """The tiles along one axis of a scene, in pixels (``size``) and output cells of ``unit`` pixels."""
-
-    size: int
-    tile: int
-    stride: int
-    unit: int
-
-    @property
-    def overlap(self) -> int:
-        return self.tile - self.stride
-
-    @property
-    def n(self) -> int:
-        """Tiles along the axis: the last one ends at or beyond ``size``."""
-        return 1 if self.size <= self.tile else math.ceil((self.size - self.tile) / self.stride) + 1
-
-    @property
-    def cells(self) -> int:
-        """Output cells along the axis (``ceil(size / unit)``)."""
-        return -(-self.size // self.unit)
-
-    @property
-    def cell_chunk(self) -> int:
-        return self.stride // self.unit
-
-    def tile_span(self, k: int) -> tuple[int, int]:
-        """Output cells [a, b) of tile ``k`` (not clipped to the scene)."""
-        a = k * self.stride // self.unit
-        return a, a + self.tile // self.unit
-
-    def core(self, k: int) -> tuple[int, int]:
-        """Output cells [a, b) that tile cell ``k`` owns: [k, k+1) strides; the last one runs to the end."""
-        a = k * self.cell_chunk
-        return a, (a + self.cell_chunk if k < self.n - 1 else self.cells)
-
-    def weights(self, k: int) -> np.ndarray:
-        """float32 blending weights of tile ``k`` over its ``tile / unit`` cells (see the module docstring)."""
-        m, o = self.tile // self.unit, self.overlap // self.unit
-        w = np.ones(m, dtype=np.float32)
-        if o:
-            ramp = (np.arange(o, dtype=np.float32) + 0.5) / o
-            if k > 0:
-                w[:o] = ramp
-            if k < self.n - 1:
-                w[m - o:] = ramp[::-1]
-        return w
-
 
 def check_geometry(tile: int, overlap: int, patch: int) -> None:
     if tile < patch or tile % patch:
@@ -474,7 +426,7 @@ def _embed_product(runner: _Runner, encoder, src: str, out: str, common: dict, *
     else:
         norm = _resolve_norm(stats, encoder, g, clip, row_block, progress, storage_options)
     d = runner.dim
-    wpad = (ax.n - 1) * ax.stride + tile
+    wpad = ax.padded
     gt = _geotransform(g.lat, g.lon)
     if not resumed:
         cc = (ay.cell_chunk, ax.cell_chunk)

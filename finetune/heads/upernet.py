@@ -114,35 +114,24 @@ def class_weights(labels: torch.Tensor, n_classes: int, ignore_index: int = -1) 
     return w
 
 
-def window_starts(size: int, window: int, stride: int) -> list[int]:
-    """Window origins covering [0, size) with the given stride; the last window ends at ``size``."""
-    if size <= window:
-        return [0]
-    starts = list(range(0, size - window + 1, stride))
-    if starts[-1] != size - window:
-        starts.append(size - window)
-    return starts
-
-
 @torch.no_grad()
 def predict_scene(model: nn.Module, image: torch.Tensor, wavelengths: torch.Tensor, fwhm: torch.Tensor,
                   n_classes: int, window: int, stride: int, sensor=None, level=None, batch_size: int = 8) -> torch.Tensor:
-    """Class probabilities ``[n_classes, H, W]`` of a whole scene ``[C, H, W]`` by overlapping sliding
-    windows (probabilities averaged where windows overlap). Scenes smaller than the window are padded."""
+    """Class probabilities ``[n_classes, H, W]`` of a whole scene ``[C, H, W]`` by overlapping sliding windows:
+    softmax probabilities cross-faded over the overlaps by :func:`finetune.windows.blend` (the grid and weights
+    whole-scene inference uses); the windows reaching past the scene see it edge-replicated."""
+    from finetune.windows import Axis, blend
+
     c, h, w = image.shape
-    ph, pw = max(0, window - h), max(0, window - w)
+    ph, pw = Axis(h, window, stride).padded - h, Axis(w, window, stride).padded - w
     img = F.pad(image[None], (0, pw, 0, ph), mode="replicate")[0] if ph or pw else image
-    H, W = img.shape[-2:]
-    acc = torch.zeros(n_classes, H, W)
-    cnt = torch.zeros(1, H, W)
-    origins = [(y, x) for y in window_starts(H, window, stride) for x in window_starts(W, window, stride)]
     model.eval()
     dev = next((p.device for p in model.parameters()), torch.device("cpu"))
-    for i in range(0, len(origins), batch_size):
-        chunk = origins[i:i + batch_size]
-        x = torch.stack([img[:, y:y + window, x0:x0 + window] for y, x0 in chunk]).to(dev)
-        prob = model(x, wavelengths, fwhm, sensor=sensor, level=level).softmax(1).cpu()
-        for (y, x0), p in zip(chunk, prob):
-            acc[:, y:y + window, x0:x0 + window] += p
-            cnt[:, y:y + window, x0:x0 + window] += 1
-    return (acc / cnt)[:, :h, :w]
+
+    def fn(origins):
+        x = torch.stack([img[:, y:y + window, x0:x0 + window] for y, x0 in origins]).to(dev)
+        return model(x, wavelengths, fwhm, sensor=sensor, level=level).softmax(1)
+
+    prob = blend(fn, (h, w), window, stride, batch_size)
+    assert prob.shape[0] == n_classes, (prob.shape, n_classes)
+    return prob

@@ -2,7 +2,8 @@
 
 Protocol (Wald's): both images degraded by the ratio (box filter + decimation; a degraded pixel is valid when
 all the pixels it averages are), the original hyperspectral image is the reference; training tiles from the leftmost ``eval.train_fraction`` of the columns; the whole
-scene predicted by overlapping tiles (``eval.tile``, ``eval.overlap``; averaged), scored on the other columns
+scene predicted by overlapping tiles (``eval.tile``, ``eval.overlap`` at most half a tile; cross-faded by
+:mod:`finetune.windows`), scored on the other columns
 beside bilinear, bicubic and bilinear + unsharp-mask baselines: PSNR, SSIM, SAM, ERGAS, RMSE over the
 reference's valid pixels (a nodata pixel is a zero spectrum: 90 degrees of SAM to anything). Training: L1 on
 per-band z-scores over valid pixels, tiles flipped and rotated (the 8 symmetries of the square).
@@ -12,13 +13,14 @@ from __future__ import annotations
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 
 from finetune import metrics as M
 from finetune.datasets.base import DatasetError, FusionData
 from finetune.heads import FusionDecoder
 from finetune.heads.fusion import baseline, degrade
-from finetune.heads.upernet import window_starts
 from finetune.tasks.base import Task, spectral_tensors
+from finetune.windows import Axis, blend, check_tiling
 
 #: Weight of the mean spectral angle (radians) beside the L1 of z-scores in the training loss (measured on the
 #: synthetic suite, 60 steps: SAM 6.42 with it, 6.73 without, for 0.4 dB of PSNR).
@@ -36,6 +38,7 @@ class FusionTask(Task):
         if tile % p or tile % r or stride % r:
             raise DatasetError(f"fusion tile {tile} must be a multiple of the patch size {p} and the ratio {r}, "
                                f"and tile - overlap ({stride}) a multiple of the ratio")
+        check_tiling(tile, stride, ("eval.tile", "eval.tile - eval.overlap"))
         ch, h, w = data.hs.shape
         h, w = (h // r) * r, (w // r) * r
         if h < tile or w < tile:
@@ -92,19 +95,23 @@ class FusionTask(Task):
         return l1 + SAM_WEIGHT * (ang * pv).sum() / pv.sum().clamp(min=1)
 
     def predict(self, model) -> torch.Tensor:
-        """The whole scene by overlapping tiles (averaged where they overlap)."""
+        """The whole scene by overlapping tiles, cross-faded over the overlaps (:func:`finetune.windows.blend`);
+        tiles reaching past the scene see both inputs edge-replicated."""
         r, tile, stride = self.data.ratio, self.tile, self.stride
-        c = self.hs_lr.shape[0]
         H, W = self.ref.shape[-2:]
-        acc, cnt = torch.zeros(c, H, W), torch.zeros(1, H, W)
+        ph, pw = Axis(H, tile, stride).padded - H, Axis(W, tile, stride).padded - W
+        hs, ms = self.hs_lr[None], self.ms_hr[None]
+        if ph or pw:
+            hs = F.pad(hs, (0, pw // r, 0, ph // r), mode="replicate")
+            ms = F.pad(ms, (0, pw, 0, ph), mode="replicate")
+
+        def fn(origins):
+            h_t = torch.cat([hs[:, :, y // r:(y + tile) // r, x // r:(x + tile) // r] for y, x in origins])
+            m_t = torch.cat([ms[:, :, y:y + tile, x:x + tile] for y, x in origins])
+            return model(h_t.to(self.device), m_t.to(self.device), *self.args)
+
         with torch.no_grad():
-            for y in window_starts(H, tile, stride):
-                for x in window_starts(W, tile, stride):
-                    h_t = self.hs_lr[None, :, y // r:(y + tile) // r, x // r:(x + tile) // r].to(self.device)
-                    m_t = self.ms_hr[None, :, y:y + tile, x:x + tile].to(self.device)
-                    acc[:, y:y + tile, x:x + tile] += model(h_t, m_t, *self.args)[0].cpu()
-                    cnt[:, y:y + tile, x:x + tile] += 1
-        return acc / cnt
+            return blend(fn, (H, W), tile, stride, batch_size=1)
 
     def evaluate(self, model, losses):
         data, r = self.data, self.data.ratio

@@ -2,7 +2,8 @@
 
 Protocol: the data's own train mask, else the leftmost ``eval.train_fraction`` of the columns; training on
 random ``eval.window`` windows (horizontal flips) whose labels outside the training region are ignored; the
-whole scene predicted by overlapping sliding windows (``eval.stride``; probabilities averaged), scored on the
+whole scene predicted by overlapping sliding windows (``eval.stride``, at least half the window; softmax
+probabilities cross-faded over the overlaps by :mod:`finetune.windows`, the grid whole-scene inference uses), scored on the
 test region: OA, AA, Kappa, mIoU (per-class IoU and the confusion matrix in the details).
 ``eval.label_fraction`` keeps that fraction of each class's labelled training pixels (stratified, seeded).
 
@@ -28,6 +29,7 @@ from finetune.datasets.base import DatasetError, SegmentationData, normalise
 from finetune.heads import UperNet
 from finetune.heads.upernet import class_weights, predict_scene
 from finetune.tasks.base import Task, spectral_tensors
+from finetune.windows import check_tiling
 
 
 class SegmentationTask(Task):
@@ -55,6 +57,7 @@ class SegmentationTask(Task):
         win, p = cfg.eval.window, encoder.patch_size
         if win % p:
             raise DatasetError(f"eval.window {win} is not a multiple of the encoder patch size {p}")
+        check_tiling(win, cfg.eval.stride, ("eval.window", "eval.stride"))
         if data.train_mask is not None:
             train_mask = data.train_mask
         else:

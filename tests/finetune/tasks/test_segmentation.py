@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from finetune.datasets.base import SegmentationData
-from finetune.heads.upernet import predict_scene, window_starts
+from finetune.heads.upernet import predict_scene
 from finetune.tasks import run_task
 from tests.finetune.tasks.helpers import C, cfg, spectral
 
@@ -26,14 +26,20 @@ def test_segmentation_learns_and_scores_the_held_out_half(encoder):
 
 
 def test_sliding_window_covers_the_scene():
-    assert window_starts(32, 16, 12) == [0, 12, 16]
-
     class Uniform(torch.nn.Module):
         def forward(self, x, *a, **k):
             return torch.zeros(x.shape[0], 2, *x.shape[-2:])
 
     prob = predict_scene(Uniform(), torch.zeros(C, 20, 20), None, None, 2, 16, 8)
     assert prob.shape == (2, 20, 20) and torch.allclose(prob, torch.full_like(prob, 0.5))
+
+
+def test_sliding_window_stride_below_half_the_window_is_a_config_error(encoder):
+    from finetune.windows import WindowError
+
+    data = SegmentationData(np.zeros((C, 16, 32), np.float32), np.zeros((16, 32), np.int64), ["a", "b"], spectral())
+    with pytest.raises(WindowError, match="eval.stride 4 must lie between eval.window / 2 and eval.window"):
+        run_task(encoder, data, cfg("segmentation", steps=1, eval={"window": 16, "stride": 4}))
 
 
 def test_pixel_skip_resolves_boundaries_inside_a_token(encoder):
