@@ -1,11 +1,16 @@
 """What pretraining buys downstream: the synthetic suite with a pretrained encoder beside the same encoder
 randomly initialised (same architecture, same frozen sensor/level text table, same seeds and protocol).
 
-    python bench/downstream.py [--checkpoint EXPORT] [--steps 40] [--json]
+    python bench/downstream.py [--checkpoint EXPORT] [--steps 40] [--seeds 3] [--json]
 
 The pretrained encoder is ``--checkpoint``, else the demo's last stage export under runs/demo/export/, else a
-debug model pretrained here briefly (MAE on random crops of a simulated corpus). With ``--json`` the last line
-printed is one JSON object: ``{"pretrained": {task: headline}, "random": {task: headline}, ...}``.
+debug model pretrained here briefly (MAE on random crops of a simulated corpus). The suite's corpus is
+simulated from the held-out materials (``materials="heldout"``: none of them is in a pretraining corpus).
+Spread: ``--seeds`` runs of the suite per encoder; run ``s`` trains every task with ``train.seed = s`` (split,
+head init, batches), and the random encoder of run ``s`` is a fresh init with seed ``s``. Each task reports
+the mean and standard error over the runs for both encoders and of their paired difference. With ``--json``
+the last line printed is one JSON object: ``{"pretrained": {task: mean}, "random": {task: mean},
+"spread": {task: {...}}, ...}``.
 """
 
 from __future__ import annotations
@@ -108,6 +113,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--checkpoint", default=None, help="encoder export (default: the demo's last stage)")
     ap.add_argument("--suite", default=str(REPO / "configs/benchmarks/synthetic.yaml"))
     ap.add_argument("--steps", type=int, default=40, help="train.steps of every task")
+    ap.add_argument("--seeds", type=int, default=3, help="runs per encoder (task seed, random-init seed)")
     ap.add_argument("--threads", type=int, default=1, help="torch intra-op threads")
     ap.add_argument("--json", action="store_true", help="print one JSON object as the last line")
     args = ap.parse_args(argv)
@@ -116,6 +122,9 @@ def main(argv: list[str] | None = None) -> int:
     for t in suite.tasks:
         t.train.steps = args.steps
     t0 = time.time()
+    if suite.simulate is not None:
+        suite.simulate = {**suite.simulate, "materials": "heldout"}  # materials no pretraining corpus has
+    runs: dict[str, list[dict[str, float]]] = {"pretrained": [], "random": []}
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
         manifest = prepare_corpus(suite, tmp)
@@ -125,23 +134,41 @@ def main(argv: list[str] | None = None) -> int:
             ckpt = pretrain_briefly(tmp / "export", manifest)
             source = "pretrained here (debug MAE, 150 steps)"
         enc = load_encoder(ckpt)
-        rnd = random_twin(enc)
-        results = {}
-        for label, e in (("pretrained", enc), ("random", rnd)):
-            t1 = time.time()
-            rep = run_suite(suite, e, tmp / label, checkpoint=str(ckpt), data=manifest, progress=False)
-            results[label] = headline(rep)
-            print(f"[{label}] {time.time() - t1:.0f} s")
+        for seed in range(args.seeds):
+            for t in suite.tasks:
+                t.train.seed = seed
+            for label, e in (("pretrained", enc), ("random", random_twin(enc, seed=seed))):
+                t1 = time.time()
+                rep = run_suite(suite, e, tmp / f"{label}_{seed}", checkpoint=str(ckpt), data=manifest,
+                                progress=False)
+                runs[label].append(headline(rep))
+                print(f"[{label} seed {seed}] {time.time() - t1:.0f} s", flush=True)
     metric = {n: t["headline"] for n, t in rep["tasks"].items()}
-    print(f"encoder: {ckpt} ({source}); {args.steps} steps per task")
-    print(f"{'task':22s} {'metric':6s} {'pretrained':>10s} {'random':>10s}")
-    for n in results["pretrained"]:
-        print(f"{n:22s} {metric[n]:6s} {results['pretrained'][n]:10.4f} {results['random'][n]:10.4f}")
+    spread = {n: spread_of([r[n] for r in runs["pretrained"]], [r[n] for r in runs["random"]]) for n in metric}
+    print(f"encoder: {ckpt} ({source}); {args.steps} steps per task; {args.seeds} seeds; held-out materials")
+    print(f"{'task':22s} {'metric':6s} {'pretrained':>17s} {'random':>17s} {'difference':>17s}")
+    for n, sp in spread.items():
+        print(f"{n:22s} {metric[n]:6s} {sp['pretrained']:9.4f} +/- {sp['pretrained_se']:.4f} "
+              f"{sp['random']:9.4f} +/- {sp['random_se']:.4f} {sp['difference']:+9.4f} +/- {sp['difference_se']:.4f}")
     if args.json:
-        print(json.dumps({"pretrained": results["pretrained"], "random": results["random"], "metric": metric,
-                          "checkpoint": str(ckpt), "source": source, "steps": args.steps,
-                          "seconds": round(time.time() - t0, 1)}))
+        print(json.dumps({"pretrained": {n: sp["pretrained"] for n, sp in spread.items()},
+                          "random": {n: sp["random"] for n, sp in spread.items()}, "spread": spread,
+                          "runs": runs, "metric": metric, "checkpoint": str(ckpt), "source": source,
+                          "steps": args.steps, "seeds": args.seeds, "seconds": round(time.time() - t0, 1)}))
     return 0
+
+
+def spread_of(pre: list[float], rnd: list[float]) -> dict[str, float]:
+    """Means and standard errors over the runs of both encoders and of their paired difference (every headline
+    of the suite is higher-is-better: OA, mIoU, F1, PSNR)."""
+    def mse(x: list[float]) -> tuple[float, float]:
+        a = np.asarray(x, dtype=np.float64)
+        return float(a.mean()), float(a.std(ddof=1) / np.sqrt(a.size)) if a.size > 1 else float("nan")
+
+    (pm, ps), (rm, rs) = mse(pre), mse(rnd)
+    dm, ds = mse([a - b for a, b in zip(pre, rnd)])
+    return {"pretrained": pm, "pretrained_se": ps, "random": rm, "random_se": rs, "difference": dm,
+            "difference_se": ds}
 
 
 if __name__ == "__main__":
