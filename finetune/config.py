@@ -27,7 +27,10 @@ class TrainConfig:
     mode: str = "finetune"
     """``linear_probe`` (encoder frozen, only the head trains) or ``finetune`` (everything trains)."""
     steps: int = 200
-    """Optimiser steps."""
+    """Optimiser steps (unless ``epochs`` is set)."""
+    epochs: int | None = None
+    """When set: this many passes over the training samples instead of ``steps`` (a scene task's samples are its
+    ``eval.window`` tiles with labels; PANGAEA trains 80 epochs); ``steps`` is then derived and reported."""
     batch_size: int = 16
     lr: float = 1e-3
     """Learning rate of the head."""
@@ -44,6 +47,8 @@ class TrainConfig:
         if self.steps < 0 or self.batch_size < 1 or self.lr <= 0 or self.encoder_lr <= 0:
             raise ConfigError(f"train: need steps >= 0, batch_size >= 1, lr > 0 and encoder_lr > 0; got steps="
                               f"{self.steps}, batch_size={self.batch_size}, lr={self.lr}, encoder_lr={self.encoder_lr}")
+        if self.epochs is not None and self.epochs < 1:
+            raise ConfigError(f"train.epochs must be >= 1 (or null: use train.steps), got {self.epochs}")
         if self.weight_decay < 0:
             raise ConfigError(f"train.weight_decay must be >= 0, got {self.weight_decay}")
 
@@ -53,15 +58,17 @@ class EvalConfig:
     """Task-specific protocol settings (each kind reads its own)."""
 
     train_fraction: float = 0.5
-    """Segmentation/fusion: leftmost fraction of columns used for training (when the data has no split);
+    """Segmentation/fusion/PANGAEA change: leftmost fraction of columns used for training (when the data has no split);
     classification: fraction of each class's samples used for training."""
     window: int = 32
-    """Segmentation: sliding-window size (pixels, a multiple of the encoder patch size)."""
+    """Segmentation and PANGAEA change: training crop and sliding-window size (pixels, a multiple of the encoder patch
+    size; PANGAEA crops to the encoder's input size)."""
     label_fraction: float = 1.0
-    """Segmentation: fraction of each class's labelled training pixels kept (stratified, drawn with the seed);
-    PANGAEA's limited-label runs use 0.1."""
+    """Segmentation and PANGAEA change: fraction of the labelled training tiles (``window`` pixels square) kept,
+    stratified by their class shares as PANGAEA draws limited labels (seeded); PANGAEA's limited-label runs use 0.1."""
     stride: int = 16
-    """Segmentation: sliding-window stride (overlap = window - stride)."""
+    """Segmentation (``protocol: finetune``): sliding-window stride (overlap = window - stride); PANGAEA spreads
+    ``ceil(size / window)`` windows evenly instead."""
     patch: int = 15
     """Change detection: neighbourhood size around each pixel."""
     token_patch: int = 3
@@ -107,8 +114,9 @@ class TaskConfig:
     """SpecAware paper figures for this task (metric -> value), shown beside ours; None if unknown."""
     paper_note: str = ""
     protocol: str = "finetune"
-    """``finetune`` (this project's heads and schedule) or ``pangaea`` (segmentation: PANGAEA's frozen encoder,
-    plain UPerNet over layers [3, 5, 7, 11], multi-step schedule; see finetune.tasks.segmentation)."""
+    """``finetune`` (this project's heads and schedule) or ``pangaea`` (segmentation and change: PANGAEA's frozen
+    encoder, (Siamese) UPerNet over layers [3, 5, 7, 11], multi-step schedule, logit-averaged sliding windows; see
+    finetune.tasks.pangaea)."""
 
     def __post_init__(self) -> None:
         from finetune.tasks import kinds  # the kinds are the registered task classes

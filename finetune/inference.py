@@ -105,9 +105,9 @@ def save_head(model: nn.Module, out_dir: str | os.PathLike, class_names: list[st
     beside as an encoder export in ``out_dir/encoder``, which :func:`load_head` then uses."""
     from safetensors.torch import save_file
 
-    from finetune.heads import UperNet
+    from finetune.heads import SiameseUperNet, UperNet
 
-    if not isinstance(model, UperNet):
+    if not isinstance(model, UperNet) or isinstance(model, SiameseUperNet):
         raise EmbedError(f"save_head writes UperNet segmentation heads, got {type(model).__name__}")
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)

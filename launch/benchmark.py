@@ -29,7 +29,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--data", default=None, help="manifest.json of an existing simulated corpus (replaces ${corpus}; "
                                                  "skips the suite's own simulation)")
     ap.add_argument("--data-root", default=None, help="folder of the public datasets (replaces ${root})")
-    ap.add_argument("--steps", type=int, default=None, help="override train.steps of every task")
+    ap.add_argument("--steps", type=int, default=None, help="run every task for this many steps (train.steps; "
+                                                              "also clears train.epochs where a task sets it)")
     ap.add_argument("--each", action="append", default=[], metavar="KEY=VALUE",
                     help="override applied to every task, e.g. --each data.band_stride=8 --each eval.test_max=200")
     ap.add_argument("--no-progress", action="store_true")
@@ -48,7 +49,7 @@ def run(args: argparse.Namespace) -> int:
     from finetune.encoder_api import load_encoder
     from finetune.runner import run_suite
 
-    steps = [f"train.steps={args.steps}"] if args.steps is not None else []
+    steps = [f"train.steps={args.steps}", "train.epochs=null"] if args.steps is not None else []
     suite = load_suite(args.suite, args.overrides, [*args.each, *steps])
     if args.list:
         from finetune.datasets.catalog import list_suite

@@ -15,6 +15,8 @@ from finetune.datasets.public import (
     load_bay_area,
     load_change_mat,
     load_fusion_pair,
+    load_mshfnet,
+    load_qingpu,
     load_santa_barbara,
     load_scene_dir,
     load_scene_folders,
@@ -31,7 +33,7 @@ from finetune.datasets.synthetic import (
 LOADERS = {
     "aerorit": load_aerorit,
     "whu_h2sr": load_scene_dir,
-    "qingpu": load_scene_dir,
+    "qingpu": load_qingpu,
     "segmentation": load_segmentation,
     "bay_area": load_bay_area,
     "santa_barbara": load_santa_barbara,
@@ -39,6 +41,7 @@ LOADERS = {
     "hrssc": load_scene_folders,
     "scene_folders": load_scene_folders,
     "emit_planetscope": load_fusion_pair,
+    "mshfnet": load_mshfnet,
     "synthetic_segmentation": synthetic_segmentation,
     "synthetic_change": synthetic_change,
     "synthetic_classification": synthetic_classification,
@@ -47,7 +50,7 @@ LOADERS = {
 
 
 #: loaders whose ``**kw`` go to another reader than load_segmentation (for the unknown-key check)
-FORWARDS = {load_bay_area: load_change_mat, load_santa_barbara: load_change_mat}
+FORWARDS = {load_bay_area: load_change_mat, load_santa_barbara: load_change_mat}  # others: load_segmentation
 
 
 def load_dataset(spec: dict):

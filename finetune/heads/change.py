@@ -1,10 +1,14 @@
-"""Siamese change detection over bitemporal patches centred on each pixel.
+"""Siamese change-detection heads: both dates through the same encoder.
 
-Both dates go through the same encoder; a ``patch`` x ``patch`` neighbourhood (default 15) is
-resampled so that every ``token_patch`` x ``token_patch`` block of pixels (default 3) becomes one
-token of the encoder (whose own patch size is fixed by the export). Difference features (mean and
-mean-absolute token difference, the centre token's difference, and both dates' pooled tokens) go
-through an MLP to two logits (unchanged, changed).
+- :class:`SiameseChange` (``protocol: finetune``) classifies one pixel from bitemporal patches centred on it: a
+  ``patch`` x ``patch`` neighbourhood (default 15) is resampled so that every ``token_patch`` x ``token_patch``
+  block of pixels (default 3) becomes one token of the encoder (whose own patch size is fixed by the export).
+  Difference features (mean and mean-absolute token difference, the centre token's difference, and both dates'
+  pooled tokens) go through an MLP to two logits (unchanged, changed).
+- :class:`SiameseUperNet` (``protocol: pangaea``) maps a whole window: PANGAEA's Siamese UPerNet
+  (``pangaea/decoders/upernet.py`` ``SiamConcUPerNet`` / ``SiamDiffUPerNet``; :mod:`finetune.tasks.pangaea`) --
+  the four layers' features of both dates merged per level, ``cat(f1, f2)`` ("concat") or ``f2 - f1``
+  ("diff"), then the UPerNet pyramid (:class:`finetune.heads.upernet.UperNet`) to a per-pixel change map.
 """
 
 from __future__ import annotations
@@ -16,6 +20,7 @@ from torch import nn
 
 from data_prep.configtree import ConfigError
 from data_prep.errors import UserError
+from finetune.heads.upernet import UperNet
 
 
 class SiameseChange(nn.Module):
@@ -47,6 +52,27 @@ class SiameseChange(nn.Module):
         centre = (self.grid // 2) * self.grid + self.grid // 2
         feats = torch.cat([d.mean(1), d.abs().mean(1), d[:, centre], a.mean(1), b.mean(1)], 1)
         return self.mlp(feats)
+
+
+class SiameseUperNet(UperNet):
+    """Change map ``[B, n_classes, H, W]`` of two co-registered dates ``[B, C, H, W]`` (PANGAEA's Siamese UPerNet)."""
+
+    def __init__(self, encoder: nn.Module, n_classes: int = 2, layers=None, channels: int = 512,
+                 strategy: str = "concat", dropout: float = 0.1) -> None:
+        if strategy not in ("concat", "diff"):
+            raise ConfigError(f"head.strategy of the Siamese UPerNet is {strategy!r}; expected 'concat' (cat(f1, f2), "
+                              "PANGAEA's seg_siamupernet_conc) or 'diff' (f2 - f1, seg_siamupernet_diff)")
+        super().__init__(encoder, n_classes, layers=layers, channels=channels, pixel_skip=False,
+                         feature_multiplier=2 if strategy == "concat" else 1, dropout=dropout)
+        self.strategy = strategy
+
+    def forward(self, t1: torch.Tensor, t2: torch.Tensor, wavelengths: torch.Tensor, fwhm: torch.Tensor,
+                sensor=None, level=None) -> torch.Tensor:
+        f1 = self.encode(t1, wavelengths, fwhm, sensor, level)
+        f2 = self.encode(t2, wavelengths, fwhm, sensor, level)
+        merged = ([torch.cat([a, b], 1) for a, b in zip(f1, f2)] if self.strategy == "concat"
+                  else [b - a for a, b in zip(f1, f2)])
+        return self.decode(merged, t1.shape[-2:])
 
 
 def extract_patches(image: torch.Tensor, rows: np.ndarray, cols: np.ndarray, patch: int) -> torch.Tensor:

@@ -50,16 +50,23 @@ class PPM(nn.Module):
 
 
 class UperNet(nn.Module):
-    """Segmentation head; ``forward`` returns logits ``[B, n_classes, H, W]``."""
+    """Segmentation head; ``forward`` returns logits ``[B, n_classes, H, W]``.
+
+    ``feature_multiplier`` widens the pyramid's input (2 for the Siamese "concat" merge); ``dropout`` is the
+    ``Dropout2d`` before the classifier (PANGAEA: 0.1). :meth:`encode` (encoder tokens -> four maps) and
+    :meth:`decode` (maps -> logits) are the two halves a Siamese head reuses."""
 
     def __init__(self, encoder: nn.Module, n_classes: int, layers: Sequence[int] | None = None,
-                 channels: int = 64, pixel_skip: bool = True) -> None:
+                 channels: int = 64, pixel_skip: bool = True, feature_multiplier: int = 1,
+                 dropout: float = 0.0) -> None:
         super().__init__()
         self.encoder = encoder
         self.layers = tuple(layers) if layers is not None else tuple(encoder.default_layers())
         if len(self.layers) != 4:
             raise ConfigError(f"UperNet needs four feature layers, got {self.layers}")
-        d = encoder.embed_dim
+        if not 0 <= dropout < 1:
+            raise ConfigError(f"UperNet dropout must lie in [0, 1), got {dropout}")
+        d = encoder.embed_dim * feature_multiplier
         self.rescale = nn.ModuleList([
             nn.Sequential(nn.ConvTranspose2d(d, d, 2, 2), nn.GroupNorm(min(8, d), d), nn.GELU(),
                           nn.ConvTranspose2d(d, d, 2, 2)),
@@ -76,30 +83,41 @@ class UperNet(nn.Module):
             self.pixel = HyperIn(channels)
             self.pixel_norm = nn.Sequential(nn.GroupNorm(max(1, min(8, channels // 2)), channels), nn.GELU())
             self.merge = _cnr(2 * channels, channels, 3)
+        self.dropout = nn.Dropout2d(dropout) if dropout else nn.Identity()
         self.classifier = nn.Conv2d(channels, n_classes, 1)
 
-    def forward(self, pixels: torch.Tensor, wavelengths: torch.Tensor, fwhm: torch.Tensor,
-                sensor=None, level=None) -> torch.Tensor:
+    def encode(self, pixels: torch.Tensor, wavelengths: torch.Tensor, fwhm: torch.Tensor, sensor=None,
+               level=None) -> list[torch.Tensor]:
+        """The encoder's tokens after each of ``layers`` as maps ``[B, D, H / patch, W / patch]`` (no gradient
+        into a frozen encoder)."""
         b, _, h, w = pixels.shape
         gh, gw = self.encoder.grid(h, w)
         frozen = getattr(self.encoder, "frozen", False)
         with torch.set_grad_enabled(torch.is_grad_enabled() and not frozen):
             feats = self.encoder.features(pixels, wavelengths, fwhm, sensor=sensor, level=level, layers=self.layers)
-        maps = [f.transpose(1, 2).reshape(b, -1, gh, gw) for f in feats]
+        return [f.transpose(1, 2).reshape(b, -1, gh, gw) for f in feats]
+
+    def decode(self, maps: list[torch.Tensor], size: tuple[int, int], pixels: torch.Tensor | None = None,
+               wavelengths: torch.Tensor | None = None, fwhm: torch.Tensor | None = None) -> torch.Tensor:
+        """Logits ``[B, n_classes, *size]`` from four maps (``pixels`` and its band table feed the pixel branch)."""
         maps = [m(x) for m, x in zip(self.rescale, maps)]
         top = self.ppm(maps[3])
         lat = [lt(x) for lt, x in zip(self.lateral, maps[:3])] + [top]
         for i in range(2, -1, -1):
             lat[i] = lat[i] + F.interpolate(lat[i + 1], size=lat[i].shape[-2:], mode="bilinear", align_corners=False)
         outs = [self.fpn[i](lat[i]) for i in range(3)] + [top]
-        size = outs[0].shape[-2:]
-        fused = self.fuse(torch.cat([outs[0]] + [F.interpolate(o, size=size, mode="bilinear", align_corners=False)
-                                                 for o in outs[1:]], 1))
+        fused = self.fuse(torch.cat([outs[0]] + [F.interpolate(o, size=outs[0].shape[-2:], mode="bilinear",
+                                                               align_corners=False) for o in outs[1:]], 1))
         if not self.pixel_skip:
-            return F.interpolate(self.classifier(fused), size=(h, w), mode="bilinear", align_corners=False)
-        full = F.interpolate(fused, size=(h, w), mode="bilinear", align_corners=False)
+            return F.interpolate(self.classifier(self.dropout(fused)), size=size, mode="bilinear", align_corners=False)
+        full = F.interpolate(fused, size=size, mode="bilinear", align_corners=False)
         px = self.pixel_norm(self.pixel(pixels, wavelengths, fwhm))
-        return self.classifier(self.merge(torch.cat([full, px], 1)))
+        return self.classifier(self.dropout(self.merge(torch.cat([full, px], 1))))
+
+    def forward(self, pixels: torch.Tensor, wavelengths: torch.Tensor, fwhm: torch.Tensor,
+                sensor=None, level=None) -> torch.Tensor:
+        maps = self.encode(pixels, wavelengths, fwhm, sensor, level)
+        return self.decode(maps, pixels.shape[-2:], pixels, wavelengths, fwhm)
 
 
 def class_weights(labels: torch.Tensor, n_classes: int, ignore_index: int = -1) -> torch.Tensor:
@@ -114,24 +132,58 @@ def class_weights(labels: torch.Tensor, n_classes: int, ignore_index: int = -1) 
     return w
 
 
+def pangaea_window_starts(size: int, window: int) -> list[int]:
+    """PANGAEA's sliding-inference grid along one axis: ``ceil(size / window)`` windows spread evenly
+    (``linspace(0, size - window, n)``, rounded; :mod:`finetune.tasks.pangaea`); one window when it covers all."""
+    if size <= window:
+        return [0]
+    n = -(-size // window)
+    return [int(v) for v in torch.linspace(0, size - window, n).round().long().tolist()]
+
+
 @torch.no_grad()
-def predict_scene(model: nn.Module, image: torch.Tensor, wavelengths: torch.Tensor, fwhm: torch.Tensor,
-                  n_classes: int, window: int, stride: int, sensor=None, level=None, batch_size: int = 8) -> torch.Tensor:
-    """Class probabilities ``[n_classes, H, W]`` of a whole scene ``[C, H, W]`` by overlapping sliding windows:
-    softmax probabilities cross-faded over the overlaps by :func:`finetune.windows.blend` (the grid and weights
-    whole-scene inference uses); the windows reaching past the scene see it edge-replicated."""
+def predict_scene(model: nn.Module, image: torch.Tensor | tuple[torch.Tensor, ...], wavelengths: torch.Tensor,
+                  fwhm: torch.Tensor, n_classes: int, window: int, stride: int | None, sensor=None, level=None,
+                  batch_size: int = 8, average: str = "probabilities") -> torch.Tensor:
+    """Class scores ``[n_classes, H, W]`` of a whole scene ``[C, H, W]`` (or a tuple of co-registered dates, each
+    ``[C, H, W]``, for a Siamese model ``model(t1, t2, wavelengths, fwhm, ...)``) by sliding windows:
+    ``average="probabilities"`` (softmax first) or ``"logits"`` (PANGAEA's evaluator).
+
+    - ``stride`` given: windows every ``stride`` pixels, cross-faded over the overlaps by
+      :func:`finetune.windows.blend` (the grid and weights whole-scene inference uses); windows reaching past
+      the scene see it edge-replicated.
+    - ``stride=None``: PANGAEA's grid (:func:`pangaea_window_starts`), plain mean where windows overlap; a scene
+      smaller than the window is padded (replicate)."""
     from finetune.windows import Axis, blend
 
-    c, h, w = image.shape
-    ph, pw = Axis(h, window, stride).padded - h, Axis(w, window, stride).padded - w
-    img = F.pad(image[None], (0, pw, 0, ph), mode="replicate")[0] if ph or pw else image
+    if average not in ("probabilities", "logits"):
+        raise ValueError(f"average must be 'probabilities' or 'logits', got {average!r}")
+    images = image if isinstance(image, tuple) else (image,)
+    c, h, w = images[0].shape
     model.eval()
     dev = next((p.device for p in model.parameters()), torch.device("cpu"))
 
-    def fn(origins):
-        x = torch.stack([img[:, y:y + window, x0:x0 + window] for y, x0 in origins]).to(dev)
-        return model(x, wavelengths, fwhm, sensor=sensor, level=level).softmax(1)
+    def scores(origins, images):
+        crops = [torch.stack([im[:, y:y + window, x0:x0 + window] for y, x0 in origins]).to(dev) for im in images]
+        out = model(*crops, wavelengths, fwhm, sensor=sensor, level=level).float()
+        return out.softmax(1) if average == "probabilities" else out
 
-    prob = blend(fn, (h, w), window, stride, batch_size)
-    assert prob.shape[0] == n_classes, (prob.shape, n_classes)
-    return prob
+    def padded(ph: int, pw: int) -> tuple[torch.Tensor, ...]:
+        return tuple(F.pad(im[None], (0, pw, 0, ph), mode="replicate")[0] for im in images) if ph or pw else images
+
+    if stride is not None:
+        ims = padded(Axis(h, window, stride).padded - h, Axis(w, window, stride).padded - w)
+        out = blend(lambda origins: scores(origins, ims), (h, w), window, stride, batch_size)
+        assert out.shape[0] == n_classes, (out.shape, n_classes)
+        return out
+    ims = padded(max(0, window - h), max(0, window - w))
+    H, W = ims[0].shape[-2:]
+    acc = torch.zeros(n_classes, H, W)
+    cnt = torch.zeros(1, H, W)
+    origins = [(y, x) for y in pangaea_window_starts(H, window) for x in pangaea_window_starts(W, window)]
+    for i in range(0, len(origins), batch_size):
+        chunk = origins[i:i + batch_size]
+        for (y, x0), p in zip(chunk, scores(chunk, ims).cpu()):
+            acc[:, y:y + window, x0:x0 + window] += p
+            cnt[:, y:y + window, x0:x0 + window] += 1
+    return (acc / cnt)[:, :h, :w]

@@ -110,12 +110,30 @@ class Task:
                                f"tasks; expected one of {list(self.protocols)}")
         seed_everything(self.cfg.train.seed)
         self.prepare(encoder, data)
+        steps = self.n_steps()
         model = self.build_head(encoder)
         losses = train_loop(model, encoder, self.cfg, self.batch, self.loss, self.trainable_encoder(),
-                            self.lr_schedule)
-        result = self.evaluate(model, losses)
-        result.model = model
-        return result
+                            self.lr_schedule, steps=steps)
+        res = self.evaluate(model, losses)
+        res.details.setdefault("steps", steps)
+        res.model = model
+        return res
+
+    def steps_per_epoch(self) -> int | None:
+        """Optimiser steps of one pass over the training samples (after :meth:`prepare`); None: the kind has no
+        epoch (``train.epochs`` is then refused)."""
+        return None
+
+    def n_steps(self) -> int:
+        """``train.steps``, or ``train.epochs`` x :meth:`steps_per_epoch` when epochs are set."""
+        epochs = self.cfg.train.epochs
+        if epochs is None:
+            return self.cfg.train.steps
+        per = self.steps_per_epoch()
+        if per is None:
+            raise DatasetError(f"task {self.cfg.name!r}: train.epochs is not defined for {self.kind} tasks; give "
+                               "train.steps (and train.epochs: null)")
+        return epochs * per
 
     def lr_schedule(self, step: int, total: int) -> float:
         """The learning-rate factor at ``step`` (default: :func:`lr_factor`, warm-up + cosine)."""
@@ -180,7 +198,7 @@ def _optimizer(model: nn.Module, encoder: Encoder, cfg: TaskConfig) -> torch.opt
     groups = [{"params": head, "lr": cfg.train.lr}]
     if enc:
         groups.append({"params": enc, "lr": cfg.train.encoder_lr})
-    return torch.optim.AdamW(groups, weight_decay=cfg.train.weight_decay)
+    return torch.optim.AdamW(groups, weight_decay=cfg.train.weight_decay)  # betas (0.9, 0.999), as PANGAEA's
 
 
 def lr_factor(step: int, total: int) -> float:
@@ -198,11 +216,13 @@ def _to(x, dev: torch.device):
 
 
 def train_loop(model: nn.Module, encoder: Encoder, cfg: TaskConfig, batch_fn: Callable, loss_fn: Callable,
-               train_encoder: bool | None = None, schedule: Callable[[int, int], float] = None) -> list[float]:
-    """``cfg.train.steps`` AdamW steps (head ``lr``, encoder ``encoder_lr``, warm-up + cosine): ``batch_fn(rng)
-    -> (inputs tuple, target)``, ``loss_fn(model(*inputs), target)``; returns the loss curve. The encoder is
-    frozen unless ``train_encoder`` (default: ``train.mode == "finetune"``). The model is moved to the
-    configured device; inputs and targets follow it; batches are drawn from ``default_rng(train.seed)``."""
+               train_encoder: bool | None = None, schedule: Callable[[int, int], float] = None,
+               steps: int | None = None) -> list[float]:
+    """``steps`` (default ``cfg.train.steps``) AdamW steps (head ``lr``, encoder ``encoder_lr``; the
+    learning rates times ``schedule(step, steps)``, default warm-up + cosine): ``batch_fn(rng) -> (inputs tuple,
+    target)``, ``loss_fn(model(*inputs), target)``; returns the loss curve. The encoder is frozen unless
+    ``train_encoder`` (default: ``train.mode == "finetune"``). The model is moved to the configured device;
+    inputs and targets follow it; batches are drawn from ``default_rng(train.seed)``."""
     dev = device_of(cfg)
     model.to(dev)
     rng = np.random.default_rng(cfg.train.seed)
@@ -215,10 +235,11 @@ def train_loop(model: nn.Module, encoder: Encoder, cfg: TaskConfig, batch_fn: Ca
     opt = _optimizer(model, encoder, cfg)
     base = [g["lr"] for g in opt.param_groups]
     losses = []
+    total = cfg.train.steps if steps is None else steps
     model.train()
-    for step in range(cfg.train.steps):
+    for step in range(total):
         for g, b in zip(opt.param_groups, base):
-            g["lr"] = b * (schedule or lr_factor)(step, cfg.train.steps)
+            g["lr"] = b * (schedule or lr_factor)(step, total)
         inputs, target = batch_fn(rng)
         loss = loss_fn(model(*(_to(x, dev) for x in inputs)), _to(target, dev))
         opt.zero_grad(set_to_none=True)

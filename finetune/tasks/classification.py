@@ -52,6 +52,10 @@ class ClassificationTask(Task):
         self.train_idx, self.test_idx = stratified_split(data.labels, cfg.eval.train_fraction, cfg.train.seed)
         self.bs = min(cfg.train.batch_size, len(self.train_idx))
 
+    def steps_per_epoch(self) -> int:
+        """One pass over the training samples."""
+        return max(1, math.ceil(len(self.train_idx) / self.bs))
+
     def build_head(self, encoder):
         return SceneClassifier(encoder, len(self.data.class_names), **self.cfg.head)
 

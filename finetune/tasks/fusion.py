@@ -65,6 +65,12 @@ class FusionTask(Task):
         self.ys, self.xs = list(range(0, h - tile + 1, r)), list(range(0, self.w_train - tile + 1, r))
         self.data, self.size, self.tile, self.stride = data, (h, w), tile, stride
 
+    def steps_per_epoch(self) -> int:
+        """One pass over the non-overlapping tiles of the training columns."""
+        h = self.size[0]
+        n = max(1, (h // self.tile) * (self.w_train // self.tile))
+        return max(1, -(-n // self.cfg.train.batch_size))
+
     def build_head(self, encoder):
         return FusionDecoder(encoder, **self.cfg.head)
 

@@ -39,7 +39,9 @@ def test_synthetic_suite_end_to_end(tmp_path, debug_export, tiny_corpus):
     assert set(fusion["details"]["baselines"]) == {"bilinear", "bicubic", "unsharp"}
     rows = list(csv.DictReader(open(out / "report.csv")))
     assert {r["task"] for r in rows} == set(report["tasks"]) and "specaware_paper" in rows[0]
-    assert report["tasks"]["segmentation_pangaea"]["protocol"] == "pangaea"  # the PANGAEA protocol runs in CI
+    for name in ("segmentation_pangaea", "change_pangaea"):  # the PANGAEA protocol runs in CI
+        assert report["tasks"][name]["protocol"] == "pangaea" and report["tasks"][name]["details"]["steps"] == 2
+    assert "mIoU" in report["tasks"]["change_pangaea"]["metrics"]
     assert report["tasks"]["segmentation"]["protocol"] == "finetune"
     md = (out / "report.md").read_text()
     assert "protocol pangaea" in md
@@ -83,15 +85,25 @@ def test_finetune_cli_one_task(tmp_path, debug_export, tiny_corpus):
 
 
 def test_paper_suite_list_names_found_and_missing_files(tmp_path, capsys):
-    from tests.finetune.fixtures import write_aerorit, write_citius_change
+    from tests.finetune.fixtures import write_aerorit, write_citius_change, write_mshfnet, write_qingpu
 
     benchmark = _launch("benchmark")
     write_aerorit(tmp_path / "AeroRIT", rows=56, cols=16)
     write_citius_change(tmp_path / "bayArea", "bay_area")
+    write_qingpu(tmp_path / "Qingpu-HSI")
+    write_mshfnet(tmp_path / "MSHFNet")
     rc = benchmark.main(["--suite", str(REPO / "configs/benchmarks/paper.yaml"), "--data-root", str(tmp_path), "--list"])
     out = capsys.readouterr().out
-    assert rc == 0 and "aerorit: found" in out and "bay_area: found" in out
+    for name in ("aerorit", "bay_area", "qingpu", "emit_planetscope_sf", "aerorit_pangaea", "bay_area_pangaea"):
+        assert f"{name}: found" in out, name
+    assert rc == 0 and "Qingpu_HSI_gt.dat" in out and "1_train_Planet.tif" in out
     assert "santa_barbara: MISSING 3 of 3" in out and "barbara_gtChanges.mat" in out and "citius.usc.es" in out
-    for name in ("whu_h2sr", "qingpu", "hrssc"):
-        assert f"{name}: MISSING" in out
+    assert "hrssc: MISSING" in out and "whu_h2sr: LAYOUT UNKNOWN" in out and "set data.image" in out
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    benchmark.main(["--suite", str(REPO / "configs/benchmarks/paper.yaml"), "--data-root", str(empty), "--list"])
+    out = capsys.readouterr().out
+    for name in ("aerorit", "qingpu", "bay_area", "santa_barbara", "hrssc", "emit_planetscope_sf"):
+        assert f"{name}: MISSING" in out, name
+    assert "3sobs.cn" in out and "FujiangJi/hyperspectral_reconstruction_datasets" in out
     assert benchmark.main(["--suite", str(REPO / "configs/benchmarks/paper.yaml")]) == 2  # no --checkpoint/--out

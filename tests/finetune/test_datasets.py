@@ -193,3 +193,56 @@ def test_wrong_layout_and_unknown_keys_are_clear_errors(tmp_path):
     (tmp_path / "x.mat").write_bytes(b"not a mat file at all" * 10)
     with pytest.raises(DatasetError, match="not a readable MATLAB file"):
         load_change_mat(tmp_path / "x.mat", tmp_path / "x.mat", tmp_path / "x.mat")
+
+
+def test_qingpu_as_distributed_with_its_published_split(tmp_path):
+    from tests.finetune.fixtures import write_qingpu
+
+    f = write_qingpu(tmp_path)
+    d = load_dataset({"loader": "qingpu", "root": str(tmp_path), "roi_size": f["roi"], "train_per_class": 2})
+    gt = f["gt"].astype(np.int64)
+    assert d.image.shape == (6, 40, 48) and np.allclose(d.image[:, 5, 7], f["cube"][:, 5, 7])
+    np.testing.assert_allclose(d.spectral.wavelengths, f["wavelengths"], atol=1e-3)  # from the ENVI header
+    assert len(d.class_names) == 20 and ((d.labels == -1) == (gt == 0)).all() and (d.labels[gt > 0] == gt[gt > 0] - 1).all()
+    window = np.zeros(gt.shape, bool)
+    for x, y in f["rois"]:
+        window[y:y + 8, x:x + 8] = True
+    assert (d.test_mask == ~window).all()  # test = everything outside the ROI windows
+    assert (d.train_mask <= (window & (gt > 0))).all()  # training pixels only from labelled window pixels
+    per_class = np.bincount(d.labels[d.train_mask], minlength=20)
+    present = np.bincount(gt[window & (gt > 0)] - 1, minlength=20) > 0
+    assert (per_class[present] == np.minimum(2, np.bincount(gt[window & (gt > 0)] - 1, minlength=20)[present])).all()
+    again = load_dataset({"loader": "qingpu", "root": str(tmp_path), "roi_size": 8, "train_per_class": 2})
+    assert (again.train_mask == d.train_mask).all()  # the draw is seeded
+    (tmp_path / "Qingpu_HSI_rois.txt").unlink()  # without the file: PatchOut's 16 windows, outside this tiny scene
+    with pytest.raises(DatasetError, match="ROI window at x=19877"):
+        load_dataset({"loader": "qingpu", "root": str(tmp_path)})
+
+
+def test_mshfnet_emit_planetscope_as_its_code_reads_it(tmp_path):
+    from data_prep.registry import get_sensor
+    from tests.finetune.fixtures import write_mshfnet
+
+    f = write_mshfnet(tmp_path)
+    d = load_dataset({"loader": "mshfnet", "root": str(tmp_path), "area": "1_SF", "split": "train"})
+    good = get_sensor("emit").good_band_mask(f["wavelengths"], f["good"])  # the file's flags and the registry's ranges
+    assert good.sum() < f["good"].sum()
+    assert d.ratio == 15 and d.hs.shape == (int(good.sum()), 3, 4) and d.ms.shape == (8, 45, 60)
+    assert np.allclose(d.hs[:, 1, 2], f["emit"][1, 2, good]) and np.allclose(d.ms[:, 7, 9], f["planet"][7, 9])
+    np.testing.assert_allclose(d.hs_spectral.wavelengths, f["wavelengths"][good], rtol=1e-6)
+    assert list(d.ms_spectral.wavelengths) == [443, 490, 531, 565, 610, 665, 705, 865]
+    assert d.hs_spectral.sensor == "emit" and d.ms_spectral.sensor == "planetscope" and d.hs_valid.all()
+    # PlanetScope at its native 3 m: resampled to the authors' 4 m grid (45 x 60 pixels over the same extent)
+    g = write_mshfnet(tmp_path / "native", split="test", planet_pixel=3.0)
+    e = load_dataset({"loader": "mshfnet", "root": str(tmp_path / "native"), "split": "test"})
+    assert e.ratio == 15 and e.ms.shape == (8, 45, 60) and g["planet"].shape[:2] == (60, 80)
+    assert abs(float(e.ms.mean()) - float(g["planet"].mean())) < 0.01
+    with pytest.raises(DatasetError, match="3_validate_EMIT.tif"):
+        load_dataset({"loader": "mshfnet", "root": str(tmp_path), "split": "validate"})
+    with pytest.raises(DatasetError, match="integer ratio"):
+        load_dataset({"loader": "mshfnet", "root": str(tmp_path), "hr_resolution": 7.0})
+
+
+def test_whu_h2sr_without_a_layout_says_what_to_name(tmp_path):
+    with pytest.raises(DatasetError, match=r"not known to this build; name \['image', 'labels', 'class_names'\]"):
+        load_dataset({"loader": "whu_h2sr", "root": str(tmp_path)})

@@ -17,9 +17,11 @@ def spectral(c: int = C, sensor: str = "emit") -> Spectral:
 
 
 def cfg(kind: str, mode: str = "finetune", steps: int = 40, seed: int = 0, lr: float = 3e-3, **kw) -> TaskConfig:
+    """A task config; ``train_extra`` overrides or adds ``train`` keys (e.g. ``epochs``)."""
+    train = {"mode": mode, "steps": steps, "batch_size": 8, "lr": lr, "encoder_lr": 1e-3, "seed": seed,
+             **kw.pop("train_extra", {})}
     return TaskConfig(name=f"t_{kind}", kind=kind, data={"loader": "x"}, normalise=kw.pop("normalise", False),
-                      train={"mode": mode, "steps": steps, "batch_size": 8, "lr": lr, "encoder_lr": 1e-3,
-                             "seed": seed}, **kw)
+                      train=train, **kw)
 
 
 def two_class_patches(n: int = 16, size: int = 8) -> tuple[np.ndarray, np.ndarray]:

@@ -61,7 +61,8 @@ def test_pixel_skip_resolves_boundaries_inside_a_token(encoder):
 
 
 def test_pangaea_protocol_freezes_the_encoder_and_uses_plain_upernet_on_its_layers(encoder):
-    from finetune.tasks.segmentation import SegmentationTask, pangaea_layers, stratified_subset
+    from finetune.tasks.pangaea import pangaea_layers
+    from finetune.tasks.segmentation import SegmentationTask
 
     g = np.random.default_rng(0)
     lab = np.zeros((16, 32), np.int64)
@@ -71,15 +72,28 @@ def test_pangaea_protocol_freezes_the_encoder_and_uses_plain_upernet_on_its_laye
     data = SegmentationData(img, lab, ["bg", "fg"], spectral())
     before = {n: p.detach().clone() for n, p in encoder.named_parameters()}
     c = cfg("segmentation", "finetune", steps=6, head={"channels": 16}, protocol="pangaea",
-            eval={"window": 16, "stride": 8, "label_fraction": 0.1})
+            eval={"window": 16, "stride": 8})
     task = SegmentationTask(c)
     res = task.run(encoder, data)
     assert all(torch.equal(p, before[n]) for n, p in encoder.named_parameters())  # frozen though mode=finetune
-    assert 0 <= res.metrics["OA"] <= 1
+    assert 0 <= res.metrics["OA"] <= 1 and res.details["steps"] == 6
     task.prepare(encoder, data)
     head = task.build_head(encoder)
     assert not head.pixel_skip and head.layers == pangaea_layers(encoder.depth)
-    assert pangaea_layers(12) == (3, 5, 7, 11)
+    assert isinstance(head.dropout, torch.nn.Dropout2d) and head.dropout.p == 0.1
     assert [task.lr_schedule(s, 100) for s in (0, 59, 60, 89, 90)] == [1.0, 1.0, 0.1, 0.1, pytest.approx(0.01)]
-    kept = stratified_subset(np.where(np.arange(32)[None] < 16, lab, -1), 0.1, 0)
-    assert [(kept == k).sum() for k in (0, 1)] == [round(0.1 * 128), round(0.1 * 128)]
+    # no flips under PANGAEA: every drawn window is a crop of the scene as it is
+    (x, *_), y = task.batch(np.random.default_rng(3))
+    crops = {tuple(task.windows.labels[yy:yy + 16, xx:xx + 16].flatten().tolist()) for yy, xx in task.windows.origins}
+    assert all(tuple(t.flatten().tolist()) in crops for t in y)
+
+
+def test_epochs_set_the_steps_from_the_labelled_tiles(encoder):
+    g = np.random.default_rng(0)
+    lab = g.integers(0, 2, (16, 64))
+    img = g.normal(0, 0.2, (C, 16, 64)).astype(np.float32)
+    data = SegmentationData(img, lab, ["a", "b"], spectral())
+    c = cfg("segmentation", steps=999, head={"channels": 8}, train_extra={"epochs": 3, "batch_size": 1},
+            eval={"window": 16, "stride": 16, "train_fraction": 0.5})
+    res = run_task(encoder, data, c)
+    assert res.details["steps"] == 3 * 2 and len(res.arrays["losses"]) == 6  # 2 labelled 16 x 16 tiles in 32 columns
