@@ -24,6 +24,7 @@ from torch import nn
 
 from finetune.datasets.base import DatasetError, Spectral
 from finetune.encoder_api import Encoder
+from finetune.tasks.pangaea import multistep_factor
 
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
@@ -135,13 +136,19 @@ class Task:
                                "train.steps (and train.epochs: null)")
         return epochs * per
 
+    @property
+    def pangaea(self) -> bool:
+        """Whether the task runs PANGAEA's protocol (``protocol: pangaea``; :mod:`finetune.tasks.pangaea`)."""
+        return getattr(self.cfg, "protocol", "finetune") == "pangaea"
+
     def lr_schedule(self, step: int, total: int) -> float:
-        """The learning-rate factor at ``step`` (default: :func:`lr_factor`, warm-up + cosine)."""
-        return lr_factor(step, total)
+        """The learning-rate factor at ``step``: :func:`lr_factor` (warm-up + cosine), or PANGAEA's multi-step."""
+        return multistep_factor(step, total) if self.pangaea else lr_factor(step, total)
 
     def trainable_encoder(self) -> bool:
-        """Whether the encoder trains (``train.mode: finetune``) or stays frozen (``linear_probe``)."""
-        return self.cfg.train.mode == "finetune"
+        """Whether the encoder trains (``train.mode: finetune``) or stays frozen (``linear_probe``; always under
+        PANGAEA, whose ``finetune: false`` freezes it)."""
+        return not self.pangaea and self.cfg.train.mode == "finetune"
 
     def result(self, metrics: dict, details: dict, arrays: dict, dataset: str) -> TaskResult:
         return TaskResult(self.cfg.name, self.kind, metrics, details, arrays, dataset)

@@ -41,16 +41,6 @@ class ChangeTask(Task):
     headline = "F1"
     protocols = ("finetune", "pangaea")
 
-    @property
-    def pangaea(self) -> bool:
-        return self.cfg.protocol == "pangaea"
-
-    def trainable_encoder(self) -> bool:
-        return False if self.pangaea else super().trainable_encoder()
-
-    def lr_schedule(self, step: int, total: int) -> float:
-        return P.multistep_factor(step, total) if self.pangaea else super().lr_schedule(step, total)
-
     def steps_per_epoch(self) -> int:
         if self.pangaea:
             return self.windows.steps_per_epoch(self.cfg.train.batch_size)

@@ -40,16 +40,6 @@ class SegmentationTask(Task):
     headline = "mIoU"
     protocols = ("finetune", "pangaea")
 
-    @property
-    def pangaea(self) -> bool:
-        return self.cfg.protocol == "pangaea"
-
-    def trainable_encoder(self) -> bool:
-        return False if self.pangaea else super().trainable_encoder()
-
-    def lr_schedule(self, step: int, total: int) -> float:
-        return P.multistep_factor(step, total) if self.pangaea else super().lr_schedule(step, total)
-
     def steps_per_epoch(self) -> int:
         return self.windows.steps_per_epoch(self.cfg.train.batch_size)
 
