@@ -24,9 +24,10 @@ Every figure below is read from PANGAEA's configs (github.com/VMarsocci/pangaea-
   -1 (the xView2 change-detection example uses it).
 - ``pangaea/engine/evaluator.py`` ``sliding_inference``: with no stride, ``ceil(size / crop)`` windows per axis
   spread evenly (``linspace(0, size - crop, n).round()``), their *logits* averaged where they overlap.
-- ``pangaea/utils/subset_sampler.py`` ``balance_seg_indices``: per training sample, the fraction of each class's
-  pixels binned with ``ceil(ratio / (1 / bins)) - 1``; the samples grouped by the string of their bins; from each
-  group ``int(max(1, n * fraction))`` drawn at random.
+- ``pangaea/utils/subset_sampler.py`` ``balance_seg_indices`` (``get_subset_indices`` uses it for segmentation and
+  change detection alike): per training sample, the fraction of each class's pixels binned with
+  ``ceil(ratio / (1 / bins)) - 1``; the samples grouped by the string of their bins; from each group
+  ``int(max(1, n * fraction))`` drawn at random.
 
 Where the data is one scene (the papers' hyperspectral datasets) a PANGAEA "sample" is one ``eval.window`` tile of
 the training region (the grid of non-overlapping windows): the limited-label subset keeps whole tiles, and an
