@@ -74,7 +74,7 @@ def exit_code(exc: BaseException) -> int:
 def message(exc: BaseException) -> str:
     """The one line printed for a mapped error."""
     if isinstance(exc, Terminated):
-        return "stopped by SIGTERM"
+        return "stopped by SIGTERM" + (f" ({exc})" if str(exc) else "")
     if _is_path_error(exc) and not isinstance(exc, UserError):
         return f"{exc.strerror or exc}: {exc.filename}"
     return str(exc)

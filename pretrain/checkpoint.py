@@ -30,6 +30,7 @@ import torch
 import torch.distributed as dist
 
 from data_prep.errors import UserError
+from data_prep.failpoints import failpoint
 
 MARKER = "complete"
 
@@ -140,6 +141,7 @@ def save(engine: Any, stage_dir: str | Path, step: int, client_state: dict[str, 
     _write_json_atomic(path / f"rank_{_rank():05d}.json", rank_state)
     _barrier()
     if _rank() == 0:
+        failpoint("checkpoint.before_marker", tag)
         _write_json_atomic(path / MARKER, {"step": step, "world_size": _world(), "client_state": client_state,
                                            "param_shapes": shapes})
         prune(stage_dir, keep)

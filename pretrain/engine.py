@@ -10,6 +10,8 @@ from __future__ import annotations
 import inspect
 import os
 import socket
+import sys
+import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -18,6 +20,7 @@ import torch.distributed as dist
 from torch import nn
 
 from data_prep.configtree import import_object
+from data_prep.errors import UserError
 from pretrain.config import ConfigError, TrainConfig
 from pretrain.models.vocab import Vocabulary
 
@@ -65,12 +68,81 @@ def bound_cpu_allocator(threshold: int = CPU_MMAP_THRESHOLD) -> bool:
         return False
 
 
+class BuildLockError(UserError):
+    """An extension build lock is left by a killed build: the launch would wait for it forever."""
+
+
+def extension_locks() -> list[Path]:
+    """Build locks in the torch extensions cache (``TORCH_EXTENSIONS_DIR``, else torch's default root)."""
+    from torch.utils.cpp_extension import get_default_build_root
+
+    root = Path(os.environ.get("TORCH_EXTENSIONS_DIR") or get_default_build_root())
+    return sorted({*root.glob("*/lock"), *root.glob("*/*/lock")}) if root.is_dir() else []
+
+
+def _held_open(path: Path) -> bool:
+    """A process of this machine has ``path`` open (torch's FileBaton keeps its lock open while it builds)."""
+    target = os.path.realpath(path)
+    for fd_dir in Path("/proc").glob("[0-9]*/fd"):
+        try:
+            fds = list(fd_dir.iterdir())
+        except OSError:  # ended meanwhile, or not ours to look at
+            continue
+        for fd in fds:
+            try:
+                if os.readlink(fd) == target:
+                    return True
+            except OSError:
+                continue
+    return False
+
+
+def check_build_locks(quiet_s: float = 120.0, poll_s: float = 1.0) -> None:
+    """Report an extension build lock that no build holds any more, instead of waiting on it forever.
+
+    torch's JIT extension build (DeepSpeed builds its CPU communication op that way at the first launch
+    into an empty cache) holds a ``lock`` file in the op's build folder; other processes wait while it
+    exists, and a killed build leaves it behind, so every later launch hangs without a word. A lock that a
+    process of this machine holds open is a build in progress: torch waits for it, and so does this. A lock
+    nobody here holds may still be a build on another machine sharing the cache: it counts as stale once
+    nothing in its folder has changed for ``quiet_s`` seconds (until then this waits, saying so once).
+    Raises :class:`BuildLockError` naming the file.
+    """
+    warned: set[Path] = set()
+    while True:
+        pending = []
+        for lock in extension_locks():
+            try:
+                if _held_open(lock):
+                    continue
+                quiet = time.time() - max(p.stat().st_mtime for p in lock.parent.iterdir())
+            except (FileNotFoundError, ValueError):  # released meanwhile
+                continue
+            if quiet >= quiet_s:
+                raise BuildLockError(
+                    f"extension build lock {lock} was left by a killed build: no process holds it and its folder "
+                    f"has not changed for {quiet:.0f} s, so the launch would wait for it forever; remove it "
+                    f"(rm {lock}) and launch again")
+            pending.append(lock)
+            if lock not in warned:
+                warned.add(lock)
+                print(f"waiting on extension build lock {lock}: no process here holds it; it is reported as left "
+                      f"by a killed build if its folder stays unchanged for {quiet_s:.0f} s", file=sys.stderr,
+                      flush=True)
+        if not pending:
+            return
+        time.sleep(poll_s)
+
+
 def init_distributed() -> tuple[int, int, int]:
     """Join the process group torchrun describes (RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR/PORT).
 
     Without torchrun's variables the run is one process (world size 1) on a fresh local port: explicit,
     not a fallback. Backend: nccl with CUDA, gloo otherwise. Returns (rank, world_size, local_rank).
+    A stale extension build lock is reported first (:func:`check_build_locks`): DeepSpeed builds its CPU
+    communication op here on the first launch.
     """
+    check_build_locks()
     import deepspeed
 
     if "RANK" not in os.environ:

@@ -131,6 +131,11 @@ class Trainer:
     def _on_sigterm(self, signum: int, frame: Any) -> None:
         self._stop = True
 
+    @property
+    def stop_requested(self) -> bool:
+        """SIGTERM has arrived (the run saves and stops at the end of the current step)."""
+        return self._stop
+
     def build(self, stage: StagePlan, global_step: int) -> StageParts:
         """Model (initialised from the previous export), engine, loader, counters and checkpointer of a stage."""
         seed = self.cfg.seed + 1000 * stage.index + self.rank

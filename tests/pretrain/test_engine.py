@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import subprocess
 import sys
 from pathlib import Path
 
@@ -21,6 +20,7 @@ from pretrain.engine import (
     param_groups,
 )
 from pretrain.models.export import ExportError
+from tests import watch
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -112,8 +112,7 @@ def test_bound_cpu_allocator_keeps_large_blocks_mmapped():
         # any MALLOC_*_ tunable (e.g. MALLOC_TRIM_THRESHOLD_, which Dask's nanny exports) turns glibc's dynamic
         # mmap threshold off: the probe measures glibc's default, so none may reach it
         env = {k: v for k, v in os.environ.items() if not k.startswith("MALLOC_") and k != "GLIBC_TUNABLES"}
-        r = subprocess.run([sys.executable, "-c", ALLOC_PROBE, mode], cwd=REPO, env=env, capture_output=True,
-                           text=True, timeout=120)
+        r = watch.run([sys.executable, "-c", ALLOC_PROBE, mode], cwd=REPO, env=env)
         assert r.returncode == 0, r.stderr[-2000:]
         return r.stdout.strip()
 
@@ -124,3 +123,32 @@ def test_bound_cpu_allocator_keeps_large_blocks_mmapped():
         assert bound_cpu_allocator() is False  # the user's own setting wins
     finally:
         del os.environ["MALLOC_MMAP_THRESHOLD_"]
+
+
+def test_stale_extension_build_lock_is_reported_and_a_live_one_waited_for(tmp_path, monkeypatch, capsys):
+    import threading
+    import time
+
+    from pretrain.engine import BuildLockError, check_build_locks
+
+    monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(tmp_path))
+    check_build_locks()  # no locks: nothing to say
+    lock = tmp_path / "deepspeed_shm_comm" / "lock"
+    lock.parent.mkdir()
+    fd = os.open(lock, os.O_CREAT | os.O_EXCL)  # as torch's FileBaton does while it builds
+    try:
+        check_build_locks(quiet_s=0.0)  # held open by a live build (this process): not stale
+    finally:
+        os.close(fd)
+    old = time.time() - 600
+    os.utime(lock, (old, old))
+    os.utime(lock.parent, (old, old))
+    with pytest.raises(BuildLockError, match=f"extension build lock {lock} was left by a killed build.*rm {lock}"):
+        check_build_locks(quiet_s=120.0)
+    lock.touch()  # recent: maybe a build on another machine sharing the cache; wait while it is released
+    threading.Timer(0.5, lock.unlink).start()
+    check_build_locks(quiet_s=60.0, poll_s=0.05)
+    assert "waiting on extension build lock" in capsys.readouterr().err
+    lock.touch()
+    with pytest.raises(BuildLockError):  # and give up once its folder stays unchanged for quiet_s
+        check_build_locks(quiet_s=0.3, poll_s=0.05)

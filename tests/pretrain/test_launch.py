@@ -66,4 +66,30 @@ def test_help_explains_itself(launch, capsys):
     with pytest.raises(SystemExit):
         launch.main(["--help"])
     out = capsys.readouterr().out
-    assert "key=value" in out and "resumes" in out
+    assert "key=value" in out and "resumes" in out and "--nproc_per_node" in out and "exit" in out
+
+
+@pytest.mark.parametrize(("codes", "expect"), [
+    ({1: 2, 0: -15}, 2),      # bad input on one rank, the other stopped by the launcher
+    ({1: 2, 0: 1}, 2),
+    ({0: 143, 1: 143}, 143),  # SIGTERM to every rank: they saved and stopped
+    ({1: -9, 0: 143}, 137),   # a rank killed (kill -9, the OOM killer)
+    ({0: 1, 1: -15}, 1),      # a bug on rank 0 (its traceback is above)
+])
+def test_run_outcome_maps_the_ranks_codes(launch, codes, expect):
+    assert launch.run_outcome(codes) == expect
+
+
+def test_launcher_options_are_torchruns(launch, capsys):
+    args = launch.parse_args(["--config", "c.yaml", "--nproc_per_node", "2", "a=1", "--nnodes=1", "b=2"])
+    assert args.overrides == ["a=1", "b=2"] and args.nproc_per_node == 2
+    assert launch.launcher_argv(args) == ["--nproc_per_node=2", "--nnodes=1", "--shutdown_timeout=120"]
+    from torch.distributed.run import parse_args
+
+    parse_args([*launch.launcher_argv(args), "launch/pretrain.py"])  # torchrun takes every one of them
+
+
+def test_nproc_per_node_under_torchrun_is_an_error(launch, config: Path, capsys, monkeypatch):
+    monkeypatch.setenv("TORCHELASTIC_RUN_ID", "x")
+    assert launch.main(["--config", str(config), "--nproc_per_node=2"]) == 2
+    assert "under torchrun leave it out" in capsys.readouterr().err
