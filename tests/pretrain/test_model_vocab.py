@@ -10,7 +10,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import subprocess
 import sys
 from pathlib import Path
 
@@ -23,6 +22,7 @@ from pretrain import engine as eng
 from pretrain.checkpoint import CheckpointError
 from pretrain.models import ModelError, Vocabulary, build_model
 from pretrain.models.export import ExportError, save_encoder
+from tests import watch
 from tests.pretrain.data_fixtures import make_store
 from tests.pretrain.test_train_ds import losses
 
@@ -93,9 +93,8 @@ for _k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT", "PY
 
 
 def _pretrain(config: Path, sensors: Path, *overrides: str) -> None:
-    r = subprocess.run([sys.executable, str(REPO / "launch/pretrain.py"), "--config", str(config), *overrides],
-                       cwd=REPO, env={**ENV, "SPECFM_SENSORS": str(sensors)}, capture_output=True, text=True,
-                       timeout=900)
+    r = watch.run([sys.executable, str(REPO / "launch/pretrain.py"), "--config", str(config), *overrides],
+                  cwd=REPO, env={**ENV, "SPECFM_SENSORS": str(sensors)})  # hangs detected by progress
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
 
 

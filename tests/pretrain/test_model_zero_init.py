@@ -9,12 +9,13 @@ from __future__ import annotations
 
 import os
 import socket
-import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 import yaml
+
+from tests import watch
 
 REPO = Path(__file__).resolve().parents[2]
 ENV = {**os.environ, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1",
@@ -172,7 +173,7 @@ def _run_worker(tmp_path, objective: str) -> str:
     script.write_text(WORKER)
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={_free_port()}",
            str(script), objective, str(tmp_path / "c.yaml"), str(tmp_path / "out")]
-    r = subprocess.run(cmd, cwd=REPO, env=ENV, capture_output=True, text=True, timeout=600)
+    r = watch.run(cmd, cwd=REPO, env=ENV)  # a hang is no progress, not a wall-clock budget
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     return r.stdout
 
