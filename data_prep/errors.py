@@ -84,10 +84,13 @@ def _raise_terminated(signum: int, frame: Any) -> None:
     raise Terminated()
 
 
-def raise_on_sigterm() -> None:
-    """From now on SIGTERM raises :class:`Terminated` in the main thread (so ``finally`` blocks run)."""
-    if threading.current_thread() is threading.main_thread():
-        signal.signal(signal.SIGTERM, _raise_terminated)
+def raise_on_sigterm() -> Any:
+    """From now on SIGTERM raises :class:`Terminated` in the main thread (so ``finally`` blocks run).
+
+    Returns the handler it replaced (None when not called from the main thread)."""
+    if threading.current_thread() is not threading.main_thread():
+        return None
+    return signal.signal(signal.SIGTERM, _raise_terminated)
 
 
 def run_main(main: Callable[[], int | None], prefix: str = "error", linger: float = 0.0) -> int:
@@ -97,7 +100,7 @@ def run_main(main: Callable[[], int | None], prefix: str = "error", linger: floa
     multi-process launch, where the first rank to exit makes the launcher stop the others, so that every
     rank running the same checks prints its own line.
     """
-    raise_on_sigterm()
+    previous = raise_on_sigterm()
     try:
         return int(main() or 0)
     except KeyboardInterrupt:
@@ -108,5 +111,11 @@ def run_main(main: Callable[[], int | None], prefix: str = "error", linger: floa
             raise
         print(f"{prefix}: {message(e)}", file=sys.stderr, flush=True)
         if linger > 0 and not isinstance(e, Terminated):
-            time.sleep(linger)
+            try:
+                time.sleep(linger)
+            except Terminated:  # the launcher stops this rank because another one already left: the same end
+                pass
         return exit_code(e)
+    finally:
+        if previous is not None and signal.getsignal(signal.SIGTERM) is _raise_terminated:
+            signal.signal(signal.SIGTERM, previous)  # a command run in-process leaves the caller's handler

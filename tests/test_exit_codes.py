@@ -29,7 +29,9 @@ def _launch(name: str):
 
 
 def test_run_main_maps_outcomes(capsys):
+    before = signal.getsignal(signal.SIGTERM)
     assert run_main(lambda: None) == 0 and run_main(lambda: 3) == 3
+    assert signal.getsignal(signal.SIGTERM) is before  # a command run in-process leaves the caller's handler
 
     def bad():
         raise UserError("stages.0.steps: expected int, got 'ten'")
@@ -146,3 +148,20 @@ def test_launchers_do_not_shadow_their_packages_with_pythonpath_set(tmp_path, la
                        capture_output=True, env={**os.environ, "PYTHONPATH": str(REPO)})
     assert r.returncode == 2, r.stderr
     assert "is not a package" not in r.stderr and "none.yaml does not exist" in r.stderr
+
+
+def test_sigterm_while_lingering_after_an_error_keeps_the_error_code(capsys):
+    """Under torchrun the first rank to leave makes the agent SIGTERM the others, which are lingering after
+    printing their own error: they still exit 2, without a traceback."""
+    import threading
+
+    def bad():
+        threading.Timer(0.2, os.kill, (os.getpid(), signal.SIGTERM)).start()
+        raise UserError("model: unknown model size 'debugg'")
+
+    old = signal.getsignal(signal.SIGTERM)
+    try:
+        assert run_main(bad, prefix="error (rank 1)", linger=5.0) == EXIT_BAD_INPUT
+    finally:
+        signal.signal(signal.SIGTERM, old)
+    assert capsys.readouterr().err == "error (rank 1): model: unknown model size 'debugg'\n"
