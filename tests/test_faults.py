@@ -23,7 +23,6 @@ import json
 import os
 import shutil
 import signal
-import sys
 import time
 from pathlib import Path
 
@@ -32,26 +31,21 @@ import psutil
 import pytest
 import yaml
 
+from tests.launching import ENV, REPO, pretrain_cmd, torchrun_cmd
 from tests.pretrain.data_fixtures import make_store
 from tests.watch import Watched
 
 pytestmark = pytest.mark.slow
 
-REPO = Path(__file__).resolve().parents[1]
-ENV = {**os.environ, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "WANDB_MODE": "disabled",
-       "TORCH_EXTENSIONS_DIR": str(Path.home() / ".cache/specfm/torch_extensions"), "PYTHONPATH": str(REPO)}
+ENV = {**ENV, "WANDB_MODE": "disabled", "PYTHONPATH": str(REPO)}
 STEPS = 8
 
 
 def launch(config: Path, *overrides: str, env: dict | None = None, torchrun: bool = False) -> Watched:
     """``python launch/pretrain.py --nproc_per_node=2 ...`` (or under ``torchrun``), watched for hangs."""
-    script = str(REPO / "launch/pretrain.py")
-    if torchrun:
-        cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--rdzv_backend=c10d",
-               "--rdzv_endpoint=localhost:0", script]
-    else:
-        cmd = [sys.executable, script, "--nproc_per_node=2"]
-    return Watched([*cmd, "--config", str(config), *overrides], cwd=REPO, env={**ENV, **(env or {})})
+    cmd = (torchrun_cmd(REPO / "launch/pretrain.py", "--config", config, *overrides) if torchrun
+           else pretrain_cmd(config, *overrides))
+    return Watched(cmd, cwd=REPO, env={**ENV, **(env or {})})
 
 
 def losses(run_dir: Path) -> dict[int, float]:

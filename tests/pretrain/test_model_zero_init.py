@@ -8,14 +8,13 @@ it (gathered) and the first loss must equal the whole model's.
 from __future__ import annotations
 
 import os
-import socket
-import sys
 from pathlib import Path
 
 import pytest
 import yaml
 
 from tests import watch
+from tests.launching import torchrun_cmd
 
 REPO = Path(__file__).resolve().parents[2]
 ENV = {**os.environ, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1",
@@ -157,12 +156,6 @@ main(*sys.argv[1:4])
 '''
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _run_worker(tmp_path, objective: str) -> str:
     cfg = {"run_dir": str(tmp_path / "run"), "data": {"sources": [{"url": str(tmp_path / "none.zarr")}],
                                                         "crop": 16, "band_window": 9},
@@ -171,8 +164,7 @@ def _run_worker(tmp_path, objective: str) -> str:
     (tmp_path / "c.yaml").write_text(yaml.safe_dump(cfg))
     script = tmp_path / "zero_init_worker.py"
     script.write_text(WORKER)
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={_free_port()}",
-           str(script), objective, str(tmp_path / "c.yaml"), str(tmp_path / "out")]
+    cmd = torchrun_cmd(script, objective, tmp_path / "c.yaml", tmp_path / "out")  # --standalone: no port race
     r = watch.run(cmd, cwd=REPO, env=ENV)  # a hang is no progress, not a wall-clock budget
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     return r.stdout

@@ -11,10 +11,7 @@ minutes): tests/watch.py fails a launch only when it makes no progress (no outpu
 from __future__ import annotations
 
 import json
-import os
 import signal
-import socket
-import sys
 from pathlib import Path
 
 import pytest
@@ -23,22 +20,13 @@ import yaml
 from safetensors.torch import load_file
 
 from tests import watch
+from tests.launching import ENV, REPO, torchrun_cmd
 from tests.pretrain.data_fixtures import make_store
-
-REPO = Path(__file__).resolve().parents[2]
-ENV = {**os.environ, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1",
-       "TORCH_EXTENSIONS_DIR": str(Path.home() / ".cache/specfm/torch_extensions"), "WANDB_MODE": "offline"}
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def torchrun(config: Path, *overrides: str, wait: bool = True):
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={_free_port()}",
-           str(REPO / "launch/pretrain.py"), "--config", str(config), *overrides]
+    """``torchrun --standalone ... launch/pretrain.py`` (rendezvous on the agent's own port), hang-watched."""
+    cmd = torchrun_cmd(REPO / "launch/pretrain.py", "--config", config, *overrides)
     if not wait:
         return watch.Watched(cmd, cwd=REPO, env=ENV)
     return watch.run(cmd, cwd=REPO, env=ENV)
