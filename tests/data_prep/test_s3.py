@@ -24,7 +24,9 @@ import yaml
 from data_prep import store as st
 from data_prep.dataset import dataset_url, open_store
 from pretrain.data import DataConfig, SourceConfig, build_loader
+from tests import watch
 from tests.data_prep.test_ingest import make_cube
+from tests.launching import torchrun_cmd
 
 REPO = Path(__file__).resolve().parents[2]
 BUCKET = "specfm-test"
@@ -146,12 +148,7 @@ def test_train_from_s3(s3, ingested, tmp_path):
     env = {k: v for k, v in s3["env"].items() if k != "PYTHONPATH"}
     env.update(DS_ACCELERATOR="cpu", OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1", WANDB_MODE="disabled",
                TORCH_EXTENSIONS_DIR=str(Path.home() / ".cache/specfm/torch_extensions"))
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=1", f"--master_port={port}",
-                        str(REPO / "launch/pretrain.py"), "--config", str(path)], cwd=REPO, env=env,
-                       capture_output=True, text=True)
+    r = watch.run(torchrun_cmd(REPO / "launch/pretrain.py", "--config", path, nproc=1), cwd=REPO, env=env)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     losses = [json.loads(line)["loss"] for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()
               if "loss" in json.loads(line)]

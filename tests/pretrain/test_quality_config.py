@@ -5,15 +5,14 @@ the learning instruments every log step and drawing their curves."""
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import yaml
 
 from pretrain.config import load_config
-from tests.pretrain.test_train_ds import ENV, _free_port
+from tests import watch
+from tests.launching import ENV, torchrun_cmd
 
 REPO = Path(__file__).resolve().parents[2]
 CONFIG = REPO / "configs" / "pretrain" / "quality_cpu.yaml"
@@ -41,9 +40,7 @@ def test_quality_config_runs_a_few_steps_on_two_ranks(tmp_path):
     raw["parallel"]["micro_batch"], raw["parallel"]["global_batch"] = 2, 4
     cfg = tmp_path / "quality.yaml"
     cfg.write_text(yaml.safe_dump(raw))
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={_free_port()}",
-           str(REPO / "launch/pretrain.py"), "--config", str(cfg)]
-    r = subprocess.run(cmd, cwd=REPO, env=ENV, capture_output=True, text=True, timeout=900)
+    r = watch.run(torchrun_cmd(REPO / "launch/pretrain.py", "--config", cfg), cwd=REPO, env=ENV)  # hang = no progress
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     recs = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     steps = [x for x in recs if "loss" in x]
