@@ -9,6 +9,8 @@ from typing import Any
 from data_prep import configtree
 from data_prep.errors import UserError
 
+from .colocated_config import ColocatedConfig
+
 
 class DataError(UserError):
     """A data source or data setting is unusable: raised before any batch (or past ``max_bad_fraction``)."""
@@ -74,6 +76,10 @@ class DataConfig:
     normalise_on: ``workers`` (workers deliver normalised float32 ``pixels``), ``device`` (workers deliver the
         stored FP16 ``raw`` + ``norm``; the loader normalises on the device it was built for, see
         :func:`pretrain.data.build_loader`), or ``auto``: ``device`` when the loader is built for a CUDA device.
+    mix: ``store`` (a batch holds one store and one band window) or ``mixed`` (any sensor mix in one batch, padded,
+        with ``band_mask``: :mod:`pretrain.data.mixed`).
+    colocated: co-located groups instead of single images (:class:`~pretrain.data.colocated_config.ColocatedConfig`,
+        :mod:`pretrain.data.colocated`); None = off.
     """
 
     sources: list[SourceConfig]
@@ -94,6 +100,8 @@ class DataConfig:
     pin_memory: bool = False
     decoder: str = "auto"
     normalise_on: str = "auto"
+    mix: str = "store"
+    colocated: ColocatedConfig | None = None
 
     def __post_init__(self) -> None:
         if not isinstance(self.sources, list | tuple) or not self.sources:
@@ -114,6 +122,10 @@ class DataConfig:
             v = getattr(self, name)
             if not isinstance(v, int) or v < 0:
                 raise DataError(f"DataConfig.{name} must be an integer >= 0, got {v!r}")
+        if self.mix not in ("store", "mixed"):
+            raise DataError(f"DataConfig.mix must be 'store' or 'mixed', got {self.mix!r}")
+        if isinstance(self.colocated, dict):
+            self.colocated = ColocatedConfig(**self.colocated)
         if self.worker_type not in ("thread", "process"):
             raise DataError(f"DataConfig.worker_type must be 'thread' or 'process', got {self.worker_type!r}")
         if self.decoder not in ("auto", "zarrs", "zarr"):

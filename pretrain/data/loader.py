@@ -111,20 +111,23 @@ class Collate(BaseNode[dict]):
         reads = batch.pop("_reads")
         bad = batch.pop("_bad", [])
         fatal = batch.pop("_fatal", None)
-        url = bad[0]["url"] if bad else batch["meta"]["url"][0]
-        self.reads[url] = self.reads.get(url, 0) + reads
+        if not isinstance(reads, dict):  # a single-store batch; mixed and co-located ones count per store
+            reads = {bad[0]["url"] if bad else batch["meta"]["url"][0]: reads}
+        for url, r in reads.items():
+            self.reads[url] = self.reads.get(url, 0) + r
         for s in bad:
             self._count(s)
         if fatal is not None:
             raise DataError(fatal)
-        n = self.bad.get(url, 0)
-        allowed = max(1.0, self.max_bad_fraction * self.reads[url]) if self.max_bad_fraction > 0 else 0.0
-        if n > allowed:
-            raise DataError(
-                f"{url}: {n} of {self.reads[url]} reads failed to decode, more than max_bad_fraction="
-                f"{self.max_bad_fraction} allows; failed patches (this run) {sorted(set(self._bad_idx[url]))[:50]}; "
-                f"first error: {self._first_error[url]}")
-        self.delivered += batch["raw" if "raw" in batch else "pixels"].shape[0]
+        for url in reads:
+            n = self.bad.get(url, 0)
+            allowed = max(1.0, self.max_bad_fraction * self.reads[url]) if self.max_bad_fraction > 0 else 0.0
+            if n > allowed:
+                raise DataError(
+                    f"{url}: {n} of {self.reads[url]} reads failed to decode, more than max_bad_fraction="
+                    f"{self.max_bad_fraction} allows; failed patches (this run) "
+                    f"{sorted(set(self._bad_idx[url]))[:50]}; first error: {self._first_error[url]}")
+        self.delivered += batch_size(batch)
         return batch
 
     def _count(self, s: dict) -> None:
@@ -144,6 +147,14 @@ class Collate(BaseNode[dict]):
     def get_state(self) -> dict[str, Any]:
         return {"delivered": self.delivered, "reads": dict(self.reads), "bad": dict(self.bad),
                 "source": self.source.state_dict()}
+
+
+def batch_size(batch: dict) -> int:
+    """Samples in a batch: single-store, mixed (``pixels`` or ``raw``) or co-located (``location``)."""
+    for k in ("pixels", "raw", "location"):
+        if k in batch:
+            return int(batch[k].shape[0])
+    raise KeyError("batch has none of pixels, raw, location")
 
 
 class WorkerWatchdog:
@@ -368,6 +379,8 @@ def build_plan(cfg: DataConfig, rank: int = 0, world_size: int = 1,
     if not 0 <= rank < world_size:
         raise DataError(f"rank {rank} is not in [0, world_size={world_size})")
     infos, _, bases, weights = _opened or _open(cfg)
+    if cfg.mix == "mixed":
+        return _mixed_plan(cfg, rank, world_size, infos, bases, weights)
     sources = {}
     total = 0
     for key, info in infos.items():
@@ -387,6 +400,21 @@ def build_plan(cfg: DataConfig, rank: int = 0, world_size: int = 1,
     return plan, infos, (total * cfg.epochs if cfg.epochs else None)
 
 
+def _mixed_plan(cfg: DataConfig, rank: int, world_size: int, infos, bases, weights):
+    """The planning half of a ``mix: mixed`` pipeline (:mod:`pretrain.data.mixed`)."""
+    from .mixed import MixedPlanNode, mixed_sources
+
+    batched, per_epoch = mixed_sources(infos, bases, weights, batch_size=cfg.batch_size, seed=cfg.seed, rank=rank,
+                                       world_size=world_size, epochs=cfg.epochs)
+    if per_epoch * (cfg.epochs or 1) < cfg.batch_size:
+        raise DataError(f"{per_epoch} patches per rank and epoch over all sources cannot give one mixed batch of "
+                        f"{cfg.batch_size} to each of {world_size} ranks")
+    plan = MixedPlanNode(batched, infos, seed=cfg.seed, rank=rank, band_window=cfg.band_window,
+                         band_stride=cfg.band_stride, crop=cfg.crop, crop_align=cfg.crop_align,
+                         sensor_dropout=cfg.sensor_dropout)
+    return plan, infos, (per_epoch * cfg.epochs // cfg.batch_size if cfg.epochs else None)
+
+
 def build_loader(cfg: DataConfig, rank: int = 0, world_size: int = 1, vocab: Vocabulary | None = None,
                  device: torch.device | str | None = None) -> SpecLoader:
     """Open and check every source (DataError before any batch), then build this rank's pipeline.
@@ -401,6 +429,10 @@ def build_loader(cfg: DataConfig, rank: int = 0, world_size: int = 1, vocab: Voc
     cuda = dev.type == "cuda" and torch.cuda.is_available()
     pin_in_workers = cfg.pin_memory and cuda and cfg.worker_type == "thread"
     opened = _open(cfg)
+    if cfg.colocated is not None:  # co-located groups: a pipeline of their own (pretrain.data.colocated)
+        from .colocated import build_colocated_loader
+
+        return build_colocated_loader(cfg, rank, world_size, opened, vocab)
     plan, infos, num_batches = build_plan(cfg, rank, world_size, _opened=opened)
     tables = opened[1]
     subs = Substitutes(infos, opened[2], seed=cfg.seed, crop=cfg.crop, crop_align=cfg.crop_align,
@@ -408,6 +440,10 @@ def build_loader(cfg: DataConfig, rank: int = 0, world_size: int = 1, vocab: Voc
     reader = SampleReader(tables, cfg.crop, cfg.storage_options, substitutes=subs,
                           max_batch_bad=cfg.max_bad_batch_fraction, vocab=vocab, decoder=cfg.decoder,
                           normalise_on=mode, pin=pin_in_workers)
+    if cfg.mix == "mixed":
+        from .mixed import MixedReader
+
+        reader = MixedReader(reader)
     mapper = ParallelMapper(plan, reader, num_workers=cfg.num_workers, in_order=True, method=cfg.worker_type,
                             multiprocessing_context="spawn" if cfg.worker_type == "process" else None)
     watch = WorkerWatchdog(mapper) if cfg.worker_type == "process" and cfg.num_workers > 0 else None

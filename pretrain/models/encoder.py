@@ -1,7 +1,9 @@
 """The shared encoder: band conditions (meta + content) -> HyperEmbedding tokens -> ViT.
 
 ``encoder(pixels, wavelengths, fwhm, sensor=None, level=None, valid=None, gsd=None) -> [B, N, D]`` for any
-number of bands (fixed within a batch, free between batches; wavelengths may differ per sample).
+number of bands (free between batches; wavelengths may differ per sample) and, with ``band_mask [B, C]``
+(True = a real band; :mod:`pretrain.data.mixed`), a different number per sample inside one batch: a padded band
+contributes nothing, so a sample's tokens do not depend on the company it is batched with.
 ``sensor`` / ``level`` are indices into ``encoder.vocab`` (:class:`~pretrain.models.vocab.Vocabulary`),
 which the encoder owns and its export carries.
 """
@@ -76,32 +78,41 @@ class SpectralEncoder(nn.Module):
 
     def condition(self, pixels: torch.Tensor, wavelengths: torch.Tensor, fwhm: torch.Tensor,
                   sensor: torch.Tensor | None = None, level: torch.Tensor | None = None,
-                  valid: torch.Tensor | None = None, cell_weight: torch.Tensor | None = None) -> torch.Tensor:
+                  valid: torch.Tensor | None = None, cell_weight: torch.Tensor | None = None,
+                  band_mask: torch.Tensor | None = None) -> torch.Tensor:
         """The fused per-band condition ``[B, C, cond_dim]`` (None for the fixed baseline)."""
         if not hasattr(self, "meta"):
             return None
         content = self.content(pixels, valid, cell_weight)
-        return self.meta(wavelengths, fwhm, sensor, level, content)
+        return self.meta(wavelengths, fwhm, sensor, level, content, band_mask)
 
     def embed(self, pixels: torch.Tensor, wavelengths: torch.Tensor, fwhm: torch.Tensor,
               sensor: torch.Tensor | None = None, level: torch.Tensor | None = None,
               valid: torch.Tensor | None = None, gsd: torch.Tensor | None = None,
               offset: tuple[int, int] = (0, 0), cell_weight: torch.Tensor | None = None,
-              keep: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
+              keep: torch.Tensor | None = None, band_mask: torch.Tensor | None = None,
+              ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Tokens with position embedding ``[B,N,D]`` and the band condition ``[B,C,d]``.
 
         ``offset`` (rows, cols in tokens) places a crop inside a larger grid (JEPA context views). ``keep``
-        ``[B,n]`` (token indices): only those tokens are embedded, ``[B,n,D]`` (an MAE's visible tokens)."""
+        ``[B,n]`` (token indices): only those tokens are embedded, ``[B,n,D]`` (an MAE's visible tokens).
+        ``band_mask [B,C]`` (True = real band) marks a mixed batch's padding, which contributes nothing."""
         self.check_inputs(pixels, wavelengths, fwhm)
+        if band_mask is not None:
+            if tuple(band_mask.shape) != tuple(wavelengths.shape):
+                raise ModelError(f"band_mask {tuple(band_mask.shape)} must be [B, C] = {tuple(wavelengths.shape)}")
+            if not hasattr(self, "meta"):
+                raise ModelError("band_mask (a mixed batch) needs patch_embed='hyper'; the fixed baseline takes "
+                                 "exactly fixed_bands bands")
         p = self.patch_size
         h, w = pixels.shape[2] // p, pixels.shape[3] // p
         if valid is not None:
             pixels = pixels * valid.unsqueeze(1).to(pixels.dtype)
-        cond = self.condition(pixels, wavelengths, fwhm, sensor, level, valid, cell_weight)
+        cond = self.condition(pixels, wavelengths, fwhm, sensor, level, valid, cell_weight, band_mask)
         if cond is None:
             tok = self.fixed(pixels, keep)
         else:
-            tok = self.hyper(to_patches(pixels, p), cond, keep)
+            tok = self.hyper(to_patches(pixels, p), cond, keep, band_mask=band_mask)
         scale = None
         if self.args.gsd_pos and gsd is not None:
             scale = torch.as_tensor(gsd, device=tok.device).float().reshape(-1) / self.args.ref_gsd
@@ -116,9 +127,10 @@ class SpectralEncoder(nn.Module):
 
     def forward(self, pixels: torch.Tensor, wavelengths: torch.Tensor, fwhm: torch.Tensor,
                 sensor: torch.Tensor | None = None, level: torch.Tensor | None = None,
-                valid: torch.Tensor | None = None, gsd: torch.Tensor | None = None) -> torch.Tensor:
+                valid: torch.Tensor | None = None, gsd: torch.Tensor | None = None,
+                band_mask: torch.Tensor | None = None) -> torch.Tensor:
         """Patch tokens ``[B, N, D]`` (N = H/p * W/p, row-major), after the final LayerNorm."""
-        x, _ = self.embed(pixels, wavelengths, fwhm, sensor, level, valid, gsd)
+        x, _ = self.embed(pixels, wavelengths, fwhm, sensor, level, valid, gsd, band_mask=band_mask)
         return self.blocks_forward(x)
 
     def features(self, pixels: torch.Tensor, wavelengths: torch.Tensor, fwhm: torch.Tensor,

@@ -16,6 +16,11 @@ Compute path (the maths above, evaluated in the cheaper of two orders; outputs a
 
 HyperLinear generates ``A`` (r x Dd) and ``B`` (r x P) per band; its two contractions run as batched matmuls on
 transposed views, so no ``[B,C,N,r]`` copy is made. ``[B,C,N,D]`` is never materialised anywhere.
+
+A mixed batch's ``band_mask [B,C]`` (True = real band, :mod:`pretrain.data.mixed`) makes the sum run over each
+sample's real bands only, divided by its own count ``C_b``, and the bias come from the mean condition of its real
+bands: a padded band contributes nothing. HyperLinear is per band (outputs on padded bands are left to the loss
+to ignore).
 """
 
 from __future__ import annotations
@@ -40,14 +45,14 @@ class HyperEmbedding(nn.Module):
         self.to_u = Linear(cond_dim, rank * dim, gain=1.0 / math.sqrt(rank))
         self.to_bias = nn.Linear(cond_dim, dim)
 
-    def weights(self, cond: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """V ``[B,C,P,r]``, U ``[B,C,r,D]``, bias ``[B,1,D]`` from cond ``[B,C,d]`` (the generated weights, for
-        inspection; :meth:`forward` may never form U)."""
+    def weights(self, cond: torch.Tensor, band_mask: torch.Tensor | None = None
+                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """V ``[B,C,P,r]``, U ``[B,C,r,D]``, bias ``[B,1,D]`` from cond ``[B,C,d]`` (bias: mean over real bands)."""
         b, c, _ = cond.shape
         h = self.norm(cond)
         v = self.to_v(h).view(b, c, self.P, self.r)
         u = self.to_u(h).view(b, c, self.r, self.dim)
-        bias = self.to_bias(h.mean(1, keepdim=True))
+        bias = self.to_bias(band_mean(h, band_mask))
         return v, u, bias
 
     def contraction(self, n_bands: int, n_tokens: int) -> str:
@@ -66,9 +71,10 @@ class HyperEmbedding(nn.Module):
             return m + n_bands * d * r * dim + n_tokens * n_bands * r * dim
         return m + n_tokens * n_bands * d * r + n_tokens * d * r * dim + n_tokens * r * dim
 
-    def forward(self, patches: torch.Tensor, cond: torch.Tensor, keep: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(self, patches: torch.Tensor, cond: torch.Tensor, keep: torch.Tensor | None = None,
+                band_mask: torch.Tensor | None = None) -> torch.Tensor:
         """patches ``[B,C,N,P]``, cond ``[B,C,d]`` -> tokens ``[B,N,D]``; with ``keep`` ``[B,n]`` (token indices)
-        only those tokens, ``[B,n,D]``."""
+        only those tokens, ``[B,n,D]``; ``band_mask [B,C]``: a mixed batch's real bands (padding weighs 0)."""
         b, c, n, P = patches.shape
         if keep is not None:
             n = keep.shape[1]
@@ -76,9 +82,10 @@ class HyperEmbedding(nn.Module):
         r, dim = self.r, self.dim
         h = self.norm(cond)
         v = self.to_v(h).view(b, c, P, r)
-        # y^T = V^T x^T / C, [B,C,r,n] (1/C on the smallest tensor); both orders read it without a copy
-        yt = torch.matmul((v * (1.0 / c)).transpose(-1, -2), patches.to(v.dtype).transpose(-1, -2))
-        bias = self.to_bias(h.mean(1, keepdim=True))  # [B,1,D]
+        # y^T = V^T x^T / C, [B,C,r,n] (1/C, or mask / C_b, on the smallest tensor); both orders read it without a copy
+        yt = torch.matmul((v * band_scale(band_mask, c, v.dtype)).transpose(-1, -2),
+                          patches.to(v.dtype).transpose(-1, -2))
+        bias = self.to_bias(band_mean(h, band_mask))  # [B,1,D]
         if self.contraction(c, n) == "materialised":
             u = self.to_u(h).view(b, c * r, dim)
             return torch.baddbmm(bias.expand(b, n, dim), yt.view(b, c * r, n).transpose(1, 2), u)
@@ -89,6 +96,22 @@ class HyperEmbedding(nn.Module):
         tok = torch.matmul(z, w)  # [B,n,D]
         tok = tok + torch.matmul(yt.sum(1).transpose(1, 2), self.to_u.bias.view(r, dim))
         return tok + bias
+
+
+def band_scale(band_mask: torch.Tensor | None, c: int, dtype: torch.dtype) -> torch.Tensor | float:
+    """Per-band weight of the band sum: ``1/C``, or ``mask / C_b`` ``[B,C,1,1]`` for a mixed batch."""
+    if band_mask is None:
+        return 1.0 / c
+    m = band_mask.to(dtype)
+    return (m / m.sum(1, keepdim=True).clamp_min(1.0))[:, :, None, None]
+
+
+def band_mean(h: torch.Tensor, band_mask: torch.Tensor | None) -> torch.Tensor:
+    """Mean of ``h [B,C,d]`` over bands ``[B,1,d]``; over each sample's real bands for a mixed batch."""
+    if band_mask is None:
+        return h.mean(1, keepdim=True)
+    m = band_mask.to(h.dtype).unsqueeze(-1)
+    return (h * m).sum(1, keepdim=True) / m.sum(1, keepdim=True).clamp_min(1.0)
 
 
 class HyperLinear(nn.Module):

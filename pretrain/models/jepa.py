@@ -50,6 +50,17 @@ def _randint(lo: int, hi: int, g: torch.Generator | None) -> int:
     return int(torch.randint(lo, hi + 1, (1,), generator=g).item())
 
 
+def window_mask(band_mask: torch.Tensor, frac: float, start: float) -> torch.Tensor:
+    """The context band window of a mixed batch: in each sample's ``C_b`` real bands, ``ceil(frac * C_b)``
+    contiguous bands starting at ``floor(start * (C_b - k_b + 1))`` (``frac``/``start`` drawn once per batch, as the
+    window of a single-store batch is), as a mask ``[B, C]``."""
+    n = band_mask.sum(1, keepdim=True)  # [B,1] (real bands are the prefix, pretrain.data.mixed)
+    k = torch.clamp(torch.ceil(frac * n), min=1).minimum(n)
+    b0 = torch.floor(start * (n - k + 1)).clamp_max(n - k)
+    idx = torch.arange(band_mask.shape[1], device=band_mask.device).unsqueeze(0)
+    return band_mask & (idx >= b0) & (idx < b0 + k)
+
+
 class JEPA(Objective):
     """``model(batch) -> {"loss", "band_window" [2], "crop" [4]}``; ``model.encoder`` is the context encoder.
 
@@ -133,13 +144,20 @@ class JEPA(Objective):
         b, c, hh, ww = pixels.shape
         h, w = hh // p, ww // p
         with torch.no_grad():
-            target = self.target_encoder(pixels, wl, fw, sensor, level, valid, gsd)
+            target = self.target_encoder(pixels, wl, fw, sensor, level, valid, gsd, batch.get("band_mask"))
             target = F.layer_norm(target.float(), (target.shape[-1],))
+        band_mask = batch.get("band_mask")  # a mixed batch: each sample's window inside its own real bands
         b0, k, y0, sh, x0, sw = self.draw_view(c, h, w, generator)
         ys, xs = slice(y0 * p, (y0 + sh) * p), slice(x0 * p, (x0 + sw) * p)
         ctx_valid = valid[:, ys, xs] if valid is not None else None
-        ctx, cond = self.encoder.embed(pixels[:, b0:b0 + k, ys, xs], wl[:, b0:b0 + k], fw[:, b0:b0 + k], sensor,
-                                       level, ctx_valid, gsd, offset=(y0, x0))
+        ctx_mask = None
+        if band_mask is None:
+            ctx, cond = self.encoder.embed(pixels[:, b0:b0 + k, ys, xs], wl[:, b0:b0 + k], fw[:, b0:b0 + k], sensor,
+                                           level, ctx_valid, gsd, offset=(y0, x0))
+        else:
+            ctx_mask = window_mask(band_mask, k / c, b0 / max(1, c - k + 1) if c > k else 0.0)
+            ctx, cond = self.encoder.embed(pixels[:, :, ys, xs], wl, fw, sensor, level, ctx_valid, gsd,
+                                           offset=(y0, x0), band_mask=ctx_mask)
         ctx = self.encoder.blocks_forward(ctx)
         z = self.pred_embed(ctx)
         pd = z.shape[-1]
@@ -150,7 +168,7 @@ class JEPA(Objective):
         loss = latent_loss(pred, target, self.args.jepa_loss)
         out = {"band_window": torch.tensor([b0, k]), "crop": torch.tensor([y0, sh, x0, sw])}
         if self.args.cond_decorrelation > 0 and cond is not None:
-            dec = condition_decorrelation(cond)
+            dec = condition_decorrelation(cond, ctx_mask)  # a mixed batch: the window's real bands only
             loss = loss + self.args.cond_decorrelation * dec
             out["cond_decorrelation"] = dec.detach()
         return {"loss": loss, **out}

@@ -64,10 +64,12 @@ class Attention(nn.Module):
         self.qkv = Linear(dim, 3 * dim, bias=qkv_bias, init=init)
         self.proj = Linear(dim, dim, init=init)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+        """``x [B,n,D]``; ``mask [B,n]`` bool (True = a real token): padded tokens are never attended to."""
         b, n, d = x.shape
         qkv = self.qkv(x).view(b, n, 3, self.heads, d // self.heads).permute(2, 0, 3, 1, 4)
-        y = F.scaled_dot_product_attention(qkv[0], qkv[1], qkv[2])
+        am = None if mask is None else mask.to(torch.bool)[:, None, None, :]
+        y = F.scaled_dot_product_attention(qkv[0], qkv[1], qkv[2], attn_mask=am)
         return self.proj(y.transpose(1, 2).reshape(b, n, d))
 
 
@@ -91,8 +93,9 @@ class Block(nn.Module):
         self.norm2 = nn.LayerNorm(dim)
         self.mlp = Mlp(dim, int(dim * mlp_ratio), init=init)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = x + self.attn(self.norm1(x))
+    def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+        """``mask [B,n]`` (True = real token): keys of padded tokens are ignored (see :class:`Attention`)."""
+        x = x + self.attn(self.norm1(x), mask)
         return x + self.mlp(self.norm2(x))
 
 

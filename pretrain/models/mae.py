@@ -37,17 +37,34 @@ def random_mask(b: int, n: int, ratio: float, device: torch.device,
 
 
 def random_band_mask(b: int, c: int, ratio: float, device: torch.device,
-                     generator: torch.Generator | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+                     generator: torch.Generator | None = None, band_mask: torch.Tensor | None = None,
+                     ) -> tuple[torch.Tensor, torch.Tensor]:
     """Exactly ``round(ratio * c)`` hidden bands per sample (at least one kept), drawn per sample.
 
     Returns ``hidden [B,C]`` bool (True = hidden from the encoder) and ``visible [B,c_vis]`` band indices in
-    ascending order (the encoder sees the bands in their own order)."""
-    n_hide = min(max(int(round(ratio * c)), 0), c - 1)
+    ascending order (the encoder sees the bands in their own order). With ``band_mask [B,C]`` (a mixed batch:
+    sample b's ``C_b`` real bands are the prefix) each sample hides ``round(ratio * C_b)`` of its own real bands
+    (at least one kept), padded bands are never hidden, and ``visible`` is padded to the largest count with the
+    index ``c`` (past every band: ``visible < c`` is the mask of real entries). The same draws either way: an
+    all-True ``band_mask`` gives exactly the bands of no mask."""
     order = torch.rand(b, c, device=device, generator=generator).argsort(1)
-    visible = order[:, : c - n_hide].sort(1).values
-    hidden = torch.ones(b, c, dtype=torch.bool, device=device)
-    hidden.scatter_(1, visible, False)
-    return hidden, visible
+    if band_mask is None:
+        n_hide = min(max(int(round(ratio * c)), 0), c - 1)
+        visible = order[:, : c - n_hide].sort(1).values
+        hidden = torch.ones(b, c, dtype=torch.bool, device=device)
+        hidden.scatter_(1, visible, False)
+        return hidden, visible
+    real = band_mask.bool()
+    n_real = real.sum(1)
+    n_vis = n_real - torch.minimum(torch.round(ratio * n_real.double()).long().clamp_min(0), n_real - 1)
+    # the real bands in the draw's order (a stable sort keeps the order among real and among padded bands)
+    order = torch.gather(order, 1, torch.gather(~real, 1, order).to(torch.uint8).argsort(1, stable=True))
+    c_vis = int(n_vis.max())
+    vmask = torch.arange(c_vis, device=device)[None] < n_vis[:, None]
+    visible = torch.where(vmask, order[:, :c_vis], c).sort(1).values  # padded entries (= c) sort last
+    seen = torch.zeros(b, c + 1, dtype=torch.bool, device=device)
+    seen.scatter_(1, visible, True)
+    return real & ~seen[:, :c], visible
 
 
 class MAE(Objective):
@@ -85,15 +102,23 @@ class MAE(Objective):
         h, w = hh // p, ww // p
         n = h * w
         mask, keep, restore = random_mask(b, n, a.mask_ratio, pixels.device, generator)
+        band_mask = batch.get("band_mask")  # a mixed batch (pretrain.data.mixed): padded bands count nowhere
         hidden = None
-        px_in, wl_in, fw_in = pixels, wl, fw
+        px_in, wl_in, fw_in, mask_in = pixels, wl, fw, band_mask
         if a.band_mask_ratio > 0 and c > 1:
-            hidden, vis = random_band_mask(b, c, a.band_mask_ratio, pixels.device, generator)
+            # spectral masking; in a mixed batch each sample hides its share of its own real bands (padding is
+            # never drawn) and the encoder sees its visible ones as a prefix (mask_in)
+            hidden, vis = random_band_mask(b, c, a.band_mask_ratio, pixels.device, generator, band_mask)
+            if band_mask is not None:
+                mask_in, vis = vis < c, vis.clamp_max(c - 1)
             px_in = torch.gather(pixels, 1, vis[:, :, None, None].expand(-1, -1, hh, ww))
             wl_in, fw_in = torch.gather(wl, 1, vis), torch.gather(fw, 1, vis)
+            if mask_in is not None:
+                px_in = px_in * mask_in[:, :, None, None].to(px_in.dtype)
+                wl_in, fw_in = wl_in * mask_in, fw_in * mask_in
         # only the visible tokens are embedded (the same values as embedding all, then gathering them)
         x, cond = enc.embed(px_in, wl_in, fw_in, sensor, level, valid, batch.get("gsd"),
-                            cell_weight=(~mask).float(), keep=keep)
+                            cell_weight=(~mask).float(), keep=keep, band_mask=mask_in)
         x = enc.blocks_forward(x)
         # decoder: visible tokens + mask tokens back in place
         x = self.decoder_embed(x)
@@ -113,9 +138,10 @@ class MAE(Objective):
         if valid is not None:
             vw = to_patches(valid.unsqueeze(1).float(), p)[:, 0]
             weight = weight * (vw.unsqueeze(1) if hidden is not None else vw)
-        losses = reconstruction_loss(out, target, weight, a.charbonnier_weight, a.sam_weight, a.charbonnier_eps)
+        losses = reconstruction_loss(out, target, weight, a.charbonnier_weight, a.sam_weight, a.charbonnier_eps,
+                                     band_mask=band_mask)
         if a.cond_decorrelation > 0 and cond is not None:
-            dec = condition_decorrelation(cond)
+            dec = condition_decorrelation(cond, mask_in)
             losses["loss"] = losses["loss"] + a.cond_decorrelation * dec
             losses["cond_decorrelation"] = dec.detach()
         losses["pred"] = from_patches(out.detach(), h, w, p)
@@ -132,7 +158,8 @@ class MAE(Objective):
         b, c = batch["wavelengths"].shape
         enc = self.encoder
         zero = cond.new_zeros(b, c, cond.shape[-1])
-        return enc.meta(batch["wavelengths"], batch["fwhm"], batch.get("sensor"), batch.get("level"), zero)
+        return enc.meta(batch["wavelengths"], batch["fwhm"], batch.get("sensor"), batch.get("level"), zero,
+                        batch.get("band_mask"))
 
     def flops_per_sample(self, n_bands: int, image_size: int) -> float:
         """Training FLOPs (forward + backward = 3 x forward matmul FLOPs) per sample at this band count and

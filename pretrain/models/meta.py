@@ -4,6 +4,10 @@ The result is one vector per band per sample, ``cond [B, C, cond_dim]``, that th
 that band's patch-embedding weights. Nothing here depends on the number or the order of bands: every
 band is encoded alike and the spectral transformer has no band positions, so permuting bands (with their
 wavelengths and FWHM) permutes the conditions.
+
+Mixed batches (``band_mask [B, C]``, True = a real band; see :mod:`pretrain.data.mixed`): every layer here is
+per band except the spectral transformer, which attends only to real bands, so a real band's condition does not
+depend on the padded bands next to it (nor on how many there are).
 """
 
 from __future__ import annotations
@@ -144,8 +148,10 @@ class MetaEncoder(nn.Module):
         return torch.where((idx == 0).unsqueeze(-1), unknown.expand(b, -1), known)
 
     def forward(self, wavelengths: torch.Tensor, fwhm: torch.Tensor, sensor: torch.Tensor | None,
-                level: torch.Tensor | None, content: torch.Tensor) -> torch.Tensor:
-        """wavelengths/fwhm ``[B,C]`` nm, sensor/level ``[B]`` int64 or None, content ``[B,C,d]`` -> ``[B,C,d]``."""
+                level: torch.Tensor | None, content: torch.Tensor,
+                band_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """wavelengths/fwhm ``[B,C]`` nm, sensor/level ``[B]`` int64 or None, content ``[B,C,d]`` -> ``[B,C,d]``;
+        ``band_mask [B,C]`` (True = real band): the spectral transformer ignores padded bands."""
         b, c = wavelengths.shape
         wl_um = wavelengths.float() / 1000.0
         # periods made here in float32, never a buffer: a bf16 cast would move the 2 nm period's phase by cycles
@@ -160,5 +166,5 @@ class MetaEncoder(nn.Module):
         ctx = torch.stack([s.unsqueeze(1).expand(b, c, -1), lv.unsqueeze(1).expand(b, c, -1), content.to(dt)], 2)
         x = self.fusion(band, ctx)
         for blk in self.spectral:
-            x = blk(x)
+            x = blk(x, band_mask)
         return self.norm(x)
