@@ -1,4 +1,5 @@
-"""``python -m data_prep <command>``: simulate, ingest, inspect, stats, export-wds, verify, migrate, finalise."""
+"""``python -m data_prep <command>``: simulate, ingest, inspect, stats, export-wds, verify, migrate, finalise,
+colocate."""
 
 from __future__ import annotations
 
@@ -18,6 +19,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "verify": ("verify", "read every chunk of a store; list missing, corrupt and NaN patches (--repair re-ingests them)"),
     "migrate": ("migrate", "rewrite a store of an older schema in the current one"),
     "finalise": ("finalise", "write the manifests of a sharded ingest's logical datasets (statistics merged)"),
+    "colocate": ("colocate", "index which patches of which stores overlap on the ground (ROOT/locations.json)"),
 }
 
 

@@ -91,6 +91,7 @@ class _Plan:
     url: str
     clip: tuple[float, float]
     strips: list[int]
+    patch_size: int
 
 
 def _fs(root: str, storage_options: dict | None):
@@ -221,8 +222,8 @@ def _granule(i: int) -> Granule:
     return g
 
 
-def _work(i: int, r0: int, clip: tuple[float, float]) -> StripTiles:
-    return tile_strip(_granule(i), r0, clip=clip, **_TILE_KW)
+def _work(i: int, r0: int, clip: tuple[float, float], patch_size: int) -> StripTiles:
+    return tile_strip(_granule(i), r0, clip=clip, **{**_TILE_KW, "patch_size": patch_size})
 
 
 # ---------------------------------------------------------------- parent side
@@ -230,13 +231,13 @@ class _Writers:
     """The run's :class:`StoreWriter` per store, opened or created lazily; removes a store this run
     created when a failure leaves it empty (so the root is as it was)."""
 
-    def __init__(self, patch_size: int, storage_options: dict | None, hist_bins: int, max_invalid: float):
-        self.patch_size, self.storage_options, self.hist_bins = patch_size, storage_options, hist_bins
+    def __init__(self, storage_options: dict | None, hist_bins: int, max_invalid: float):
+        self.storage_options, self.hist_bins = storage_options, hist_bins
         self.max_invalid = max_invalid
         self.writers: dict[str, st.StoreWriter] = {}
         self.created: set[str] = set()
 
-    def get(self, url: str, g: Granule, clip: tuple[float, float]) -> st.StoreWriter:
+    def get(self, url: str, g: Granule, clip: tuple[float, float], patch_size: int) -> st.StoreWriter:
         w = self.writers.get(url)
         if w is not None:
             return w
@@ -245,10 +246,10 @@ class _Writers:
             good = np.asarray(g.good_bands, dtype=bool)
             # the layout from the registry's bad-band rule, not this granule's flags: every store (and every shard
             # store of a logical dataset) of a sensor gets the same chunks, whichever granule came first
-            bc, sc, amp = st.choose_chunks(get_sensor(g.sensor).good_band_mask(g.wavelengths_nm), self.patch_size)
+            bc, sc, amp = st.choose_chunks(get_sensor(g.sensor).good_band_mask(g.wavelengths_nm), patch_size)
             try:
                 w = st.StoreWriter.create(url, sensor=g.sensor, level=g.level, wavelengths_nm=g.wavelengths_nm,
-                                          fwhm_nm=g.fwhm_nm, good_bands=good, patch_size=self.patch_size,
+                                          fwhm_nm=g.fwhm_nm, good_bands=good, patch_size=patch_size,
                                           band_chunk=bc, spatial_chunk=sc, storage_options=self.storage_options,
                                           hist_range=clip, hist_bins=self.hist_bins,
                                           attrs={"read_amplification": round(float(amp), 4)})
@@ -271,7 +272,8 @@ class _Writers:
             self.created.discard(url)
 
 
-def ingest_granules(granules: Sequence[Granule], out_root: str, *, patch_size: int = 256, max_invalid: float = 0.2,
+def ingest_granules(granules: Sequence[Granule], out_root: str, *, patch_size: int = 256,
+                    patch_size_for: dict[str, int] | None = None, max_invalid: float = 0.2,
                     workers: int = 1, shard: str | tuple[int, int] | None = None, progress: bool = True,
                     storage_options: dict | None = None, keep_going: bool = False, sources: Sequence[Any] | None = None,
                     hist_bins: int = DEFAULT_BINS, row_block: int = 64, finalise: bool = True) -> dict:
@@ -283,11 +285,20 @@ def ingest_granules(granules: Sequence[Granule], out_root: str, *, patch_size: i
     are shard ``k``'s of the logical datasets (:mod:`data_prep.dataset`) and, without ``sources``,
     the granules are selected by a hash of their id; at the end the shard's run marker is written
     and, when every shard has one and ``finalise``, the datasets' manifests. Returns the summary
-    described in :func:`ingest`.
+    described in :func:`ingest`. ``patch_size_for`` (sensor -> pixels) gives some sensors another patch side than
+    ``patch_size`` (co-located stores cover the same ground: a 3 m sensor needs 10x the pixels of a 30 m one).
     """
     t_start = time.perf_counter()
-    if not MIN_PATCH <= patch_size:
-        raise UserError(f"patch_size {patch_size}: expected at least {MIN_PATCH}")
+    sizes = {**(patch_size_for or {})}
+    for name, ps in [("patch_size", patch_size), *((f"patch_size_for[{k!r}]", v) for k, v in sizes.items())]:
+        if not isinstance(ps, int) or ps < MIN_PATCH:
+            raise UserError(f"{name} {ps!r}: expected an integer of at least {MIN_PATCH}")
+    for k in sizes:
+        get_sensor(k)  # RegistryError naming an unknown sensor
+
+    def ps_of(g: Granule) -> int:
+        return int(sizes.get(g.sensor, patch_size))
+
     if not 0.0 <= max_invalid <= 1.0:
         raise UserError(f"max_invalid {max_invalid}: expected a fraction in [0, 1]")
     shard_t = parse_shard(shard)
@@ -301,7 +312,7 @@ def ingest_granules(granules: Sequence[Granule], out_root: str, *, patch_size: i
         granules, srcs = [granules[i] for i in keep_idx], [srcs[i] for i in keep_idx]
 
     # 1. check everything before writing anything
-    clips = [_validate(g, patch_size) for g in granules]
+    clips = [_validate(g, ps_of(g)) for g in granules]
     check_root(out_root, storage_options)
     if shard_t is not None:
         ds.check_layout(out_root, shard_t[1], storage_options)
@@ -329,17 +340,17 @@ def ingest_granules(granules: Sequence[Granule], out_root: str, *, patch_size: i
             continue
         seen.add((url, g.granule_id))
         if w is not None:
-            _check_compatible(g, w, url, patch_size)
-        plans.append((i, _Plan(g, url, clip, strip_starts(g.n_rows, patch_size))))
+            _check_compatible(g, w, url, ps_of(g))
+        plans.append((i, _Plan(g, url, clip, strip_starts(g.n_rows, ps_of(g)), ps_of(g))))
     if not plans:
         summary["seconds"] = time.perf_counter() - t_start
         _finish_summary(summary, storage_options)
         return _end_shard(summary, out_root, shard_t, finalise, storage_options)
 
     # 2. tile (in workers or here) and write (here, serially, in order)
-    tile_kw = {"patch_size": patch_size, "max_invalid": max_invalid, "hist_bins": hist_bins, "row_block": row_block}
-    writers = _Writers(patch_size, storage_options, hist_bins, max_invalid)
-    tasks = [(i, r0, plan.clip) for i, plan in plans for r0 in plan.strips]
+    tile_kw = {"max_invalid": max_invalid, "hist_bins": hist_bins, "row_block": row_block}
+    writers = _Writers(storage_options, hist_bins, max_invalid)
+    tasks = [(i, r0, plan.clip, plan.patch_size) for i, plan in plans for r0 in plan.strips]
     plan_of = dict(plans)
     bar = None
     if progress:
@@ -379,7 +390,7 @@ def _end_shard(summary: dict, out_root: str, shard: tuple[int, int] | None, fina
     return summary
 
 
-def _ordered_results(tasks: list[tuple[int, int, tuple[float, float]]], executor, lookahead: int):
+def _ordered_results(tasks: list[tuple[int, int, tuple[float, float], int]], executor, lookahead: int):
     """Yield (task, StripTiles | Exception) in task order, running up to ``lookahead`` ahead."""
     pending: collections.deque = collections.deque()
     it = iter(tasks)
@@ -422,7 +433,7 @@ def _consume(results: Iterable, plan_of: dict[int, _Plan], writers: _Writers, su
         summary["failed"].append({"path": plan.granule.path, "granule_id": plan.granule.granule_id,
                                   "error": str(err)})
 
-    for (i, r0, _clip), res in results:
+    for (i, r0, _clip, _ps), res in results:
         if bar is not None:
             bar.update(1)
         if i in failed:
@@ -438,7 +449,7 @@ def _consume(results: Iterable, plan_of: dict[int, _Plan], writers: _Writers, su
             if isinstance(res, Exception):
                 raise res
             if w is None:
-                w = writers.get(plan.url, g, plan.clip)
+                w = writers.get(plan.url, g, plan.clip, plan.patch_size)
                 start = offset = w.begin()
             if res.count:
                 offset = w.write(offset, res.patches, res.valid)
@@ -446,7 +457,7 @@ def _consume(results: Iterable, plan_of: dict[int, _Plan], writers: _Writers, su
                 meta[k].append(res.meta[k])
             partial = res.partial if partial is None else partial.merge(res.partial)
             valid_pixels += res.valid_pixels
-            summary["bytes_read"] += g.n_bands * (min(r0 + writers.patch_size, g.n_rows) - r0) * g.n_cols * 4
+            summary["bytes_read"] += g.n_bands * (min(r0 + plan.patch_size, g.n_rows) - r0) * g.n_cols * 4
             done_strips += 1
             if done_strips == len(plan.strips):
                 if valid_pixels == 0:
@@ -549,7 +560,7 @@ def retile_granule(w: st.StoreWriter, g: Granule, damaged: Sequence[int] | None 
 
 
 def ingest(inputs: Sequence[str | Path] | str | Path, out_root: str | Path, *, patch_size: int = 256,
-           max_invalid: float = 0.2, workers: int = 1, shard: str | tuple[int, int] | None = None,
+           patch_size_for: dict[str, int] | None = None, max_invalid: float = 0.2, workers: int = 1, shard: str | tuple[int, int] | None = None,
            progress: bool = True, storage_options: dict | None = None, keep_going: bool = False,
            executor: str | None = None, shards: int | None = None, finalise: bool = True) -> dict:
     """Ingest products (files or folders, expanded with ``find_products``) into stores under ``out_root``.
@@ -582,7 +593,8 @@ def ingest(inputs: Sequence[str | Path] | str | Path, out_root: str | Path, *, p
         if not paths and shard_t is None:
             raise ProductError(f"no products found in {[str(p) for p in inputs]}"
                                + "".join(f"; {line}" for line in found.summary_lines()))
-        kw = {"patch_size": patch_size, "max_invalid": max_invalid, "keep_going": keep_going}
+        kw = {"patch_size": patch_size, "patch_size_for": patch_size_for, "max_invalid": max_invalid,
+              "keep_going": keep_going}
         if executor not in (None, "local"):
             summary = _ingest_dask(paths, str(out_root), executor, shards, storage_options, kw)
         else:

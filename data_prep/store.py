@@ -12,7 +12,12 @@ Schema (version :data:`SCHEMA_VERSION`), at ``<root>/<sensor>_<level>.zarr``:
 ``meta/*``   one entry per patch: ``granule`` int32 (index into ``attrs["granules"]`` order),
              ``row``/``col`` int32 (top-left pixel in the granule), ``lat``/``lon`` float64 (patch
              centre, NaN when unknown), ``time`` int64 (UTC seconds since the epoch,
-             :data:`NO_TIME` when unknown), ``gsd`` float32 (m), ``valid_fraction`` float32.
+             :data:`NO_TIME` when unknown), ``gsd`` float32 (m), ``valid_fraction`` float32, and the
+             ground footprint (:data:`FOOTPRINT_META`, float64, NaN when unknown): ``lon_min``,
+             ``lat_min``, ``lon_max``, ``lat_max`` (WGS-84 bounds of the patch's corners) and
+             ``geo_0..geo_5`` (``lon = g0 + g1 x + g2 y``, ``lat = g3 + g4 x + g5 y`` for pixel-corner
+             coordinates x = column, y = row inside the patch; :func:`data_prep.tiling.patch_geo`). A store
+             written before footprints were kept reads them as NaN (unknown); appending to it adds the arrays.
 
 Group attributes: ``schema_version``, ``sensor``, ``level``, ``patch_size``, ``wavelengths_nm``,
 ``fwhm_nm``, ``good_bands``, ``n_patches`` (committed; the arrays never hold visible patches
@@ -83,10 +88,14 @@ META_FIELDS: dict[str, str] = {
     "time": "int64",
     "gsd": "float32",
     "valid_fraction": "float32",
+    **{k: "float64" for k in ("lon_min", "lat_min", "lon_max", "lat_max", *(f"geo_{j}" for j in range(6)))},
 }
+#: the footprint fields of META_FIELDS: optional (a store written before them reads them as NaN)
+FOOTPRINT_META = ("lon_min", "lat_min", "lon_max", "lat_max", *(f"geo_{j}" for j in range(6)))
 #: fill value of each meta field (schema 2); fields whose fill no stored value equals are checked on read
 META_FILL: dict[str, Any] = {"granule": -1, "row": -1, "col": -1, "lat": float("nan"), "lon": float("nan"),
-                             "time": int(NO_TIME), "gsd": float("nan"), "valid_fraction": float("nan")}
+                             "time": int(NO_TIME), "gsd": float("nan"), "valid_fraction": float("nan"),
+                             **{k: float("nan") for k in FOOTPRINT_META}}
 META_CHECKED = ("granule", "row", "col", "gsd", "valid_fraction")
 #: ``valid`` fill value (schema 2): stored values are 0 and 1
 VALID_FILL = 255
@@ -358,6 +367,8 @@ class PatchStore(StoreView):
 
     def meta(self, name: str) -> np.ndarray:
         """Per-patch metadata ``name`` of the committed patches (MissingDataError if a chunk of it is lost)."""
+        if name in FOOTPRINT_META and name not in self.group["meta"]:
+            return np.full(self.n_patches, np.nan)  # written before footprints were kept: unknown
         try:
             v = self.group["meta"][name][: self.n_patches]
         except Exception as e:  # noqa: BLE001 - whatever the codecs raise for damaged bytes
@@ -446,6 +457,28 @@ class PatchStore(StoreView):
             have = self.stored_patches(array)
             out[array] = np.setdiff1d(np.arange(self.n_patches), have).tolist()
         return out
+
+
+def _meta_array(g: zarr.Group, name: str):
+    """``meta/<name>``; a footprint field a store written before footprints lacks is created (NaN = unknown)."""
+    meta = g["meta"]
+    if name not in meta and name in FOOTPRINT_META:
+        dtype = META_FIELDS[name]
+        n = int(meta["row"].shape[0])
+        arr = meta.create_array(name, shape=(n,), dtype=dtype, chunks=(4096,),
+                                compressors=_codecs(np.dtype(dtype).itemsize), fill_value=META_FILL[name],
+                                dimension_names=("patch",))
+        if n:
+            arr[:] = np.full(n, np.nan)
+        return arr
+    return meta[name]
+
+
+def _meta_values(meta: dict[str, np.ndarray], name: str, n: int, dtype: str) -> np.ndarray:
+    """A commit's values of ``name``; footprint fields a caller does not give are NaN (unknown)."""
+    if name not in meta and name in FOOTPRINT_META:
+        return np.full(n, np.nan, dtype=dtype)
+    return np.asarray(meta[name], dtype=dtype)
 
 
 def _create_arrays(g: zarr.Group, n_bands: int, patch_size: int, chunks: tuple[int, ...],
@@ -601,7 +634,7 @@ class StoreWriter:
     # ------------------------------------------------------------------ writing granules
     def _arrays(self) -> list:
         g = self.group
-        return [g["patches"], g["valid"], *(g["meta"][k] for k in META_FIELDS)]
+        return [g["patches"], g["valid"], *(_meta_array(g, k) for k in META_FIELDS)]
 
     def begin(self) -> int:
         """Drop any uncommitted tail (left by an interrupted run) and return where new patches start."""
@@ -683,8 +716,8 @@ class StoreWriter:
         start, stop = self._granule_range(granule_id, at, n)
         gidx = list(self.granules).index(granule_id)
         for name, dtype in META_FIELDS.items():
-            values = np.full(n, gidx, dtype) if name == "granule" else np.asarray(meta[name], dtype)
-            self.group["meta"][name][start:stop] = values
+            values = np.full(n, gidx, dtype) if name == "granule" else _meta_values(meta, name, n, dtype)
+            _meta_array(self.group, name)[start:stop] = values
 
     def commit(self, *, granule_id: str, source: str, start: int, count: int, meta: dict[str, np.ndarray],
                partial: PartialStats | None = None, entry: dict | None = None, good_bands=None) -> None:
@@ -710,11 +743,12 @@ class StoreWriter:
             raise StoreError(f"granule {granule_id!r}: {count} patches were not all written")
         gidx = len(a["granules"])
         for name, dtype in META_FIELDS.items():
-            arr = g["meta"][name]
+            arr = _meta_array(g, name)
             if arr.shape[0] != stop:
                 arr.resize((stop,))
             if count:
-                values = np.full(count, gidx, dtype=dtype) if name == "granule" else np.asarray(meta[name], dtype=dtype)
+                values = (np.full(count, gidx, dtype=dtype) if name == "granule"
+                          else _meta_values(meta, name, count, dtype))
                 if values.shape != (count,):
                     raise StoreError(f"granule {granule_id!r}: meta {name!r} has shape {values.shape}, "
                                      f"expected ({count},)")

@@ -16,6 +16,12 @@ Per pixel:
 - invalid pixels, and NaN/inf in bad bands, are stored as 0; ``valid`` is False where invalid.
 
 A patch is dropped when its invalid fraction exceeds ``max_invalid`` (or it has no valid pixel).
+
+Per patch its ground footprint is kept (:func:`patch_geo`): the affine that maps pixel (column, row) corner
+coordinates inside the patch to WGS-84 longitude/latitude, fitted by least squares to the granule's per-pixel
+lat/lon over the patch's window (exact for a map-projected grid at patch scale; residual kept small for curved
+swaths by the patch's size), and the lon/lat bounds of the patch's four corners under it. Both NaN when the
+product has no geolocation. The location index (``python -m data_prep colocate``) is built from them.
 """
 
 from __future__ import annotations
@@ -97,6 +103,43 @@ def prepare_block(cube: np.ndarray, valid: np.ndarray, good_bands: np.ndarray, c
     return cube.astype(np.float16), valid
 
 
+GEO_FIELDS = tuple(f"geo_{k}" for k in range(6))
+FOOTPRINT_FIELDS = ("lon_min", "lat_min", "lon_max", "lat_max")
+_GEO_SAMPLES = 9
+"""Points per axis of the patch window the affine is fitted to (the window's corners included)."""
+
+
+def patch_geo(lat: np.ndarray | None, lon: np.ndarray | None, r0: int, c0: int, p: int
+              ) -> tuple[np.ndarray, np.ndarray]:
+    """``(geo [6], bounds [4])`` of the ``p`` x ``p`` patch at (r0, c0) of a granule with pixel-centre ``lat``/``lon``.
+
+    ``geo``: ``lon = g0 + g1*x + g2*y``, ``lat = g3 + g4*x + g5*y`` for pixel-corner coordinates (x = column,
+    y = row, 0..p) inside the patch; ``bounds``: (lon_min, lat_min, lon_max, lat_max) of the patch's corners.
+    NaN when there is no geolocation or fewer than 3 finite points in the window."""
+    nan = np.full(6, np.nan), np.full(4, np.nan)
+    if lat is None or lon is None:
+        return nan
+    n_rows, n_cols = lat.shape
+    r1, c1 = min(r0 + p, n_rows), min(c0 + p, n_cols)
+    ys = np.unique(np.linspace(r0, r1 - 1, _GEO_SAMPLES).round().astype(np.int64))
+    xs = np.unique(np.linspace(c0, c1 - 1, _GEO_SAMPLES).round().astype(np.int64))
+    la = np.asarray(lat[np.ix_(ys, xs)], dtype=np.float64)
+    lo = np.asarray(lon[np.ix_(ys, xs)], dtype=np.float64)
+    gy, gx = np.meshgrid(ys - r0 + 0.5, xs - c0 + 0.5, indexing="ij")  # pixel centres in patch coordinates
+    ok = np.isfinite(la) & np.isfinite(lo)
+    if ok.sum() < 3:
+        return nan
+    a = np.stack([np.ones(ok.sum()), gx[ok], gy[ok]], 1)
+    if np.linalg.matrix_rank(a) < 3:  # one row or one column of pixels: no 2-D affine
+        return nan
+    geo = np.concatenate([np.linalg.lstsq(a, lo[ok], rcond=None)[0], np.linalg.lstsq(a, la[ok], rcond=None)[0]])
+    cx = np.array([0.0, p, 0.0, p])
+    cy = np.array([0.0, 0.0, p, p])
+    clon = geo[0] + geo[1] * cx + geo[2] * cy
+    clat = geo[3] + geo[4] * cx + geo[5] * cy
+    return geo, np.array([clon.min(), clat.min(), clon.max(), clat.max()])
+
+
 def _time_seconds(t: dt.datetime | None) -> int:
     if t is None:
         return int(NO_TIME)
@@ -149,7 +192,13 @@ def tile_strip(granule: Granule, r0: int, *, patch_size: int, max_invalid: float
             cx = min(int(c0) + p // 2, n_cols - 1)
             lat[i] = granule.lat[cy, cx]
             lon[i] = granule.lon[cy, cx]
+    geo = np.full((k, 6), np.nan)
+    bounds = np.full((k, 4), np.nan)
+    for i, c0 in enumerate(cols):
+        geo[i], bounds[i] = patch_geo(granule.lat, granule.lon, r0, int(c0), p)
     meta = {
+        **{f: geo[:, j] for j, f in enumerate(GEO_FIELDS)},
+        **{f: bounds[:, j] for j, f in enumerate(FOOTPRINT_FIELDS)},
         "row": np.full(k, r0, dtype=np.int32),
         "col": cols.astype(np.int32),
         "lat": lat,

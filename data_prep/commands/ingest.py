@@ -22,6 +22,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("inputs", nargs="+", metavar="INPUT", help="product files or folders")
     p.add_argument("--out", required=True, metavar="ROOT", help="root folder or fsspec URL of the stores")
     p.add_argument("--patch-size", type=int, default=256, help="patch side in pixels (8 or more)")
+    p.add_argument("--patch-size-for", nargs="+", default=None, metavar="SENSOR=PX",
+                   help="another patch side for some sensors, e.g. planetscope=640 sentinel-2=192 (co-located stores "
+                        "cover the same ground: a finer sensor needs more pixels per patch)")
     p.add_argument("--max-invalid", type=float, default=0.2,
                    help="drop a patch when more than this fraction of its pixels is invalid")
     p.add_argument("--workers", type=int, default=1, help="worker processes that read and tile")
@@ -41,10 +44,26 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 
+def parse_sizes(items: list[str] | None) -> dict[str, int] | None:
+    """``["planetscope=640", ...]`` -> ``{"planetscope": 640}`` (UserError naming a malformed item)."""
+    if not items:
+        return None
+    from data_prep.errors import UserError
+
+    out = {}
+    for it in items:
+        name, _, px = it.partition("=")
+        if not name or not px.strip().isdigit():
+            raise UserError(f"--patch-size-for {it!r}: expected SENSOR=PIXELS, e.g. planetscope=640")
+        out[name.strip()] = int(px)
+    return out
+
+
 def run(args: argparse.Namespace) -> int:
     from data_prep.ingest import ingest
 
-    summary = ingest(args.inputs, args.out, patch_size=args.patch_size, max_invalid=args.max_invalid,
+    summary = ingest(args.inputs, args.out, patch_size=args.patch_size,
+                     patch_size_for=parse_sizes(args.patch_size_for), max_invalid=args.max_invalid,
                      workers=args.workers, shard=args.shard, progress=not args.no_progress and sys.stderr.isatty(),
                      keep_going=args.keep_going, executor=args.executor, shards=args.shards)
     if args.json:

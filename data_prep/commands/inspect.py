@@ -16,7 +16,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         "Summarise one patch store, or every <sensor>_<level>.zarr store under a root: patches per sensor "
         "and level, granules, bands and good bands, chunk and shard shapes, objects and bytes on disk, "
         "read amplification of the loader's 100-band 128 x 128 reads, and the statistics. Warns (on stderr) when "
-        "the number of shard objects disagrees with the number of committed patches (lost data: run verify).")
+        "the number of shard objects disagrees with the number of committed patches (lost data: run verify). "
+        "For a root, also the location index (`python -m data_prep colocate ROOT`): locations, sensors per "
+        "location, overlap fractions (under 'locations' in --json).")
     p.add_argument("target", metavar="STORE_OR_ROOT", help="a store, or a root holding stores (path or fsspec URL)")
     p.add_argument("--json", action="store_true", help="print one JSON object")
 
@@ -97,7 +99,26 @@ def summarise(target: str) -> dict:
                 f"{target}: neither a patch store nor a root holding <sensor>_<level>.zarr stores") from None
     by = {f"{d['sensor']}/{d['level']}": d["patches"] for d in stores}
     return {"target": target, "stores": stores, "by_sensor_level": by,
-            "patches": sum(d["patches"] for d in stores), "bytes_on_disk": sum(d["bytes_on_disk"] for d in stores)}
+            "patches": sum(d["patches"] for d in stores), "bytes_on_disk": sum(d["bytes_on_disk"] for d in stores),
+            "locations": _locations(target) if len(stores) > 1 or stores[0]["url"] != target else None}
+
+
+def _locations(root: str) -> dict | None:
+    """The location index of a root (``python -m data_prep colocate``), summarised; None when there is none."""
+    from data_prep.colocate import LocationIndexError, index_url, read_index, summary
+
+    try:
+        idx = read_index(root)
+    except LocationIndexError as e:
+        if "no location index" in str(e):
+            return None
+        raise
+    try:
+        read_index(root, check=True)
+        stale = False
+    except LocationIndexError:
+        stale = True
+    return {"index": index_url(root), "stale": stale, **summary(idx)}
 
 
 def run(args: argparse.Namespace) -> int:
@@ -116,4 +137,12 @@ def run(args: argparse.Namespace) -> int:
         if d["stats"]:
             print("  stats: " + ", ".join(f"{k}={v:.4g}" for k, v in d["stats"].items()))
     print(f"total: {out['patches']} patches, {out['bytes_on_disk'] / 1e6:.1f} MB")
+    loc = out.get("locations")
+    if loc:
+        ov = loc["overlap"]
+        print(f"locations: {loc['locations']} ({loc['index']}{', STALE: run colocate again' if loc['stale'] else ''}); "
+              f"sensors per location {loc['sensors_per_location']}; overlap "
+              + (f"min {ov['min']:.3f} mean {ov['mean']:.3f} max {ov['max']:.3f}" if ov else "-"))
+        for k, n in loc["by_sensor_set"].items():
+            print(f"  {k}: {n}")
     return 0

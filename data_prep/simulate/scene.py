@@ -259,7 +259,12 @@ def swath_valid(scene: Scene, rows: int, cols: int, r0: int, r1: int) -> np.ndar
 def render_block(scene: Scene, rows: int, cols: int, r0: int, r1: int) -> Block:
     """Region weights, texture, illumination and swath mask of rows r0:r1 of a rows x cols grid."""
     y, x = pixel_centres(rows, cols, r0, r1)
-    y, x = np.broadcast_arrays(y, x)
+    return render_points(scene, *np.broadcast_arrays(y, x), swath_valid(scene, rows, cols, r0, r1))
+
+
+def render_points(scene: Scene, y: np.ndarray, x: np.ndarray, valid: np.ndarray | None = None) -> Block:
+    """:func:`render_block` at any scene coordinates ``y``, ``x`` (2-D, same shape): another sensor's grid over
+    the same ground (co-located products, :mod:`data_prep.simulate.colocated`). ``valid`` defaults to all."""
     wy = y + scene.warp_amp * scene.warp[0](y, x)
     wx = x + scene.warp_amp * scene.warp[1](y, x)
     d = np.sqrt((wy[None] - scene.seeds[:, 0, None, None]) ** 2 + (wx[None] - scene.seeds[:, 1, None, None]) ** 2)
@@ -269,8 +274,8 @@ def render_block(scene: Scene, rows: int, cols: int, r0: int, r1: int) -> Block:
     tex = np.clip(0.5 + 0.35 * scene.texture(y, x), 0.0, 1.0)
     illum = np.clip(scene.brightness * (1.0 + scene.illum_amp * scene.illumination(y, x)), *ILLUMINATION_RANGE)
     mix = None if scene.mixing is None else np.clip(1.0 + 0.6 * scene.mixing(y, x), 0.0, 2.0)
-    return Block(weights=w, texture=tex, illumination=illum, valid=swath_valid(scene, rows, cols, r0, r1),
-                 mixing=mix)
+    return Block(weights=w, texture=tex, illumination=illum,
+                 valid=np.ones(y.shape, dtype=bool) if valid is None else valid, mixing=mix)
 
 
 def abundances(scene: Scene, block: Block, n_materials: int) -> np.ndarray:

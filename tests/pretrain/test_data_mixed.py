@@ -47,8 +47,8 @@ def test_mixed_batches_hold_several_sensors_padded_with_a_mask(stores):
     batches = list(loader)
     mixed = [b for b in batches if len(set(b["meta"]["url"])) > 1]
     assert len(mixed) >= len(batches) // 2  # most batches mix stores
-    from pretrain.data.reader import SampleReader, tables_from_store
     from data_prep.dataset import open_store
+    from pretrain.data.reader import SampleReader, tables_from_store
 
     for bt in batches:
         n = bt["band_mask"].sum(1)
