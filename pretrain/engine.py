@@ -421,12 +421,15 @@ def gather_floats(x: float) -> list[float]:
 
 
 def to_device(batch: dict[str, Any], dev: torch.device, dtype: torch.dtype | None = None) -> dict[str, Any]:
-    """Move tensors to ``dev``; floating tensors to ``dtype`` when given (bf16 runs)."""
+    """Move tensors to ``dev``; floating tensors to ``dtype`` when given (bf16 runs). A co-located group batch's
+    ``views`` (a list of batch dicts, :mod:`pretrain.data.colocated`) are moved alike."""
     out = {}
     for k, v in batch.items():
         if isinstance(v, torch.Tensor):
             v = v.to(dev, non_blocking=True)
-            if dtype is not None and v.is_floating_point():
+            if dtype is not None and v.is_floating_point() and k not in ("ground", "footprint"):
                 v = v.to(dtype)
+        elif k == "views" and isinstance(v, list):
+            v = [to_device(x, dev, dtype) for x in v]
         out[k] = v
     return out
