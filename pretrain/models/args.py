@@ -86,6 +86,9 @@ class ModelArgs:
     head_condition: str = "content"
     """Conditions of the MAE output layer: ``content`` (the encoder's: meta + content) or ``meta``
     (wavelength, FWHM, sensor, level only, so per-band image statistics cannot reach the output)."""
+    fusion_depth: int = 0
+    """Cross-sensor fusion blocks of the encoder (:mod:`pretrain.models.fusion`; 0 = no fusion module). Needed for
+    co-located group batches (JEPA) and ``encoder.features(..., views=...)``; part of the export."""
 
     def __post_init__(self) -> None:
         for k in ("dim", "depth", "heads", "patch_size", "cond_dim", "cond_heads", "rank", "n_freq",
@@ -94,6 +97,8 @@ class ModelArgs:
             v = getattr(self, k)
             if not isinstance(v, int) or v < 1:
                 raise ModelError(f"model arg {k} must be a positive integer, got {v!r}")
+        if not isinstance(self.fusion_depth, int) or self.fusion_depth < 0:
+            raise ModelError(f"model arg fusion_depth must be an integer >= 0, got {self.fusion_depth!r}")
         if self.spectral_depth < 0:
             raise ModelError(f"model arg spectral_depth must be >= 0, got {self.spectral_depth}")
         for d, h, what in ((self.dim, self.heads, "dim/heads"), (self.cond_dim, self.cond_heads, "cond_dim/cond_heads"),

@@ -18,6 +18,7 @@ from torch import nn
 from .args import ModelArgs, ModelError
 from .hyper import FixedPatchEmbed, HyperEmbedding
 from .layers import Block, Blocks, pos_embed, to_patches
+from .fusion import CrossSensorFusion, token_centres
 from .meta import ContentEncoder, MetaEncoder
 from .vocab import Vocabulary
 
@@ -42,6 +43,9 @@ class SpectralEncoder(nn.Module):
             self.fixed = FixedPatchEmbed(args.fixed_bands, args.patch_size, args.dim)
         self.blocks = Blocks(Block(args.dim, args.heads, args.mlp_ratio, init="xavier") for _ in range(args.depth))
         self.norm = nn.LayerNorm(args.dim)
+        if args.fusion_depth > 0:  # co-located views on a common ground grid (pretrain.models.fusion)
+            self.fusion = CrossSensorFusion(args.dim, args.heads, args.fusion_depth, args.mlp_ratio,
+                                            unit_m=args.ref_gsd * args.patch_size)
 
     # ------------------------------------------------------------------------------------------------------
     @property
@@ -133,24 +137,66 @@ class SpectralEncoder(nn.Module):
         x, _ = self.embed(pixels, wavelengths, fwhm, sensor, level, valid, gsd, band_mask=band_mask)
         return self.blocks_forward(x)
 
-    def features(self, pixels: torch.Tensor, wavelengths: torch.Tensor, fwhm: torch.Tensor,
-                 sensor: torch.Tensor | None = None, level: torch.Tensor | None = None,
-                 valid: torch.Tensor | None = None, gsd: torch.Tensor | None = None,
-                 layers: Sequence[int] = (3, 5, 7, 11)) -> list[torch.Tensor]:
+    def features(self, pixels: torch.Tensor | None = None, wavelengths: torch.Tensor | None = None,
+                 fwhm: torch.Tensor | None = None, sensor: torch.Tensor | None = None,
+                 level: torch.Tensor | None = None, valid: torch.Tensor | None = None,
+                 gsd: torch.Tensor | None = None, layers: Sequence[int] = (3, 5, 7, 11),
+                 band_mask: torch.Tensor | None = None, views: Sequence[dict] | None = None,
+                 grid: torch.Tensor | None = None) -> list[torch.Tensor]:
         """Outputs ``[B,N,D]`` of the chosen blocks (0-based; negative counts from the end), for UperNet.
 
-        Each is passed through the final LayerNorm so all levels share one scale."""
+        Each is passed through the final LayerNorm so all levels share one scale. With ``views`` (co-located views
+        of the same places, each a dict with ``pixels``, ``wavelengths``, ``fwhm``, ``ground`` and optionally
+        ``sensor``, ``level``, ``valid``, ``gsd``, ``band_mask``; ``/work/coord/COLOCATED.md``) every view goes
+        through the encoder and each chosen level is fused on the common grid (:meth:`fuse`): ``[B, N_grid, D]``,
+        N_grid = the first view's tokens (or ``grid [B, m, 2]``, query positions in metres)."""
         depth = len(self.blocks)
         want = sorted({(i + depth) if i < 0 else i for i in layers})
         if not want or want[0] < 0 or want[-1] >= depth:
             raise ModelError(f"features layers {tuple(layers)} out of range for depth {depth}")
-        x, _ = self.embed(pixels, wavelengths, fwhm, sensor, level, valid, gsd)
+        if views is not None:
+            per = [self.features(layers=layers, **_view_inputs(v)) for v in views]
+            pos = [self.view_positions(v) for v in views]
+            q = grid if grid is not None else pos[0]
+            return [self._fusion()([f[k] for f in per], pos, q) for k in range(len(layers))]
+        x, _ = self.embed(pixels, wavelengths, fwhm, sensor, level, valid, gsd, band_mask=band_mask)
         out: dict[int, torch.Tensor] = {}
         for i, blk in enumerate(self.blocks[: want[-1] + 1]):
             x = self.blocks.step(blk, x)
             if i in want:
                 out[i] = self.norm(x)
         return [out[(i + depth) if i < 0 else i] for i in layers]
+
+    # co-located views ----------------------------------------------------------------------------------------
+    def _fusion(self) -> CrossSensorFusion:
+        f = getattr(self, "fusion", None)
+        if f is None:
+            raise ModelError("co-located views need the cross-sensor fusion module: build the model with "
+                             "fusion_depth >= 1 (model.overrides: {fusion_depth: 1})")
+        return f
+
+    def view_positions(self, view: dict) -> torch.Tensor:
+        """Metres ``[B, n, 2]`` (x east, y south from the square's NW corner) of a view's token centres."""
+        p = self.patch_size
+        hh, ww = view["pixels"].shape[-2:]
+        if "ground" not in view:
+            raise ModelError("a co-located view needs 'ground' [B, 2, 3] (crop pixel -> metres; pretrain.data.colocated)")
+        return token_centres(view["ground"], hh // p, ww // p, p)
+
+    def view_tokens(self, view: dict) -> tuple[torch.Tensor, torch.Tensor]:
+        """A view's tokens through the encoder ``[B, n, D]`` and their ground positions ``[B, n, 2]`` (metres)."""
+        return self(**_view_inputs(view)), self.view_positions(view)
+
+    def fuse(self, views: Sequence[dict], grid: torch.Tensor | None = None,
+             encoded: Sequence[torch.Tensor] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """The views of the same places fused on a common ground grid: ``([B, m, D], query positions [B, m, 2])``.
+
+        Queries sit at ``grid [B, m, 2]`` (metres) or, by default, at the first view's token centres. ``encoded``:
+        the views' tokens if already computed."""
+        toks = list(encoded) if encoded is not None else [self(**_view_inputs(v)) for v in views]
+        pos = [self.view_positions(v) for v in views]
+        q = grid if grid is not None else pos[0]
+        return self._fusion()(toks, pos, q), q
 
     # ------------------------------------------------------------------------------------------------------
     def embed_flops(self, n_bands: int, image_size: int, n_tokens: int | None = None) -> float:
@@ -179,3 +225,9 @@ class SpectralEncoder(nn.Module):
 def block_macs(n: int, d: int, mlp_ratio: float) -> float:
     """Multiply-accumulates of one transformer block on n tokens (qkv, attention, proj, MLP)."""
     return n * (3 * d * d + d * d + 2 * d * int(d * mlp_ratio)) + 2 * n * n * d
+
+
+def _view_inputs(view: dict) -> dict:
+    """The encoder's keyword inputs from a (co-located) view dict."""
+    return {k: view.get(k) for k in ("pixels", "wavelengths", "fwhm", "sensor", "level", "valid", "gsd",
+                                     "band_mask")}

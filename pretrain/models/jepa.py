@@ -19,9 +19,10 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..losses import condition_decorrelation, latent_loss
-from .args import ModelArgs
+from .args import ModelArgs, ModelError
 from .contract import Objective
-from .encoder import SpectralEncoder, block_macs
+from .encoder import SpectralEncoder, _view_inputs, block_macs
+from .fusion import ground_embed
 from .layers import Block, Blocks, Linear, pos_embed, reset_parameters
 from .vocab import Vocabulary
 
@@ -138,6 +139,8 @@ class JEPA(Objective):
         return b0, k, y0, sh, x0, sw
 
     def forward(self, batch: dict, generator: torch.Generator | None = None) -> dict[str, torch.Tensor]:
+        if "views" in batch:  # a co-located group batch (pretrain.data.colocated)
+            return self.forward_groups(batch)
         p = self.args.patch_size
         pixels, wl, fw = batch["pixels"], batch["wavelengths"], batch["fwhm"]
         sensor, level, valid, gsd = batch.get("sensor"), batch.get("level"), batch.get("valid"), batch.get("gsd")
@@ -169,6 +172,43 @@ class JEPA(Objective):
         out = {"band_window": torch.tensor([b0, k]), "crop": torch.tensor([y0, sh, x0, sw])}
         if self.args.cond_decorrelation > 0 and cond is not None:
             dec = condition_decorrelation(cond, ctx_mask)  # a mixed batch: the window's real bands only
+            loss = loss + self.args.cond_decorrelation * dec
+            out["cond_decorrelation"] = dec.detach()
+        return {"loss": loss, **out}
+
+    def forward_groups(self, batch: dict) -> dict[str, torch.Tensor]:
+        """SpectralEarth-FM's objective on a group batch (``/work/coord/COLOCATED.md``).
+
+        Target: the EMA encoder's tokens of every global view (each sensor at its own GSD), fused by the EMA
+        cross-sensor fusion module on the common grid (the first global view's token centres), layer-normed.
+        Context: each local view (one sensor, a crop of the square) through the encoder and the fusion module on
+        its own token centres (so the fusion module is trained and its EMA is the target's). Predictor: the
+        context tokens plus one query per target cell, each with its ground position (2-D sin-cos of metres in
+        reference tokens), predicts every target token. Loss: mean over local views of the latent loss."""
+        views, g = batch["views"], int(batch["n_global"])
+        if g < 1 or len(views) <= g:
+            raise ModelError(f"a group batch needs >= 1 global and >= 1 local view, got {g} of {len(views)}")
+        with torch.no_grad():
+            target, qpos = self.target_encoder.fuse(views[:g])
+            target = F.layer_norm(target.float(), (target.shape[-1],))
+        pd = self.args.pred_dim
+        unit = self.args.ref_gsd * self.args.patch_size
+        losses, decs = [], []
+        for v in views[g:]:
+            x, cond = self.encoder.embed(**_view_inputs(v))
+            ctx, cpos = self.encoder.fuse([v], encoded=[self.encoder.blocks_forward(x)])
+            if self.args.cond_decorrelation > 0 and cond is not None:
+                decs.append(condition_decorrelation(cond, v.get("band_mask")))
+            z = self.pred_embed(ctx)
+            z = z + ground_embed(cpos, pd, unit).to(z.dtype)
+            q = self.pred_query.to(z.dtype) + ground_embed(qpos, pd, unit).to(z.dtype)
+            x = self.pred_blocks(torch.cat([z, q], 1))
+            pred = self.pred_out(self.pred_norm(x[:, z.shape[1]:]))
+            losses.append(latent_loss(pred, target, self.args.jepa_loss))
+        loss = torch.stack(losses).mean()
+        out = {"local_losses": torch.stack([x.detach() for x in losses])}
+        if decs:  # the band-condition decorrelation term over the local views' conditions
+            dec = torch.stack(decs).mean()
             loss = loss + self.args.cond_decorrelation * dec
             out["cond_decorrelation"] = dec.detach()
         return {"loss": loss, **out}
