@@ -24,6 +24,7 @@ from typing import Any
 from data_prep import configtree
 from data_prep.configtree import ConfigError
 from pretrain.data import DataConfig, SourceConfig
+from pretrain.data.colocated_config import ColocatedPrepareConfig
 
 __all__ = ["CheckpointConfig", "ConfigError", "DataConfig", "LoggingConfig", "ModelConfig", "OptimConfig",
            "ParallelConfig", "PrepareConfig", "SourceConfig", "StageConfig", "TrainConfig", "dump_config",
@@ -212,6 +213,8 @@ class PrepareConfig:
     enabled: when true and any store a stage reads is missing, simulate into raw_dir and ingest into
     store_root before training (other ranks wait). sensors: None = all six hyperspectral sensors.
     levels, scenes, size, seed: passed to data_prep.simulate.simulate_corpus. patch_size: ingest patch side.
+    colocated: also make co-located products, stores and their location index (a co-located JEPA stage's data;
+    :class:`~pretrain.data.colocated_config.ColocatedPrepareConfig`); None = not.
     """
 
     enabled: bool = False
@@ -223,6 +226,7 @@ class PrepareConfig:
     size: int = 64
     seed: int = 0
     patch_size: int = 32
+    colocated: ColocatedPrepareConfig | None = None
 
 
 @dataclass
@@ -234,6 +238,10 @@ class StageConfig:
     mixture (exactly one of the two). warmup_steps, lr, min_lr: None = ``optim``'s.
     init_from: "previous" (the export of the stage before; none for the first stage), "none", or the path of
     an export directory.
+    objective: this stage's objective ("mae" or "jepa"); None = ``model.objective`` (every stage builds the same
+    encoder, so a stage's export initialises the next whatever their objectives).
+    data: this stage's changes to the ``data`` section (checked keys, e.g. ``{mix: mixed}`` or a co-located JEPA
+    stage's ``{colocated: {global_sensors: [...], ...}}``, see :mod:`pretrain.data.colocated`).
     """
 
     name: str
@@ -244,8 +252,12 @@ class StageConfig:
     lr: float | None = None
     min_lr: float | None = None
     init_from: str = "previous"
+    objective: str | None = None
+    data: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
+        if self.objective is not None and self.objective not in ("mae", "jepa"):
+            raise ConfigError(f"stage {self.name!r}: objective must be 'mae', 'jepa' or null, got {self.objective!r}")
         if not self.name or "/" in self.name:
             raise ConfigError(f"stage name must be a non-empty name without '/', got {self.name!r}")
         if (self.steps is None) == (self.epochs is None):
@@ -290,11 +302,21 @@ class TrainConfig:
         if self.stages[0].init_from == "previous":
             self.stages[0].init_from = "none"
         self.data.batch_size = self.parallel.micro_batch
+        check = getattr(configtree.import_object(self.model.builder), "check_args", None)
+        for k, st in enumerate(self.stages):
+            if st.objective is not None and check is not None:
+                check(self.model.name, objective=st.objective, **self.model.overrides)
+            self.stage_data(st, f"stages.{k}.data")  # a bad data key or value fails at load
 
-    def stage_data(self, stage: StageConfig) -> DataConfig:
-        """The loader config of one stage: ``data`` with the stage's sources and epochs."""
-        return dataclasses.replace(self.data, sources=list(stage.sources or self.data.sources),
-                                   epochs=stage.epochs, batch_size=self.parallel.micro_batch)
+    def stage_data(self, stage: StageConfig, where: str = "stage data") -> DataConfig:
+        """The loader config of one stage: ``data`` with the stage's sources, epochs and ``data`` changes."""
+        d = dataclasses.replace(self.data, sources=list(stage.sources or self.data.sources),
+                                epochs=stage.epochs, batch_size=self.parallel.micro_batch)
+        if stage.data:
+            from pretrain.data import DataError
+
+            d = configtree.replace(d, dict(stage.data), where, DataError, what="data key")
+        return d
 
     def to_dict(self) -> dict[str, Any]:
         return configtree.to_plain(self)

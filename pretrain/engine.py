@@ -25,7 +25,7 @@ from pretrain.config import ConfigError, TrainConfig
 from pretrain.models.vocab import Vocabulary
 
 if TYPE_CHECKING:
-    from pretrain.plan import Plan
+    from pretrain.plan import Plan, StagePlan
 
 __all__ = ["import_object"]  # re-exported: ``"module:function"`` specs resolve through data_prep.configtree
 
@@ -213,7 +213,7 @@ def is_partitioned(module: nn.Module) -> bool:
     return any(hasattr(p, "ds_id") for p in module.parameters())
 
 
-def construct_model(plan: Plan, vocab: Vocabulary | None = None) -> nn.Module:
+def construct_model(plan: Plan, vocab: Vocabulary | None = None, stage: StagePlan | None = None) -> nn.Module:
     """Build ``cfg.model`` with its builder; under ZeRO-3, inside ``deepspeed.zero.Init`` when the builder
     says its models support it (``zero_init_safe = True``: the shipped :func:`pretrain.models.build_model`).
 
@@ -234,8 +234,8 @@ def construct_model(plan: Plan, vocab: Vocabulary | None = None) -> nn.Module:
     if vocab is not None and "vocab" in inspect.signature(build_model).parameters:
         kw["vocab"] = vocab
 
-    def build() -> nn.Module:
-        return build_model(m.name, objective=m.objective, **kw)
+    def build() -> nn.Module:  # the stage's objective (stages.N.objective), else model.objective
+        return build_model(m.name, objective=stage.objective if stage is not None else m.objective, **kw)
 
     if cfg.parallel.zero_stage == 3 and getattr(build_model, "zero_init_safe", False):
         import deepspeed

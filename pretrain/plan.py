@@ -38,6 +38,8 @@ class StagePlan:
     warmup_steps: int
     init_from: str
     """``none``, ``previous`` (never for the first stage) or the path of an export directory."""
+    objective: str = "mae"
+    """The stage's objective (``stages.N.objective``, else ``model.objective``)."""
 
 
 @dataclass(frozen=True)
@@ -84,7 +86,8 @@ def make_plan(cfg: TrainConfig, world_size: int) -> Plan:
     ds = deepspeed_config(cfg, world_size)
     o = cfg.optim
     stages = tuple(
-        StagePlan(index=k, name=st.name, data=cfg.stage_data(st), steps=st.steps, epochs=st.epochs,
+        StagePlan(index=k, name=st.name, data=cfg.stage_data(st, f"stages.{k}.data"), steps=st.steps,
+                  epochs=st.epochs, objective=st.objective or cfg.model.objective,
                   lr=st.lr if st.lr is not None else o.lr,
                   min_lr=st.min_lr if st.min_lr is not None else o.min_lr,
                   warmup_steps=st.warmup_steps if st.warmup_steps is not None else o.warmup_steps,

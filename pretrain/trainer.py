@@ -148,7 +148,7 @@ class Trainer:
         resume = ckpt.latest_complete(self.layout.checkpoints(stage.name)) if self.cfg.checkpoint.resume else None
         # the vocabulary travels with the weights (export, checkpoint), never re-derived from the registry
         build_vocab, run_vocab = eng.stage_vocabulary(resume, init)
-        model = eng.construct_model(self.plan, build_vocab)  # under zero.Init when ZeRO-3 and supported
+        model = eng.construct_model(self.plan, build_vocab, stage)  # under zero.Init when ZeRO-3 and supported
         if init is not None:
             eng.load_export_into(model, init)
         eng.extend_vocabulary(model, run_vocab)
@@ -281,7 +281,8 @@ class Trainer:
     def _speed(self, batch: dict, samples: int, seconds: float) -> dict[str, float]:
         enc = getattr(self.model_ref, "encoder", None)
         p = getattr(enc, "patch_size", 1)
-        c, h, w = batch["pixels"].shape[1:]
+        px = batch["pixels"] if "pixels" in batch else batch["views"][0]["pixels"]  # a co-located group: view 0
+        c, h, w = px.shape[1:]
         fps = None
         if hasattr(self.model_ref, "flops_per_sample"):
             fps = float(self.model_ref.flops_per_sample(int(c), int(h)))

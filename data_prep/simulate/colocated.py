@@ -217,3 +217,27 @@ def simulate_colocated(out_dir: str | Path, *, sensors: Sequence[str] = COLOCATE
     part.write_text(json.dumps(manifest, indent=1))
     part.replace(path)
     return path
+
+
+def patch_sizes(sensors: Sequence[str], patch_m: float, multiple: int = 8) -> dict[str, int]:
+    """Patch side in pixels per sensor for patches of ``patch_m`` metres (a multiple of ``multiple``, >= 16)."""
+    return {s: max(16, int(round(patch_m / get_sensor(s).gsd_m / multiple)) * multiple) for s in sensors}
+
+
+def prepare_colocated(raw_dir: str | Path, store_root: str, *, sensors: Sequence[str], levels: Sequence[str],
+                      locations: int, extent_m: float, patch_m: float, seed: int = 0, progress: bool = True) -> str:
+    """Simulate (when ``raw_dir`` has no manifest), ingest (idempotent: committed granules are skipped) and index
+    co-located products; returns the index URL. Each step is resumable, so a killed run completes on the next."""
+    from data_prep.colocate import colocate, index_url
+    from data_prep.ingest import ingest
+
+    raw = Path(raw_dir)
+    if not (raw / "manifest.json").exists():
+        log.info("simulating co-located products into %s", raw)
+        simulate_colocated(raw, sensors=sensors, levels=levels, locations=locations, extent_m=extent_m, seed=seed,
+                           progress=progress)
+    sizes = patch_sizes(sensors, patch_m)
+    log.info("ingesting co-located products into %s (patch sides %s)", store_root, sizes)
+    ingest([raw], store_root, patch_size=min(sizes.values()), patch_size_for=sizes, progress=progress)
+    colocate(store_root)
+    return index_url(store_root)

@@ -63,3 +63,23 @@ class ColocatedConfig:
     @property
     def local(self) -> list[str]:
         return list(self.local_sensors or self.global_sensors)
+
+
+@dataclass
+class ColocatedPrepareConfig:
+    """The demo's co-located data (``prepare.colocated``): simulated, ingested and indexed when missing.
+
+    raw_dir / store_root: where the products and the stores (and ``locations.json``) go. sensors: registry names;
+    levels: processing levels (multispectral sensors have L2 only); locations, extent_m, seed: passed to
+    :func:`data_prep.simulate.colocated.simulate_colocated`. patch_m: ground side of a patch in metres (each
+    sensor's patch side is ``patch_m / gsd`` pixels, rounded to a multiple of 8).
+    """
+
+    raw_dir: str = "data/demo/colocated_raw"
+    store_root: str = "data/demo/colocated"
+    sensors: list[str] = field(default_factory=lambda: ["enmap", "emit", "sentinel-2", "planetscope"])
+    levels: list[str] = field(default_factory=lambda: ["L2"])
+    locations: int = 4
+    extent_m: float = 960.0
+    patch_m: float = 960.0
+    seed: int = 0

@@ -355,7 +355,7 @@ def _open(cfg: DataConfig) -> tuple[dict[str, StoreInfo], dict[str, StoreTables]
             raise DataError(f"source {k} ({src.url}): {e}") from None
         chunks = store.chunks
         key = f"{k}:{store.sensor}_{store.level}"
-        if cfg.crop > store.patch_size:
+        if cfg.crop > store.patch_size and cfg.colocated is None:  # co-located views have their own sides
             raise DataError(f"{src.url}: crop {cfg.crop} is larger than the patch size {store.patch_size}")
         if not tab.good_idx.size:
             raise DataError(f"{src.url}: no good bands")
