@@ -16,9 +16,9 @@ import torch
 from torch import nn
 
 from .args import ModelArgs, ModelError
+from .fusion import CrossSensorFusion, token_centres
 from .hyper import FixedPatchEmbed, HyperEmbedding
 from .layers import Block, Blocks, pos_embed, to_patches
-from .fusion import CrossSensorFusion, token_centres
 from .meta import ContentEncoder, MetaEncoder
 from .vocab import Vocabulary
 
