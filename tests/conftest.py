@@ -18,7 +18,8 @@ def real_data() -> Path:
 
 @pytest.fixture(scope="session")
 def colocated_root(tmp_path_factory) -> dict:
-    """Co-located products of 3 locations seen by EnMAP, EMIT, Sentinel-2 and PlanetScope (960 m squares), made
+    """Co-located products of 3 locations seen by EnMAP, EMIT, Sentinel-2, PlanetScope and Landsat 9 OLI (960 m
+    squares, each in its real product layout), made
     through the command line: ``simulate --colocated``, ``ingest --patch-size-for``, ``colocate``. Shared by the
     data_prep and pretrain co-location tests (one simulation per session)."""
     from data_prep.cli import main
@@ -26,10 +27,10 @@ def colocated_root(tmp_path_factory) -> dict:
     d = tmp_path_factory.mktemp("colocated")
     raw, stores = d / "raw", d / "stores"
     assert main(["simulate", "--colocated", "--out", str(raw), "--sensors", "enmap", "emit", "sentinel-2",
-                 "planetscope", "--levels", "L2", "--scenes", "3", "--extent-m", "960", "--seed", "3",
+                 "planetscope", "landsat-8-9-oli", "--levels", "L2", "--scenes", "3", "--extent-m", "960", "--seed", "3",
                  "--no-progress"]) == 0
     assert main(["ingest", str(raw), "--out", str(stores), "--patch-size", "32", "--patch-size-for", "emit=16",
                  "sentinel-2=96", "planetscope=320", "--no-progress"]) == 0
     assert main(["colocate", str(stores), "--no-progress"]) == 0
-    return {"raw": raw, "stores": stores, "sensors": ("enmap", "emit", "sentinel-2", "planetscope"),
+    return {"raw": raw, "stores": stores, "sensors": ("enmap", "emit", "sentinel-2", "planetscope", "landsat-8-9-oli"),
             "manifest": json.loads((raw / "manifest.json").read_text())}

@@ -7,6 +7,7 @@
 - EnMAP L2A (SPECTRAL_IMAGE GeoTIFF/COG/ENVI + METADATA.XML) -- :mod:`.enmap`
 - DESIS L2A/L1C (SPECTRAL_IMAGE GeoTIFF + .hdr + METADATA.xml) -- :mod:`.desis`
 - PlanetScope SuperDove / Sentinel-2 L2 GeoTIFF -- :mod:`.multispectral`
+- Landsat 8/9 OLI Collection 2 Level-2 (per-band SR GeoTIFFs + MTL.txt) -- :mod:`.landsat`
 
 ``open_product(path)`` returns a lazy :class:`data_prep.granule.Granule`; ``discover(paths)`` (a context: archives
 unpacked while it is open) and ``find_products(paths)`` expand folders as downloaded into product entries and
@@ -27,6 +28,7 @@ from data_prep.formats.desis import open_desis, write_desis
 from data_prep.formats.detect import FORMATS, Discovery, detect_format, discover, find_products
 from data_prep.formats.emit import open_emit, write_emit
 from data_prep.formats.enmap import open_enmap, write_enmap
+from data_prep.formats.landsat import open_landsat, write_landsat
 from data_prep.formats.multispectral import open_multispectral, write_multispectral
 from data_prep.granule import Granule, ProductError
 from data_prep.registry import get_sensor
@@ -35,9 +37,11 @@ __all__ = ["FORMATS", "Discovery", "ProductError", "detect_format", "discover", 
            "write_product"]
 
 READERS = {"envi": open_envi, "emit-netcdf": open_emit, "aviris-netcdf": open_aviris_nc,
-           "enmap-geotiff": open_enmap, "desis-geotiff": open_desis, "geotiff": open_multispectral}
+           "enmap-geotiff": open_enmap, "desis-geotiff": open_desis, "geotiff": open_multispectral,
+           "landsat-geotiff": open_landsat}
 WRITERS = {"envi": write_envi, "emit-netcdf": write_emit, "enmap-geotiff": write_enmap,
-           "desis-geotiff": write_desis, "geotiff": write_multispectral}
+           "desis-geotiff": write_desis, "geotiff": write_multispectral,
+           "landsat-geotiff": write_landsat}
 
 
 def open_product(path: str | Path, fmt: str | None = None) -> Granule:

@@ -30,7 +30,7 @@ from data_prep.formats._common import perr
 from data_prep.formats._xmltif import PART, group_files
 from data_prep.formats.envi import data_path, header_path
 
-FORMATS = ("envi", "emit-netcdf", "aviris-netcdf", "enmap-geotiff", "desis-geotiff", "geotiff")
+FORMATS = ("envi", "emit-netcdf", "aviris-netcdf", "enmap-geotiff", "desis-geotiff", "geotiff", "landsat-geotiff")
 ARCHIVE = re.compile(r"\.(zip|tar|tar\.gz|tgz|tar\.bz2|tbz2)$", re.I)
 NETCDF_EXTS = (".nc", ".nc4", ".h5", ".he5")
 TIFF_EXTS = (".tif", ".tiff")
@@ -171,6 +171,21 @@ def classify_files(files: list[Path], out: Discovery, *, explicit: bool = False)
             claimed.add(prod.image)
         for p, kind in prod.sidecars.items():
             out.skip(p, kind)
+    from data_prep.formats.landsat import classify as landsat_kind
+
+    for p in files:  # Landsat C2 L2: the MTL.txt is the product, its SR bands parts, the rest sidecars
+        c = landsat_kind(p.name)
+        if c is None:
+            continue
+        claimed.add(p)
+        if c[0] == "product":
+            out.add(p, "landsat-geotiff")
+        elif c[0] == "part" and explicit:  # a band given alone: its scene, when its MTL is beside it
+            mtl = [q for q in p.parent.iterdir() if (k := landsat_kind(q.name)) is not None and k[0] == "product"
+                   and q.name.split("_MTL")[0] == p.name.rsplit("_SR_", 1)[0]]
+            (out.add(mtl[0], "landsat-geotiff") if mtl else out.skip(p, "Landsat band without its MTL.txt"))
+        elif c[0] == "sidecar":
+            out.skip(p, c[1])
     rest = [p for p in files if p not in claimed]
     for p in rest:  # ENVI headers first: they claim their data files
         if p.suffix.lower() != ".hdr":

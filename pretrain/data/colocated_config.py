@@ -77,7 +77,7 @@ class ColocatedPrepareConfig:
 
     raw_dir: str = "data/demo/colocated_raw"
     store_root: str = "data/demo/colocated"
-    sensors: list[str] = field(default_factory=lambda: ["enmap", "emit", "sentinel-2", "planetscope"])
+    sensors: list[str] = field(default_factory=lambda: ["enmap", "emit", "sentinel-2", "landsat-8-9-oli"])
     levels: list[str] = field(default_factory=lambda: ["L2"])
     locations: int = 4
     extent_m: float = 960.0

@@ -113,7 +113,7 @@ def test_inspect_reports_locations_and_a_stale_index_is_refused(colocated_root, 
     assert main(["inspect", str(root), "--json"]) == 0
     out = json.loads(capsys.readouterr().out)
     loc = out["locations"]
-    assert loc["locations"] == 3 and loc["sensors_per_location"] == {"4": 3} and not loc["stale"]
+    assert loc["locations"] == 3 and loc["sensors_per_location"] == {"5": 3} and not loc["stale"]
     assert 0.5 <= loc["overlap"]["min"] <= loc["overlap"]["max"] <= 1.0
     # a store changed since the index was built (here: removed): stale, and the loader's check refuses it
     shutil.rmtree(root / "emit_L2.zarr")

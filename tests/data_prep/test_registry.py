@@ -9,7 +9,7 @@ REAL_BANDS = REAL_DATA / "bands"
 
 EXPECTED_BANDS = {
     "aviris-classic": 224, "aviris-ng": 425, "aviris-3": 285, "enmap": 224,
-    "emit": 285, "desis": 235, "planetscope": 8, "sentinel-2": 13,
+    "emit": 285, "desis": 235, "planetscope": 8, "sentinel-2": 13, "landsat-8-9-oli": 7,
 }
 
 
