@@ -23,7 +23,14 @@ from pathlib import Path
 
 import numpy as np
 
-from data_prep.formats._common import level_spec_or_error, perr, prepare_cube, sensor_or_error, utc, valid_mask
+from data_prep.formats._common import (
+    level_spec_or_error,
+    perr,
+    prepare_cube,
+    sensor_or_error,
+    utc,
+    valid_mask,
+)
 from data_prep.formats._geotiff import GeoTiff, write_geotiff
 from data_prep.formats._xmltif import utm_grid, write_folder
 from data_prep.granule import Granule
