@@ -237,3 +237,11 @@ def summary(idx: dict) -> dict:
             "overlap": ({"min": float(ov.min()), "mean": float(ov.mean()), "max": float(ov.max())}
                         if ov.size else None),
             "stores": [s["name"] for s in idx["stores"]]}
+
+
+def summary_lines(s: dict) -> list[str]:
+    """The human-readable lines of a :func:`summary` (``colocate`` and ``inspect`` print them)."""
+    ov = s["overlap"]
+    head = (f"{s['locations']} locations; sensors per location {s['sensors_per_location']}; overlap "
+            + (f"min {ov['min']:.3f} mean {ov['mean']:.3f} max {ov['max']:.3f}" if ov else "-"))
+    return [head, *(f"  {k}: {n}" for k, n in s["by_sensor_set"].items())]

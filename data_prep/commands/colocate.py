@@ -21,17 +21,15 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from data_prep.colocate import colocate, index_url, summary
+    from data_prep.colocate import colocate, index_url, summary, summary_lines
 
     idx = colocate(args.root, min_overlap=args.min_overlap, progress=not args.no_progress)
     s = summary(idx)
     if args.json:
         print(json.dumps({"index": index_url(args.root), **s}))
         return 0
-    ov = s["overlap"]
-    print(f"{index_url(args.root)}: {s['locations']} locations over {len(s['stores'])} stores; sensors per "
-          f"location {s['sensors_per_location']}; overlap "
-          + (f"min {ov['min']:.3f} mean {ov['mean']:.3f} max {ov['max']:.3f}" if ov else "-"))
-    for k, n in s["by_sensor_set"].items():
-        print(f"  {k}: {n}")
+    head, *rest = summary_lines(s)
+    print(f"{index_url(args.root)} ({len(s['stores'])} stores): {head}")
+    for line in rest:
+        print(line)
     return 0

@@ -139,10 +139,10 @@ def run(args: argparse.Namespace) -> int:
     print(f"total: {out['patches']} patches, {out['bytes_on_disk'] / 1e6:.1f} MB")
     loc = out.get("locations")
     if loc:
-        ov = loc["overlap"]
-        print(f"locations: {loc['locations']} ({loc['index']}{', STALE: run colocate again' if loc['stale'] else ''}); "
-              f"sensors per location {loc['sensors_per_location']}; overlap "
-              + (f"min {ov['min']:.3f} mean {ov['mean']:.3f} max {ov['max']:.3f}" if ov else "-"))
-        for k, n in loc["by_sensor_set"].items():
-            print(f"  {k}: {n}")
+        from data_prep.colocate import summary_lines
+
+        head, *rest = summary_lines(loc)
+        print(f"locations ({loc['index']}{', STALE: run colocate again' if loc['stale'] else ''}): {head}")
+        for line in rest:
+            print(line)
     return 0

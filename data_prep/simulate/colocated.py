@@ -29,7 +29,6 @@ from __future__ import annotations
 import datetime as dt
 import json
 import logging
-import os
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -39,7 +38,7 @@ import numpy as np
 from data_prep.errors import UserError
 from data_prep.registry import get_sensor
 from data_prep.simulate.atmosphere import Atmosphere
-from data_prep.simulate.corpus import _rng, get_writer
+from data_prep.simulate.corpus import _rng, get_writer, output_folder
 from data_prep.simulate.library import load_library, select_materials
 from data_prep.simulate.render import BLOCK_ROWS, RasterBlock, render_cube, sensor_model
 from data_prep.simulate.scene import Scene, abundances, make_scene, render_points
@@ -140,6 +139,13 @@ def _atmosphere(seed: int, view: ColocatedView) -> Atmosphere:
                       water_vapour_cm=float(rng.uniform(0.5, 3.0)), aod550=float(rng.uniform(0.05, 0.3)))
 
 
+def _materials(library: str | Path | None, seed: int) -> tuple[list[str], list[str], np.ndarray]:
+    """(names, classes, spectra) of the library materials the locations' scenes draw from (a few per class)."""
+    lib = load_library(library)
+    mats = select_materials(lib, seed=seed)
+    return [lib.name(i) for i in mats], [lib.classes[i] for i in mats], lib.spectra[mats]
+
+
 def _check(sensors: Sequence[str], levels: Sequence[str], locations: int, extent_m: float, max_shift: float,
            misregistration_px: float) -> None:
     if len(sensors) < 2:
@@ -165,15 +171,9 @@ def simulate_colocated(out_dir: str | Path, *, sensors: Sequence[str] = COLOCATE
     """Simulate co-located products under ``out_dir``; returns the path of ``manifest.json`` (module docstring)."""
     sensors, levels = list(dict.fromkeys(sensors)), list(levels)
     _check(sensors, levels, locations, extent_m, max_shift, misregistration_px)
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    if not os.access(out, os.W_OK):
-        raise PermissionError(f"{out}: output folder is not writable")
-    lib = load_library(library)
-    mats = select_materials(lib, seed=seed)
-    names = [lib.name(i) for i in mats]
-    classes = [lib.classes[i] for i in mats]
-    spectra = lib.spectra[mats]
+    out = output_folder(out_dir)
+    names, classes, spectra = _materials(library, seed)
+    n_mat = len(names)
     plan = plan_colocated(sensors=sensors, levels=levels, locations=locations, extent_m=extent_m, seed=seed,
                           max_shift=max_shift, misregistration_px=misregistration_px, max_days=max_days)
     write_product, _ = get_writer()
@@ -192,7 +192,7 @@ def simulate_colocated(out_dir: str | Path, *, sensors: Sequence[str] = COLOCATE
             k = int(min(MAX_SUPERSAMPLE, max(1, round(v.gsd_m / fine))))
             model = sensor_model(sensor, v.level, spectra, _atmosphere(seed, v))
             rng = _rng(seed, "colocated-noise", v.location, v.sensor, v.level)
-            cube, labels, _ = render_cube(model, _blocks(v, scene, scene_m, len(mats), k), v.rows, v.cols, rng)
+            cube, labels, _ = render_cube(model, _blocks(v, scene, scene_m, n_mat, k), v.rows, v.cols, rng)
             yc, xc = np.mgrid[0:v.rows, 0:v.cols].astype(np.float64) + 0.5
             east, north = v.ground(xc, yc)
             lat, lon = to_latlon(east + v.error_m[0], north + v.error_m[1], tuple(loc["centre"]))

@@ -202,6 +202,15 @@ def _check_args(sensors, levels, scenes, size, lines, ratio) -> None:
         raise UserError(f"fusion ratio must be >= 2, got {ratio}")
 
 
+def output_folder(out_dir: str | Path) -> Path:
+    """``out_dir`` created; PermissionError when it is not writable."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    if not os.access(out, os.W_OK):
+        raise PermissionError(f"{out}: output folder is not writable")
+    return out
+
+
 def simulate_corpus(out_dir: str | Path, *, sensors: Sequence[str] = HYPERSPECTRAL,
                     levels: Sequence[str] = ("L1", "L2"), scenes: int = 1, size: int = 64, seed: int = 0,
                     change_pairs: bool = True, fusion: bool = True, progress: bool = True,
@@ -220,10 +229,7 @@ def simulate_corpus(out_dir: str | Path, *, sensors: Sequence[str] = HYPERSPECTR
     """
     sensors, levels = list(sensors), list(levels)
     _check_args(sensors, levels, scenes, size, lines, ratio)
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    if not os.access(out, os.W_OK):
-        raise PermissionError(f"{out}: output folder is not writable")
+    out = output_folder(out_dir)
     lib = load_library(library)
     mats = split_materials(lib, materials)
     names = [lib.name(i) for i in mats]

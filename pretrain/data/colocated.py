@@ -49,7 +49,6 @@ import os
 import posixpath
 import zlib
 from dataclasses import dataclass, field
-from typing import Any
 
 import numpy as np
 import torch
@@ -62,7 +61,7 @@ from pretrain.models.vocab import Vocabulary
 from .config import DataConfig, DataError
 from .mixed import assemble
 from .reader import SUBSTITUTE_TRIES, SampleReader, StoreTables
-from .sampling import ShardSource, StoreInfo, dropped, store_tag, substitute_index, window_for
+from .sampling import PlanNode, ShardSource, StoreInfo, dropped, store_tag, substitute_index, window_for
 
 log = logging.getLogger(__name__)
 
@@ -197,28 +196,16 @@ def plan_locations(cfg: DataConfig, index: dict, index_url: str, infos: dict[str
     return out, side
 
 
-class GroupPlanNode(BaseNode[dict]):
+class GroupPlanNode(PlanNode):
     """Batches of location ids -> the batch's plan (step, epoch, locations, local view sensors, band windows).
 
-    State: the step counter and the source's state."""
+    State: the step counter and the source's state (:class:`~pretrain.data.sampling.PlanNode`'s)."""
 
     def __init__(self, source: BaseNode[dict], infos: dict[str, StoreInfo], local_sensors: list[str], n_local: int,
                  *, seed: int, rank: int, band_window: int, band_stride: int):
-        super().__init__()
-        self.source, self.infos = source, infos
+        super().__init__(source, infos, seed=seed, rank=rank, band_window=band_window, band_stride=band_stride,
+                         crop=0, crop_align=0, sensor_dropout=0.0)
         self.local_sensors, self.n_local = local_sensors, n_local
-        self.seed, self.rank = seed, rank
-        self.band_window, self.band_stride = band_window, band_stride
-        self._step = 0
-
-    def reset(self, initial_state: dict | None = None) -> None:
-        super().reset(initial_state)
-        if initial_state is not None:
-            self._step = int(initial_state["step"])
-            self.source.reset(initial_state["source"])
-        else:
-            self._step = 0
-            self.source.reset()
 
     def next(self) -> dict:
         item = next(self.source)
@@ -230,9 +217,6 @@ class GroupPlanNode(BaseNode[dict]):
                    for key, info in self.infos.items()}
         return {"step": step, "epoch": item["epoch"], "locations": item["indices"], "local": local,
                 "windows": windows}
-
-    def get_state(self) -> dict[str, Any]:
-        return {"step": self._step, "source": self.source.state_dict()}
 
 
 class GroupReader:

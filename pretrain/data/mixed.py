@@ -43,7 +43,7 @@ import torch
 from torchdata.nodes import BaseNode, Batcher, MultiNodeWeightedSampler, StopCriteria
 
 from .reader import SampleReader
-from .sampling import ShardSource, StoreInfo, make_task, window_for
+from .sampling import PlanNode, ShardSource, StoreInfo, make_task, window_for
 
 MODES = ("store", "mixed")
 
@@ -96,28 +96,10 @@ def assemble(parts: list[tuple[list[int], dict]], n: int) -> dict[str, Any]:
     return out
 
 
-class MixedPlanNode(BaseNode[list]):
+class MixedPlanNode(PlanNode):
     """Batches of drawn samples -> task lists; each sample gets its own store's band window of this step.
 
-    State: the step counter and the source's state (as :class:`~pretrain.data.sampling.PlanNode`)."""
-
-    def __init__(self, source: BaseNode[list], infos: dict[str, StoreInfo], *, seed: int, rank: int,
-                 band_window: int, band_stride: int, crop: int, crop_align: int, sensor_dropout: float):
-        super().__init__()
-        self.source, self.infos = source, infos
-        self.seed, self.rank = seed, rank
-        self.band_window, self.band_stride = band_window, band_stride
-        self.crop, self.crop_align, self.sensor_dropout = crop, crop_align, sensor_dropout
-        self._step = 0
-
-    def reset(self, initial_state: dict | None = None) -> None:
-        super().reset(initial_state)
-        if initial_state is not None:
-            self._step = int(initial_state["step"])
-            self.source.reset(initial_state["source"])
-        else:
-            self._step = 0
-            self.source.reset()
+    State: the step counter and the source's state (:class:`~pretrain.data.sampling.PlanNode`'s)."""
 
     def next(self) -> list[dict]:
         items = next(self.source)
@@ -131,9 +113,6 @@ class MixedPlanNode(BaseNode[list]):
                                    slot=j, w0=w0, wn=wn, crop=self.crop, crop_align=self.crop_align,
                                    sensor_dropout=self.sensor_dropout))
         return tasks
-
-    def get_state(self) -> dict[str, Any]:
-        return {"step": self._step, "source": self.source.state_dict()}
 
 
 class MixedReader:
