@@ -1,0 +1,105 @@
+"""A co-located JEPA stage in a real run: DeepSpeed on two CPU ranks through ``launch/pretrain.py``.
+
+Stage one is MAE on any sensor mix per micro-batch (``data.mix: mixed``), stage two the co-located JEPA objective
+on group batches (``stages.1.objective: jepa``, ``stages.1.data.colocated``), initialised from stage one's export.
+A run stopped by ``max_steps`` inside stage two and run again gives the uninterrupted run's losses (exact resume of
+model, optimizer, EMA target and the group loader); the export carries the fusion module and loads without
+DeepSpeed; ``features(..., views=...)`` works on it."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+REPO = Path(__file__).resolve().parents[2]
+ENV = {**os.environ, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1",
+       "TORCH_EXTENSIONS_DIR": str(Path.home() / ".cache/specfm/torch_extensions"), "WANDB_MODE": "disabled"}
+SENSORS = ("enmap", "emit", "sentinel-2", "planetscope")
+
+pytestmark = pytest.mark.slow
+
+
+def torchrun(config: Path, *overrides: str):
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+           str(REPO / "launch/pretrain.py"), "--config", str(config), *overrides]
+    return subprocess.run(cmd, cwd=REPO, env=ENV, capture_output=True, text=True)
+
+
+def _ok(r) -> None:
+    assert r.returncode == 0, r.stdout[-4000:] + r.stderr[-4000:]
+
+
+def losses(run_dir: Path) -> dict[int, float]:
+    out = {}
+    for line in (run_dir / "metrics.jsonl").read_text().splitlines():
+        r = json.loads(line)
+        if "loss" in r:
+            out[r["global_step"]] = r["loss"]
+    return out
+
+
+@pytest.fixture(scope="module")
+def runs(colocated_root, tmp_path_factory) -> dict:
+    root = tmp_path_factory.mktemp("train-colocated")
+    stores = colocated_root["stores"]
+    sources = [{"url": str(stores / f"{s}_L2.zarr")} for s in SENSORS]
+    cfg = {
+        "run_dir": str(root / "run"),
+        "data": {"sources": sources, "crop": 16, "band_window": 16, "band_stride": 8, "num_workers": 0,
+                 "mix": "mixed"},
+        "model": {"name": "debug", "overrides": {"fusion_depth": 1}},
+        "parallel": {"zero_stage": 2, "micro_batch": 1, "global_batch": 2},
+        "optim": {"lr": 1e-3, "warmup_steps": 1},
+        "checkpoint": {"every": 2, "keep": 2},
+        "logging": {"wandb": "disabled", "every": 1, "viz_every": -1, "progress": False},
+        "stages": [{"name": "mixed_mae", "steps": 2},
+                   {"name": "colocated_jepa", "objective": "jepa", "steps": 4,
+                    "data": {"colocated": {"global_sensors": ["enmap", "sentinel-2"],
+                                           "local_sensors": ["emit", "enmap", "planetscope"], "local_views": 1,
+                                           "footprint_m": 480}}}],
+    }
+    path = root / "colocated.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    full, parts = root / "full", root / "parts"
+    r_full = torchrun(path, f"run_dir={full}")
+    r_stop = torchrun(path, f"run_dir={parts}", "max_steps=4")  # inside stage two, after its checkpoint at step 2
+    r_again = torchrun(path, f"run_dir={parts}")
+    return {"full": full, "parts": parts, "runs": (r_full, r_stop, r_again)}
+
+
+def test_colocated_jepa_stage_resumes_exactly(runs):
+    for r in runs["runs"]:
+        _ok(r)
+    full, parts = losses(runs["full"]), losses(runs["parts"])
+    assert sorted(full) == list(range(1, 7)) and sorted(parts) == list(range(1, 7))
+    assert "resumed from" in runs["runs"][2].stdout + runs["runs"][2].stderr
+    for s in range(1, 7):
+        assert parts[s] == pytest.approx(full[s], abs=1e-6), (s, parts[s], full[s])
+    recs = [json.loads(x) for x in (runs["full"] / "metrics.jsonl").read_text().splitlines()]
+    starts = {r["stage"]: r for r in recs if r.get("event") == "stage_start"}
+    assert Path(starts["colocated_jepa"]["init_from"]) == runs["full"] / "export" / "mixed_mae"
+
+
+def test_export_carries_the_fusion_module(runs, colocated_root):
+    import torch
+
+    from pretrain.data import DataConfig, SourceConfig, build_loader
+    from pretrain.models.export import load_encoder
+
+    enc = load_encoder(runs["full"] / "export" / "colocated_jepa").eval()
+    assert any(k.startswith("fusion.") for k in enc.state_dict())
+    stores = colocated_root["stores"]
+    cfg = DataConfig(sources=[SourceConfig(str(stores / f"{s}_L2.zarr")) for s in SENSORS], batch_size=1,
+                     band_window=16, num_workers=0,
+                     colocated={"global_sensors": ["enmap", "sentinel-2"], "local_sensors": ["emit"],
+                                "local_views": 1, "footprint_m": 480})
+    b = next(iter(build_loader(cfg, vocab=enc.vocab)))
+    with torch.no_grad():
+        f = enc.features(views=b["views"][:2], layers=(0, 1))
+    assert [tuple(x.shape) for x in f] == [(1, 4, 64)] * 2 and all(torch.isfinite(x).all() for x in f)
