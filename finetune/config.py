@@ -142,6 +142,9 @@ class SuiteConfig:
     simulate: dict[str, Any] | None = None
     """When set, a corpus is simulated with these ``simulate_corpus`` arguments (unless --data is given) and
     the string ``${corpus}`` in data blocks is replaced by its manifest path."""
+    simulate_colocated: dict[str, Any] | None = None
+    """When set, co-located products are simulated with these ``simulate_colocated`` arguments and ``${colocated}``
+    in data blocks is replaced by their manifest path (the cross-sensor task)."""
     note: str = ""
 
     def __post_init__(self) -> None:

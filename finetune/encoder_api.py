@@ -161,13 +161,38 @@ class Encoder(nn.Module):
         x, wl, fw, s, lv = self._prepare(pixels, wavelengths, fwhm, sensor, level)
         return self.inner(x, wl, fw, sensor=s, level=lv, **self._extra(x, valid, gsd))
 
-    def features(self, pixels: torch.Tensor | dict, wavelengths: torch.Tensor | None = None,
+    def features(self, pixels: torch.Tensor | dict | None = None, wavelengths: torch.Tensor | None = None,
                  fwhm: torch.Tensor | None = None, sensor: Names = None, level: Names = None, layers: Sequence[int] = (0, 1, 2, 3),
-                 valid: torch.Tensor | None = None, gsd: torch.Tensor | float | None = None) -> list[torch.Tensor]:
-        """Tokens ``[B, N, D]`` after each of the given transformer blocks (for UperNet)."""
+                 valid: torch.Tensor | None = None, gsd: torch.Tensor | float | None = None,
+                 views: Sequence[dict] | None = None) -> list[torch.Tensor]:
+        """Tokens ``[B, N, D]`` after each of the given transformer blocks (for UperNet).
+
+        ``views``: co-located views of the same places (one dict per sensor: ``pixels``, ``wavelengths``, ``fwhm``,
+        ``ground`` [B, 2, 3] pixel -> metres, optionally ``sensor``/``level`` names or indices, ``valid``, ``gsd``,
+        ``band_mask``; a co-located loader's views as they come, see ``/work/coord/COLOCATED.md``): each level is
+        fused by the encoder's cross-sensor module on the first view's token grid (exports with ``fusion_depth``
+        >= 1)."""
+        if views is not None:
+            return list(self.inner.features(layers=tuple(layers), views=[self._view(v) for v in views]))
         x, wl, fw, s, lv = self._prepare(pixels, wavelengths, fwhm, sensor, level)
         return list(self.inner.features(x, wl, fw, sensor=s, level=lv, layers=tuple(layers),
                                         **self._extra(x, valid, gsd)))
+
+    def _view(self, v: dict) -> dict:
+        """One co-located view in the inner encoder's terms (names -> indices, units, shapes checked)."""
+        if "ground" not in v:
+            raise ValueError("a co-located view needs 'ground' [B, 2, 3] (crop pixel -> metres on the common grid)")
+        sensor, level = v.get("sensor"), v.get("level")
+        x, wl, fw, s, lv = self._prepare(v["pixels"], v["wavelengths"], v.get("fwhm"),
+                                         None if isinstance(sensor, torch.Tensor) else sensor,
+                                         None if isinstance(level, torch.Tensor) else level)
+        out = {"pixels": x, "wavelengths": wl, "fwhm": fw, "ground": torch.as_tensor(v["ground"], device=x.device),
+               "sensor": sensor if isinstance(sensor, torch.Tensor) else s,
+               "level": level if isinstance(level, torch.Tensor) else lv,
+               **self._extra(x, v.get("valid"), v.get("gsd"))}
+        if v.get("band_mask") is not None:
+            out["band_mask"] = torch.as_tensor(v["band_mask"], device=x.device).bool()
+        return out
 
     @staticmethod
     def _extra(x: torch.Tensor, valid, gsd) -> dict:

@@ -59,6 +59,17 @@ def prepare_corpus(suite: SuiteConfig, work: Path, data: str | None = None) -> s
     return str(simulate_corpus(work / "corpus", **kw))
 
 
+def prepare_colocated(suite: SuiteConfig, work: Path) -> str | None:
+    """The manifest path ``${colocated}`` refers to: co-located products simulated for the suite, or None."""
+    if suite.simulate_colocated is None:
+        return None
+    from data_prep.simulate.colocated import simulate_colocated
+
+    kw = dict(suite.simulate_colocated)
+    kw.setdefault("progress", False)
+    return str(simulate_colocated(work / "colocated", **kw))
+
+
 def run_suite(suite: SuiteConfig, encoder: Encoder | Callable[[], Encoder], out: str | Path, *,
               checkpoint: str = "", data: str | None = None, data_root: str | None = None,
               progress: bool = True, on_task: Callable[[TaskConfig, TaskResult], None] | None = None) -> dict:
@@ -72,6 +83,7 @@ def run_suite(suite: SuiteConfig, encoder: Encoder | Callable[[], Encoder], out:
     tmp = Path(tempfile.mkdtemp(prefix=".bench-", dir=out.parent))
     try:
         corpus = prepare_corpus(suite, tmp, data)
+        colocated = prepare_colocated(suite, tmp)
         make = encoder if callable(encoder) and not isinstance(encoder, Encoder) else None
         state = None if make else {k: v.clone() for k, v in encoder.state_dict().items()}
         results: list[tuple[TaskConfig, TaskResult, float, str]] = []
@@ -83,7 +95,7 @@ def run_suite(suite: SuiteConfig, encoder: Encoder | Callable[[], Encoder], out:
                 encoder.load_state_dict(state)
                 enc = encoder
             seed_everything(task.train.seed)  # nothing a task draws depends on what ran before it
-            ds = load_dataset(substitute(task.data, {"corpus": corpus, "root": data_root}))
+            ds = load_dataset(substitute(task.data, {"corpus": corpus, "root": data_root, "colocated": colocated}))
             res = run_task(enc, ds, task)
             fig = task_figure(res, tmp / "figures" / f"{task.name}.png")
             if on_task is not None:
@@ -93,6 +105,7 @@ def run_suite(suite: SuiteConfig, encoder: Encoder | Callable[[], Encoder], out:
         report = build_report(suite, results, checkpoint)
         write_reports(report, tmp)
         shutil.rmtree(tmp / "corpus", ignore_errors=True)
+        shutil.rmtree(tmp / "colocated", ignore_errors=True)
         out.mkdir(parents=True, exist_ok=True)
         (out / "figures").mkdir(exist_ok=True)
         for f in (tmp / "figures").iterdir():

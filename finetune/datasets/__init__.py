@@ -10,6 +10,7 @@ from finetune.datasets.base import (
     normalise,
     read_array,
 )
+from finetune.datasets.colocated import CrossSensorData, synthetic_cross_sensor
 from finetune.datasets.public import (
     load_aerorit,
     load_bay_area,
@@ -46,6 +47,7 @@ LOADERS = {
     "synthetic_change": synthetic_change,
     "synthetic_classification": synthetic_classification,
     "synthetic_fusion": synthetic_fusion,
+    "synthetic_cross_sensor": synthetic_cross_sensor,
 }
 
 
@@ -72,5 +74,5 @@ def load_dataset(spec: dict):
     return fn(**spec)
 
 
-__all__ = ["LOADERS", "ChangeData", "ClassificationData", "DatasetError", "FusionData", "SegmentationData",
+__all__ = ["LOADERS", "ChangeData", "ClassificationData", "CrossSensorData", "DatasetError", "FusionData", "SegmentationData",
            "Spectral", "load_dataset", "normalise", "read_array"] + [f.__name__ for f in LOADERS.values()]

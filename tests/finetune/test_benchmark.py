@@ -31,7 +31,10 @@ def test_synthetic_suite_end_to_end(tmp_path, debug_export, tiny_corpus):
     assert rc == 0
     report = json.loads((out / "report.json").read_text())
     kinds = {t["kind"] for t in report["tasks"].values()}
-    assert kinds == {"classification", "segmentation", "change", "fusion"}
+    assert kinds == {"classification", "segmentation", "change", "fusion", "cross_sensor"}
+    cross = report["tasks"]["cross_sensor"]  # simulated co-located EnMAP + DESIS products (${colocated})
+    assert (cross["details"]["train_sensor"], cross["details"]["test_sensor"]) == ("enmap", "desis")
+    assert cross["details"]["n_train"] == cross["details"]["n_test"] >= 9
     for name, t in report["tasks"].items():
         assert (out / t["figure"]).stat().st_size > 1000, name
         assert all(isinstance(v, float) for v in t["metrics"].values())
