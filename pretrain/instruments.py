@@ -142,16 +142,33 @@ def record(model: Any, batch: dict, out: dict) -> dict[str, float]:
     enc = getattr(m, "encoder", None)
     if enc is None or not hasattr(enc, "hyper"):
         return {}
+    if "views" in batch:  # a co-located group batch: the conditions of its first (global) view
+        batch = batch["views"][0]
+    band_mask = batch.get("band_mask")  # a mixed batch: each sample's instruments over its own real bands
     was = enc.training
     enc.eval()
     try:
         pixels, valid = batch["pixels"], batch.get("valid")
         x = pixels * valid.unsqueeze(1).to(pixels.dtype) if valid is not None else pixels
-        cond = enc.condition(x, batch["wavelengths"], batch["fwhm"], batch.get("sensor"), batch.get("level"), valid)
-        rec = {"cond_similarity": float(condition_similarity(cond))}
-        bm = band_token_map(enc.hyper, cond).float()
-        rec["band_map_rank"] = float(effective_rank(bm).mean())
-        rec["band_map_mean_energy"] = float(mean_direction_energy(bm).mean())
+        cond = enc.condition(x, batch["wavelengths"], batch["fwhm"], batch.get("sensor"), batch.get("level"), valid,
+                             band_mask=band_mask)
+        if band_mask is None:
+            rec = {"cond_similarity": float(condition_similarity(cond))}
+            bm = band_token_map(enc.hyper, cond).float()
+            rec["band_map_rank"] = float(effective_rank(bm).mean())
+            rec["band_map_mean_energy"] = float(mean_direction_energy(bm).mean())
+        else:
+            sims, ranks, energies = [], [], []
+            for i, n in enumerate(band_mask.sum(1).tolist()):
+                ci = cond[i:i + 1, :max(int(n), 1)]
+                if ci.shape[1] >= 2:
+                    sims.append(float(condition_similarity(ci)))
+                bm = band_token_map(enc.hyper, ci).float()
+                ranks.append(float(effective_rank(bm).mean()))
+                energies.append(float(mean_direction_energy(bm).mean()))
+            rec = {"band_map_rank": sum(ranks) / len(ranks), "band_map_mean_energy": sum(energies) / len(energies)}
+            if sims:
+                rec["cond_similarity"] = sum(sims) / len(sims)
     finally:
         enc.train(was)
     if "pred" in out and "mask" in out:
@@ -173,7 +190,7 @@ def reconstruction_skill(model: Any, batch: dict, out: dict) -> dict[str, float]
 
     def loss(pred: torch.Tensor) -> float:
         r = reconstruction_loss(_patches(pred.float(), p), target, weight, a.charbonnier_weight, a.sam_weight,
-                                a.charbonnier_eps)
+                                a.charbonnier_eps, batch.get("band_mask"))
         return float(r["loss"])
 
     lm = loss(out["pred"])

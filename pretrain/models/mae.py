@@ -58,7 +58,7 @@ def random_band_mask(b: int, c: int, ratio: float, device: torch.device,
     n_real = real.sum(1)
     n_vis = n_real - torch.minimum(torch.round(ratio * n_real.double()).long().clamp_min(0), n_real - 1)
     # the real bands in the draw's order (a stable sort keeps the order among real and among padded bands)
-    order = torch.gather(order, 1, torch.gather(~real, 1, order).to(torch.uint8).argsort(1, stable=True))
+    order = torch.gather(order, 1, torch.gather(~real, 1, order).to(torch.uint8).argsort(dim=1, stable=True))
     c_vis = int(n_vis.max())
     vmask = torch.arange(c_vis, device=device)[None] < n_vis[:, None]
     visible = torch.where(vmask, order[:, :c_vis], c).sort(1).values  # padded entries (= c) sort last
@@ -139,7 +139,7 @@ class MAE(Objective):
             vw = to_patches(valid.unsqueeze(1).float(), p)[:, 0]
             weight = weight * (vw.unsqueeze(1) if hidden is not None else vw)
         losses = reconstruction_loss(out, target, weight, a.charbonnier_weight, a.sam_weight, a.charbonnier_eps,
-                                     band_mask=band_mask)
+                                     band_mask)
         if a.cond_decorrelation > 0 and cond is not None:
             dec = condition_decorrelation(cond, mask_in)
             losses["loss"] = losses["loss"] + a.cond_decorrelation * dec

@@ -163,3 +163,23 @@ def test_jepa_loss_falls_on_group_batches_and_features_fuse_views(colocated_root
                                   for view in fixed["views"][:2]], layers=(0, -1))
     assert [tuple(x.shape) for x in f] == [(2, 4, 64), (2, 4, 64)]  # the first view's (EnMAP's) 2x2 grid
     torch.testing.assert_close(f[1][1:], one[1], atol=1e-5, rtol=1e-5)
+
+
+def test_group_jepa_adds_the_decorrelation_term_over_the_local_views(colocated_root):
+    """cond_decorrelation (issue 11) on a group batch: the term of the local views' band conditions, with its weight."""
+    batch = next(iter(build_loader(_cfg(colocated_root["stores"], batch_size=2))))
+    torch.manual_seed(0)
+    plain = build_model("debug", objective="jepa", fusion_depth=1)
+    torch.manual_seed(0)
+    dec = build_model("debug", objective="jepa", fusion_depth=1, cond_decorrelation=0.5)
+    dec.load_state_dict(plain.state_dict())
+    a, b = plain(batch), dec(batch)
+    assert "cond_decorrelation" not in a and 0.0 < float(b["cond_decorrelation"]) <= 1.0
+    torch.testing.assert_close(b["loss"], a["loss"] + 0.5 * b["cond_decorrelation"], atol=1e-5, rtol=1e-5)
+    b["loss"].backward()
+    assert dec.encoder.meta.wl_proj.weight.grad.abs().sum() > 0
+    # the trainer's instruments take a group batch (its first view's band conditions)
+    from pretrain.instruments import record
+
+    rec = record(dec, batch, b)
+    assert 0.0 < rec["cond_similarity"] <= 1.0 and rec["band_map_rank"] >= 1.0

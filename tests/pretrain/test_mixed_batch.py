@@ -124,3 +124,72 @@ def test_context_window_stays_inside_each_samples_bands():
             idx = torch.nonzero(w[i]).flatten()
             assert idx.numel() == min(c, max(1, int(torch.ceil(torch.tensor(frac * c)))))
             assert bool((idx.diff() == 1).all())  # contiguous
+
+
+def test_spectral_masking_in_a_mixed_batch_hides_each_samples_own_bands():
+    """band_mask_ratio (issue 11's spectral masking) with a mixed batch: each sample hides round(ratio * C_b) of its
+    own real bands, never a padded one, and the encoder sees its visible bands as a real prefix."""
+    from pretrain.models.mae import random_band_mask
+
+    mask = torch.zeros(3, 30, dtype=torch.bool)
+    for i, c in enumerate(BANDS):
+        mask[i, :c] = True
+    for ratio in (0.25, 0.5, 0.9):
+        hidden, vis = random_band_mask(3, 30, ratio, torch.device("cpu"), torch.Generator().manual_seed(4), mask)
+        assert not (hidden & ~mask).any()
+        for i, c in enumerate(BANDS):
+            n_hide = min(round(ratio * c), c - 1)
+            assert int(hidden[i].sum()) == n_hide
+            real = vis[i][vis[i] < 30]
+            assert real.numel() == c - n_hide and bool((real.diff() > 0).all())  # ascending, real bands only
+            assert set(real.tolist()) == set(torch.nonzero(mask[i] & ~hidden[i]).flatten().tolist())
+    # an all-True band mask draws exactly the bands of no mask (a one-store batch is unchanged)
+    a = random_band_mask(4, 20, 0.5, torch.device("cpu"), torch.Generator().manual_seed(2))
+    b = random_band_mask(4, 20, 0.5, torch.device("cpu"), torch.Generator().manual_seed(2),
+                         torch.ones(4, 20, dtype=torch.bool))
+    assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])
+
+
+def test_mae_spectral_masking_and_decorrelation_on_a_mixed_batch_ignore_padding():
+    torch.manual_seed(2)
+    batch = pad([sample(c, k) for k, c in enumerate(BANDS)])
+    mae = build_model("debug", band_mask_ratio=0.5, head_condition="meta", cond_decorrelation=0.1)
+    out = mae(batch, generator=torch.Generator().manual_seed(0))
+    assert torch.isfinite(out["loss"]) and "cond_decorrelation" in out
+    assert not (out["hidden_bands"] & ~batch["band_mask"]).any()
+    out["loss"].backward()
+    junk = dict(batch, pixels=batch["pixels"].masked_fill(~batch["band_mask"][:, :, None, None], 50.0),
+                wavelengths=batch["wavelengths"].masked_fill(~batch["band_mask"], 777.0),
+                fwhm=batch["fwhm"].masked_fill(~batch["band_mask"], 3.0))
+    with torch.no_grad():
+        a = mae(batch, generator=torch.Generator().manual_seed(3))
+        b = mae(junk, generator=torch.Generator().manual_seed(3))
+    torch.testing.assert_close(a["loss"], b["loss"], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(a["cond_decorrelation"], b["cond_decorrelation"], atol=1e-6, rtol=1e-5)
+
+
+def test_condition_decorrelation_counts_only_real_band_pairs():
+    from pretrain.losses import condition_decorrelation
+
+    g = torch.Generator().manual_seed(0)
+    conds = [torch.randn(1, c, 8, generator=g) for c in BANDS]
+    alone = [condition_decorrelation(x) for x in conds]
+    padded = torch.full((3, 30, 8), 9.0)  # padding all alike: it would pull the value up if it counted
+    mask = torch.zeros(3, 30, dtype=torch.bool)
+    for i, x in enumerate(conds):
+        padded[i, :x.shape[1]] = x[0]
+        mask[i, :x.shape[1]] = True
+    torch.testing.assert_close(condition_decorrelation(padded, mask), torch.stack(alone).mean())
+    assert condition_decorrelation(padded) > condition_decorrelation(padded, mask) + 0.1
+
+
+def test_instruments_of_a_mixed_batch_are_each_samples_own(model):
+    """pretrain.instruments.record on a mixed batch: the mean of each sample's instruments alone (padding unseen)."""
+    from pretrain.instruments import record
+
+    samples = [sample(c, k) for k, c in enumerate(BANDS)]
+    alone = [record(model, s, {}) for s in samples]
+    for fill in (0.0, 1234.5):
+        mixed = record(model, pad(samples, fill), {})
+        for k in ("cond_similarity", "band_map_rank", "band_map_mean_energy"):
+            assert mixed[k] == pytest.approx(sum(a[k] for a in alone) / len(alone), rel=1e-4, abs=1e-5), k
