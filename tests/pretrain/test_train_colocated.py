@@ -103,3 +103,19 @@ def test_export_carries_the_fusion_module(runs, colocated_root):
     with torch.no_grad():
         f = enc.features(views=b["views"][:2], layers=(0, 1))
     assert [tuple(x.shape) for x in f] == [(1, 4, 64)] * 2 and all(torch.isfinite(x).all() for x in f)
+
+
+def test_demo_config_ends_with_a_colocated_jepa_stage_on_its_prepared_stores():
+    """The README's main command runs a co-located JEPA stage: its sources are the stores prepare.colocated makes,
+    and every sensor it fuses or crops is among them (a demo run of it: the issue 13 note)."""
+    from pretrain.config import load_config
+
+    cfg = load_config(REPO / "configs/pretrain/demo.yaml")
+    st = cfg.stages[-1]
+    co = cfg.prepare.colocated
+    assert st.objective == "jepa" and co is not None and cfg.model.overrides.get("fusion_depth", 0) >= 1
+    data = cfg.stage_data(st)
+    assert all(s.url.startswith(co.store_root + "/") for s in data.sources)
+    stored = {s.url.rsplit("/", 1)[1].rsplit("_", 1)[0] for s in data.sources}
+    assert stored == set(co.sensors)
+    assert set(data.colocated.global_sensors) | set(data.colocated.local_sensors) <= stored
