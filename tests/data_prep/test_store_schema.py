@@ -6,6 +6,7 @@ import zarr
 from zarr.codecs import BloscCodec
 
 from data_prep.store import (
+    FOOTPRINT_META,
     META_FIELDS,
     NO_TIME,
     SCHEMA_VERSION,
@@ -139,6 +140,8 @@ def _write_schema1(url, x, v):
     meta = {"granule": np.zeros(n), "row": np.arange(n) * p, "col": np.zeros(n), "lat": np.full(n, 1.0),
             "lon": np.full(n, 2.0), "time": np.full(n, NO_TIME), "gsd": np.full(n, 30.0), "valid_fraction": v.mean((1, 2))}
     for k, dt in META_FIELDS.items():
+        if k in FOOTPRINT_META:  # schema 1 had no footprints (an old store reads them as unknown)
+            continue
         m.create_array(k, shape=(n,), dtype=dt, chunks=(4096,))[:] = meta[k].astype(dt)
     g.attrs.update({"schema_version": 1, "sensor": "emit", "level": "L2", "patch_size": p,
                     "wavelengths_nm": np.linspace(400, 900, bands).tolist(), "fwhm_nm": [5.0] * bands,
