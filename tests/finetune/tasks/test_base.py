@@ -14,7 +14,7 @@ from tests.finetune.tasks.helpers import cfg, spectral, two_class_patches
 
 
 def test_kinds_are_the_registered_task_classes():
-    assert kinds() == ("change", "classification", "fusion", "segmentation")
+    assert kinds() == ("change", "classification", "cross_sensor", "fusion", "segmentation")
     for k in kinds():
         cls = task_class(k)
         assert issubclass(cls, Task) and cls.kind == k and cls.headline and cls.data_type
