@@ -11,14 +11,13 @@ hold the same tiles (tile ``i`` of ``train`` is the place of tile ``i`` of ``tes
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
 from finetune.datasets.base import ClassificationData, DatasetError
-from finetune.datasets.synthetic import _grouped, _materials, read_product
+from finetune.datasets.synthetic import _grouped, _materials, read_manifest, read_product
 
 METRES_PER_DEGREE = 111_320.0
 
@@ -35,13 +34,7 @@ class CrossSensorData:
 
 
 def load_colocated_manifest(path: str | Path) -> tuple[Path, dict]:
-    p = Path(path)
-    if p.is_dir():
-        p = p / "manifest.json"
-    if not p.is_file():
-        raise DatasetError(f"{p} does not exist; expected a co-located manifest.json (python -m data_prep simulate "
-                           "--colocated --out DIR)")
-    m = json.loads(p.read_text())
+    p, m = read_manifest(path, "a co-located manifest.json (python -m data_prep simulate --colocated --out DIR)")
     if m.get("kind") != "colocated":
         raise DatasetError(f"{p}: not a co-located manifest (kind {m.get('kind')!r}; simulate --colocated writes one)")
     return p.parent, m

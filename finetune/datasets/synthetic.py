@@ -28,15 +28,19 @@ from finetune.datasets.base import (
 )
 
 
-def load_manifest(path: str | Path) -> tuple[Path, dict]:
-    """(corpus root, manifest) from a manifest.json path or the folder holding it."""
+def read_manifest(path: str | Path, expected: str) -> tuple[Path, dict]:
+    """(manifest.json path, its content) from the file or the folder holding it; ``expected`` names what it must be."""
     p = Path(path)
     if p.is_dir():
         p = p / "manifest.json"
     if not p.is_file():
-        raise DatasetError(f"{p} does not exist; expected a simulated corpus's manifest.json "
-                           "(python -m data_prep simulate --out DIR)")
-    m = json.loads(p.read_text())
+        raise DatasetError(f"{p} does not exist; expected {expected}")
+    return p, json.loads(p.read_text())
+
+
+def load_manifest(path: str | Path) -> tuple[Path, dict]:
+    """(corpus root, manifest) from a manifest.json path or the folder holding it."""
+    p, m = read_manifest(path, "a simulated corpus's manifest.json (python -m data_prep simulate --out DIR)")
     if "products" not in m:
         raise DatasetError(f"{p}: no 'products' list; not a simulate_corpus manifest")
     return p.parent, m

@@ -17,6 +17,8 @@ from pathlib import Path
 import pytest
 import yaml
 
+from tests.pretrain.test_train_ds import losses
+
 REPO = Path(__file__).resolve().parents[2]
 ENV = {**os.environ, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1",
        "TORCH_EXTENSIONS_DIR": str(Path.home() / ".cache/specfm/torch_extensions"), "WANDB_MODE": "disabled"}
@@ -33,15 +35,6 @@ def torchrun(config: Path, *overrides: str):
 
 def _ok(r) -> None:
     assert r.returncode == 0, r.stdout[-4000:] + r.stderr[-4000:]
-
-
-def losses(run_dir: Path) -> dict[int, float]:
-    out = {}
-    for line in (run_dir / "metrics.jsonl").read_text().splitlines():
-        r = json.loads(line)
-        if "loss" in r:
-            out[r["global_step"]] = r["loss"]
-    return out
 
 
 @pytest.fixture(scope="module")
