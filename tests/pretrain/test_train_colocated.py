@@ -9,32 +9,17 @@ DeepSpeed; ``features(..., views=...)`` works on it."""
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import yaml
 
-from tests.pretrain.test_train_ds import losses
+from tests.launching import REPO
+from tests.pretrain.test_train_ds import _ok, losses, torchrun  # --standalone rendezvous, hang-watched
 
-REPO = Path(__file__).resolve().parents[2]
-ENV = {**os.environ, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1",
-       "TORCH_EXTENSIONS_DIR": str(Path.home() / ".cache/specfm/torch_extensions"), "WANDB_MODE": "disabled"}
 SENSORS = ("enmap", "emit", "sentinel-2", "planetscope")
 
 pytestmark = pytest.mark.slow
-
-
-def torchrun(config: Path, *overrides: str):
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-           str(REPO / "launch/pretrain.py"), "--config", str(config), *overrides]
-    return subprocess.run(cmd, cwd=REPO, env=ENV, capture_output=True, text=True)
-
-
-def _ok(r) -> None:
-    assert r.returncode == 0, r.stdout[-4000:] + r.stderr[-4000:]
 
 
 @pytest.fixture(scope="module")
