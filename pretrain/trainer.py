@@ -223,6 +223,9 @@ class Trainer:
                     # time blocked on the loader / time of the steps since the last record
                     rec["data_wait_fraction"] = (parts.loader.data_wait_s - last_wait) / max(now - last_t, 1e-9)
                     last_wait = parts.loader.data_wait_s
+                    # reads of this stage that failed to decode (deleted, lost or corrupt chunks), each replaced by a
+                    # substitute, summed over the ranks (each is logged by its rank; counted in the loader's state)
+                    rec["bad_samples"] = round(eng.all_reduce_mean(float(parts.loader.bad_samples)) * self.world_size)
                     for source in sources:
                         rec.update(source(engine.module, batch, out))
                     last_t, last_samples = now, st.samples_seen

@@ -10,6 +10,8 @@ launcher itself (``--nproc_per_node=2``) so that the exit status the shell sees 
 - SIGTERM to the launcher: the ranks save, the shell sees 143;
 - a data error on one rank (a store whose patches that rank reads are corrupt, ``max_bad_fraction=0``):
   every rank ends promptly (no collective waits on the rank that left), the error is named, exit 2;
+- a deleted chunk object: the run trains on, its rank logs each failed read (substituted) and the log
+  records count them over the ranks (``bad_samples``);
 - bad config: exit 2 from the launcher before any rank starts; a stale extension build lock: exit 2
   naming the lock file instead of a silent hang (also under torchrun, on every rank).
 
@@ -182,6 +184,29 @@ def test_a_data_error_on_one_rank_ends_every_rank_promptly_with_the_error_named(
     assert "rank 1: exit 2 (bad input)" in w.stderr
     assert "Traceback" not in w.stderr.split("error (rank 1)")[-1]
     print(f"rank 1's data error -> every rank ended {ended_after:.1f} s later")
+
+
+def test_a_deleted_chunk_is_logged_counted_and_substituted_in_a_run(setup):
+    """A store with a lost chunk object trains on (within max_bad_fraction): each failed read is logged by its
+    rank, and the log records count them over all ranks (``bad_samples``), so the run's metrics say it."""
+    from pretrain.data.sampling import rank_shard, store_tag
+
+    url = str(setup["root"] / "lost" / "emit_L2.zarr")
+    shutil.copytree(setup["store"], url)
+    lost = int(rank_shard(np.arange(24), 0, store_tag(url), 0, 1, 2)[1])  # rank 1 reads it at its first step
+    chunks = [f for f in Path(url, "patches", "c", str(lost)).rglob("*") if f.is_file()]
+    assert chunks
+    for f in chunks:  # every shard object of the patch (one per band block)
+        f.unlink()
+    run = setup["root"] / "lost_run"
+    w = launch(setup["config"], f"run_dir={run}", f"data.sources.0.url={url}", "data.max_bad_fraction=0.5",
+               "stages.0.steps=4").wait()
+    assert w.returncode == 0, w.output[-3000:]
+    warned = [x for x in w.output.splitlines() if f"patch {lost} (batch" in x and "MissingDataError" in x]
+    assert warned and all("[rank 1]" in x and "replaced by patch" in x for x in warned), w.output[-3000:]
+    recs = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
+    counts = [r["bad_samples"] for r in recs if "loss" in r]
+    assert counts[0] >= 1 and counts == sorted(counts) and counts[-1] == len(warned), (counts, len(warned))
 
 
 def test_bad_config_exits_2_at_the_shell_before_any_rank_starts(setup):
