@@ -13,12 +13,14 @@ out). On a loaded 2-core box only ratios within one run mean anything.
 
 Value (``--value``): two pretraining runs of the same debug encoder (``fusion_depth 1``) on the same co-located
 stores, each through ``torchrun launch/pretrain.py`` on 2 CPU ranks: ``mae`` (``--mae-steps + --jepa-steps`` MAE
-steps, store mode) and ``colocated_jepa`` (``--mae-steps`` MAE steps, then ``--jepa-steps`` of the co-located JEPA
-objective: global view = EnMAP + Sentinel-2 fused, local views from every sensor). Downstream, on places neither
-saw (another simulation seed): the cross-sensor task (linear probe trained on EnMAP tiles, tested on DESIS tiles
-and on Sentinel-2 tiles of the same places; ``finetune.tasks.crosssensor``) and the fusion task (EnMAP + Sentinel-2,
-``finetune.tasks.fusion``), for the JEPA export, the MAE export and random init of the same architecture, over
-``--seeds`` task seeds: mean and standard deviation per task and encoder; the JSON keeps every seed's value.
+steps, mixed batches) and ``colocated_jepa`` (``--mae-steps`` MAE steps, then ``--jepa-steps`` of the co-located JEPA
+objective: global view = EnMAP + Sentinel-2 fused, local views from every sensor), each pair once per
+``--pretrain-seeds`` seed. Downstream, on places neither saw (another simulation seed): the cross-sensor task (linear
+probe trained on EnMAP tiles, tested on DESIS tiles and on Sentinel-2 tiles of the same places;
+``finetune.tasks.crosssensor``) and the fusion task (EnMAP + Sentinel-2, ``finetune.tasks.fusion``), for the JEPA
+export, the MAE export and random init of the same architecture (a fresh draw per pretraining seed), over
+``--seeds`` task seeds per encoder: mean and standard deviation over all (pretraining seed, task seed) pairs; the
+JSON keeps every value. ``token_spread_desis``: a collapse check per encoder (:func:`token_spread`).
 """
 
 from __future__ import annotations
@@ -101,12 +103,12 @@ def loader_figures(stores: Path, workers: int, batches: int, repeats: int) -> di
 
 
 # ----------------------------------------------------------------------------------------------- value
-def run_config(stores: Path, run_dir: Path, mae_steps: int, jepa_steps: int, jepa: bool) -> dict:
+def run_config(stores: Path, run_dir: Path, mae_steps: int, jepa_steps: int, jepa: bool, seed: int = 0) -> dict:
     stages = [{"name": "mae", "steps": mae_steps + (0 if jepa else jepa_steps)}]
     if jepa:
         stages.append({"name": "colocated_jepa", "objective": "jepa", "steps": jepa_steps,
                        "data": {"band_window": 32, "colocated": COLOCATED}})
-    return {"run_dir": str(run_dir), "seed": 0,
+    return {"run_dir": str(run_dir), "seed": seed,
             "data": {"sources": [{"url": s.url} for s in _sources(stores)], "crop": 32, "band_window": 32,
                      "band_stride": 16, "num_workers": 1, "mix": "mixed"},
             "model": {"name": "debug", "objective": "mae", "overrides": {"fusion_depth": 1, "gsd_pos": True}},
@@ -166,17 +168,36 @@ def downstream(encoders: dict, cross_manifest: Path, fusion_manifest: Path, seed
     out: dict = {}
     for name, t in tasks.items():
         out[name] = {}
-        for label, make in encoders.items():
+        for label, makers in encoders.items():
             vals, metric = [], None
-            for seed in range(seeds):
-                cfg = configtree.build(TaskConfig, {"name": name, **t, "train": {**t["train"], "seed": seed}}, name)
-                res = run_task(make(), data[name], cfg)
-                metric = {"cross_sensor": "OA", "fusion": "PSNR"}[t["kind"]]
-                vals.append(float(res.metrics[metric]))
+            for make in makers:  # one encoder per pretraining seed (random init: one fresh draw per seed)
+                for seed in range(seeds):
+                    cfg = configtree.build(TaskConfig, {"name": name, **t, "train": {**t["train"], "seed": seed}},
+                                           name)
+                    res = run_task(make(), data[name], cfg)
+                    metric = {"cross_sensor": "OA", "fusion": "PSNR"}[t["kind"]]
+                    vals.append(float(res.metrics[metric]))
             out[name][label] = {"metric": metric, "values": [round(v, 4) for v in vals],
                                 "mean": round(statistics.mean(vals), 4),
                                 "std": round(statistics.stdev(vals), 4) if len(vals) > 1 else 0.0}
     return out
+
+
+@torch.no_grad()
+def token_spread(enc, data) -> float:
+    """Collapse check: the mean over feature channels of the std across tiles of each tile's mean-pooled tokens,
+    relative to their root mean square (0 when every tile maps to the same vector)."""
+    from finetune.datasets.base import normalise
+    from finetune.tasks.base import spectral_tensors
+
+    d = data.test
+    x = torch.from_numpy(normalise(d.patches, d.valid)[0].astype("float32"))
+    side = max(x.shape[-1] // enc.patch_size, 1) * enc.patch_size
+    x = torch.nn.functional.interpolate(x, size=(side, side), mode="bilinear", align_corners=False)
+    wl, fw = spectral_tensors(d.spectral)
+    tok = enc.eval()(x[:64], wl, fw, d.spectral.sensor, d.spectral.level).float()  # [B, N, D]
+    pooled = tok.mean(1)
+    return float(pooled.std(0).mean() / pooled.pow(2).mean().sqrt().clamp_min(1e-12))
 
 
 def value(tmp: Path, args) -> dict:
@@ -185,13 +206,15 @@ def value(tmp: Path, args) -> dict:
     from finetune.encoder_api import load_encoder
 
     stores = make_stores(tmp / "pretrain", args.locations, seed=0)
-    runs = {}
-    for label, jepa in (("colocated_jepa", True), ("mae", False)):
-        cfg = run_config(stores, tmp / f"run_{label}", args.mae_steps, args.jepa_steps, jepa)
-        t0 = time.time()
-        runs[label] = {"export": pretrain(cfg, tmp / f"{label}.yaml"), "seconds": round(time.time() - t0, 1),
-                       "losses": losses(Path(cfg["run_dir"]))}
-        print(f"[pretrain {label}] {runs[label]['seconds']} s; losses {runs[label]['losses']}", flush=True)
+    runs: dict = {}
+    for ps in range(args.pretrain_seeds):
+        for label, jepa in (("colocated_jepa", True), ("mae", False)):
+            cfg = run_config(stores, tmp / f"run_{label}_{ps}", args.mae_steps, args.jepa_steps, jepa, seed=ps)
+            t0 = time.time()
+            r = {"export": pretrain(cfg, tmp / f"{label}_{ps}.yaml"), "seconds": round(time.time() - t0, 1),
+                 "losses": losses(Path(cfg["run_dir"]))}
+            runs.setdefault(label, []).append(r)
+            print(f"[pretrain {label} seed {ps}] {r['seconds']} s; losses {r['losses']}", flush=True)
     # downstream data the pretraining never saw: other places (seed 1) and a fusion pair (seed 7)
     from data_prep.simulate.colocated import simulate_colocated
 
@@ -199,13 +222,25 @@ def value(tmp: Path, args) -> dict:
                                locations=args.cross_locations, extent_m=1920.0, seed=1, progress=False)
     fusion = simulate_corpus(tmp / "fusion", sensors=["enmap"], levels=["L2"], scenes=1, size=48, seed=7,
                              change_pairs=False, progress=False)
-    jepa_enc = runs["colocated_jepa"]["export"]
-    mae_enc = runs["mae"]["export"]
-    encoders = {"colocated_jepa": lambda: load_encoder(jepa_enc), "mae": lambda: load_encoder(mae_enc),
-                "random_init": lambda: random_twin(load_encoder(mae_enc), seed=0)}
+    def loader(path):
+        return lambda: load_encoder(path)
+
+    def fresh(path, seed):
+        return lambda: random_twin(load_encoder(path), seed=seed)
+
+    mae_exports = [r["export"] for r in runs["mae"]]
+    encoders = {"colocated_jepa": [loader(r["export"]) for r in runs["colocated_jepa"]],
+                "mae": [loader(e) for e in mae_exports],
+                "random_init": [fresh(e, ps) for ps, e in enumerate(mae_exports)]}
     res = downstream(encoders, cross, fusion, args.seeds, args.probe_steps, args.fusion_steps)
-    return {"pretraining": {k: {"seconds": v["seconds"], "losses": v["losses"]} for k, v in runs.items()},
-            "downstream": res, "seeds": args.seeds, "mae_steps": args.mae_steps, "jepa_steps": args.jepa_steps}
+    from finetune.datasets import load_dataset
+
+    tiles = load_dataset({"loader": "synthetic_cross_sensor", "manifest": str(cross), "train_sensor": "enmap",
+                          "test_sensor": "desis", "band_stride": 4})
+    spread = {label: [round(token_spread(make(), tiles), 4) for make in makers] for label, makers in encoders.items()}
+    return {"pretraining": {k: [{"seconds": r["seconds"], "losses": r["losses"]} for r in v] for k, v in runs.items()},
+            "downstream": res, "token_spread_desis": spread, "seeds": args.seeds,
+            "pretrain_seeds": args.pretrain_seeds, "mae_steps": args.mae_steps, "jepa_steps": args.jepa_steps}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -219,7 +254,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--value", action="store_true", help="also pretrain and compare downstream (tens of minutes)")
     ap.add_argument("--mae-steps", type=int, default=150)
     ap.add_argument("--jepa-steps", type=int, default=150)
-    ap.add_argument("--seeds", type=int, default=3, help="downstream task seeds")
+    ap.add_argument("--seeds", type=int, default=3, help="downstream task seeds (per pretraining seed)")
+    ap.add_argument("--pretrain-seeds", type=int, default=1,
+                    help="pretraining seeds: each pair of runs (and the random init) per seed; the spread pools "
+                         "pretraining seeds x task seeds")
     ap.add_argument("--cross-locations", type=int, default=6, help="places of the cross-sensor task")
     ap.add_argument("--probe-steps", type=int, default=100)
     ap.add_argument("--fusion-steps", type=int, default=60)
@@ -244,6 +282,7 @@ def main(argv: list[str] | None = None) -> int:
                 for label, r in per.items():
                     print(f"{task:26s} {label:15s} {r['metric']}: {r['mean']:.4f} +- {r['std']:.4f} "
                           f"(seeds: {r['values']})")
+            print(f"token spread on DESIS tiles (0 = collapsed): {out['value']['token_spread_desis']}")
     if args.json:
         print(json.dumps(out))
     return 0
