@@ -18,7 +18,9 @@ inside the batch:
 
 A batch without ``band_mask`` means every band is real. Every model part honours the mask exactly (a padded band
 contributes nothing: ``tests/pretrain/test_mixed_batch.py`` shows a sample's tokens equal its tokens alone to
-fp32 rounding, max |diff| ~1e-6 for the debug model).
+fp32 rounding, max |diff| ~1e-6 for the debug model). The recipe options too: spectral masking
+(``band_mask_ratio``) hides ``round(ratio * C_b)`` of each sample's own real bands, the band-condition
+decorrelation term and the training instruments count only real bands (garbage in the padding moves none of them).
 
 Pipeline (``torchdata.nodes``, like the single-store one)::
 

@@ -86,7 +86,12 @@ class HyperEmbedding(nn.Module):
         yt = torch.matmul((v * band_scale(band_mask, c, v.dtype)).transpose(-1, -2),
                           patches.to(v.dtype).transpose(-1, -2))
         bias = self.to_bias(band_mean(h, band_mask))  # [B,1,D]
-        if self.contraction(c, n) == "materialised":
+        # under ZeRO-3 (partitioned parameters) always through to_u's own forward, so every rank gathers the same
+        # parameters in the same order whatever its batch's shape: the reassociated order reads to_u.weight, which
+        # DeepSpeed gathers on access, and a per-rank choice (ranks holding other band or token counts: mixed and
+        # co-located batches) mismatched the collectives. Checked on the parameters() iterator, which never gathers.
+        partitioned = any(hasattr(q, "ds_id") for q in self.to_u.parameters(recurse=False))
+        if partitioned or self.contraction(c, n) == "materialised":
             u = self.to_u(h).view(b, c * r, dim)
             return torch.baddbmm(bias.expand(b, n, dim), yt.view(b, c * r, n).transpose(1, 2), u)
         d = h.shape[-1]

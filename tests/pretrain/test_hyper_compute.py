@@ -105,3 +105,24 @@ def test_encoder_embeds_visible_tokens_like_embedding_all_then_gathering(embed):
     if cond_a is not None:
         torch.testing.assert_close(cond_v, cond_a)
     assert to_patches(px, enc.patch_size).shape[2] == all_tok.shape[1]
+
+
+def test_partitioned_parameters_always_run_to_u_whatever_the_shape():
+    """Under ZeRO-3 (parameters carrying ``ds_id``) the embedding takes the module order for every shape, so ranks
+    holding other band or token counts gather the same parameters (the reassociated order reads to_u.weight, which
+    DeepSpeed gathers on access: a per-rank choice mismatched the collectives of a co-located JEPA run)."""
+    torch.manual_seed(0)
+    m = HyperEmbedding(12, 4, 5, 24)
+    calls = []
+    m.to_u.register_forward_pre_hook(lambda mod, inp: calls.append(1))
+    shapes = [(7, 2), (7, 64)]  # the two orders: reassociated for few tokens, materialised for many
+    assert {m.contraction(c, n) for c, n in shapes} == {"materialised", "reassociated"}
+    for c, n in shapes:
+        m(torch.randn(1, c, n, 16), torch.randn(1, c, 12))
+    assert len(calls) == 1  # whole parameters: the cheaper order per shape
+    for q in m.to_u.parameters():
+        q.ds_id = 0  # what DeepSpeed's partitioning adds
+    calls.clear()
+    for c, n in shapes:
+        m(torch.randn(1, c, n, 16), torch.randn(1, c, 12))
+    assert len(calls) == 2

@@ -1,4 +1,4 @@
-"""A co-located JEPA stage in a real run: DeepSpeed on two CPU ranks through ``launch/pretrain.py``.
+"""A co-located JEPA stage in a real run: DeepSpeed (ZeRO-2 and ZeRO-3) on two CPU ranks through ``launch/pretrain.py``.
 
 Stage one is MAE on any sensor mix per micro-batch (``data.mix: mixed``), stage two the co-located JEPA objective
 on group batches (``stages.1.objective: jepa``, ``stages.1.data.colocated``), initialised from stage one's export.
@@ -22,9 +22,10 @@ SENSORS = ("enmap", "emit", "sentinel-2", "planetscope")
 pytestmark = pytest.mark.slow
 
 
-@pytest.fixture(scope="module")
-def runs(colocated_root, tmp_path_factory) -> dict:
-    root = tmp_path_factory.mktemp("train-colocated")
+@pytest.fixture(scope="module", params=[2, 3], ids=["zero2", "zero3"])
+def runs(request, colocated_root, tmp_path_factory) -> dict:
+    """The same two-stage run under ZeRO-2 and ZeRO-3 (JEPA's EMA target on each rank's partitions there)."""
+    root = tmp_path_factory.mktemp(f"train-colocated-zero{request.param}")
     stores = colocated_root["stores"]
     sources = [{"url": str(stores / f"{s}_L2.zarr")} for s in SENSORS]
     cfg = {
@@ -32,7 +33,7 @@ def runs(colocated_root, tmp_path_factory) -> dict:
         "data": {"sources": sources, "crop": 16, "band_window": 16, "band_stride": 8, "num_workers": 0,
                  "mix": "mixed"},
         "model": {"name": "debug", "overrides": {"fusion_depth": 1}},
-        "parallel": {"zero_stage": 2, "micro_batch": 1, "global_batch": 2},
+        "parallel": {"zero_stage": request.param, "micro_batch": 1, "global_batch": 2},
         "optim": {"lr": 1e-3, "warmup_steps": 1},
         "checkpoint": {"every": 2, "keep": 2},
         "logging": {"wandb": "disabled", "every": 1, "viz_every": -1, "progress": False},
