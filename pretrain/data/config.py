@@ -57,6 +57,9 @@ class DataConfig:
         decodes no pixel outside itself. 1 = any position.
     band_window: contiguous good bands per batch (a sensor with fewer good bands takes all of them).
     band_stride: the window starts at a multiple of this, counted in good bands.
+    band_step: the window takes every ``band_step``-th good band: ``band_window`` bands spread over
+        ``(band_window - 1) * band_step + 1`` good bands (a store with fewer takes every ``band_step``-th of
+        all of them), so a window can span a sensor's whole range at a coarser spacing. 1 = contiguous.
     sensor_dropout: probability that a sample's sensor index is replaced by 0 (unknown).
     num_workers: parallel readers (0 = read in the pipeline thread); worker_type ``thread`` or ``process``.
     epochs: passes over every source (each source's patches, or subset, once per pass); None = endless.
@@ -87,6 +90,7 @@ class DataConfig:
     crop: int = 128
     band_window: int = 100
     band_stride: int = 32
+    band_step: int = 1
     sensor_dropout: float = 0.1
     num_workers: int = 2
     worker_type: str = "thread"
@@ -114,7 +118,7 @@ class DataConfig:
         total = sum(s.weight for s in self.sources)
         if total <= 0:
             raise DataError(f"DataConfig.sources: weights must sum to more than 0, got {[s.weight for s in self.sources]}")
-        for name in ("batch_size", "crop", "band_window", "band_stride", "prefetch"):
+        for name in ("batch_size", "crop", "band_window", "band_stride", "band_step", "prefetch"):
             v = getattr(self, name)
             if not isinstance(v, int) or v < 1:
                 raise DataError(f"DataConfig.{name} must be a positive integer, got {v!r}")

@@ -396,7 +396,7 @@ def build_plan(cfg: DataConfig, rank: int = 0, world_size: int = 1,
                                        seed=cfg.seed)
     plan = PlanNode(sampler, infos, seed=cfg.seed, rank=rank, band_window=cfg.band_window,
                     band_stride=cfg.band_stride, crop=cfg.crop, crop_align=cfg.crop_align,
-                    sensor_dropout=cfg.sensor_dropout)
+                    sensor_dropout=cfg.sensor_dropout, band_step=cfg.band_step)
     return plan, infos, (total * cfg.epochs if cfg.epochs else None)
 
 

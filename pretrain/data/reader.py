@@ -198,7 +198,7 @@ class SampleReader:
 
     def __call__(self, tasks: list[dict]) -> dict:
         t = self.tables[tasks[0]["key"]]  # a batch is one store and one window
-        sel = t.good_idx[tasks[0]["w0"]:tasks[0]["w0"] + tasks[0]["wn"]]
+        sel = t.good_idx[tasks[0]["w0"]:tasks[0]["w0"] + tasks[0]["wn"]:tasks[0].get("ws", 1)]
         lo, hi, mean, inv = t.lo[sel], t.hi[sel], t.mean[sel], t.inv_std[sel]
         c, n, nb = self.crop, len(tasks), sel.shape[0]
         store = self.store(tasks[0]["key"])

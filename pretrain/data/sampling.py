@@ -16,7 +16,8 @@ integers and resuming gives exactly the batches an uninterrupted run would have 
   band counts; each sample still carries its own wavelengths and FWHM.
 - Band window of step ``s`` on rank ``r``: drawn from (seed, r, s) among the starts
   ``0, stride, 2*stride, ...`` (in good-band indices) that leave a full window; all good bands when
-  the store has no more good bands than the window.
+  the store has no more good bands than the window. With ``band_step`` k the window spans
+  ``(window - 1) * k + 1`` good bands and takes every k-th (task field ``ws``).
 - Crop corner and sensor dropout of a sample: drawn from (seed, store, epoch, patch index).
 - Substitute for a sample that fails to decode (:class:`Substitutes`): another patch of the same store
   (its subset, if any), drawn from (seed, store, epoch, step, slot in the batch, attempt), avoiding the
@@ -113,12 +114,13 @@ def substitute_index(seed: int, tag: int, epoch: int, step: int, slot: int, atte
 
 
 def make_task(info: StoreInfo, *, seed: int, index: int, epoch: int, step: int, slot: int, w0: int, wn: int,
-              crop: int, crop_align: int, sensor_dropout: float) -> dict:
-    """One sample task: store key, patch index, epoch, step, slot, crop corner, window, dropout flag."""
+              crop: int, crop_align: int, sensor_dropout: float, ws: int = 1) -> dict:
+    """One sample task: store key, patch index, epoch, step, slot, crop corner, window (start ``w0``, span
+    ``wn`` good bands, every ``ws``-th of them), dropout flag."""
     align = crop_align or info.spatial_chunk
     y0, x0 = crop_for(seed, info.tag, epoch, index, info.patch_size, crop, align)
     return {"key": info.key, "index": int(index), "epoch": epoch, "step": step, "j": slot, "y0": y0, "x0": x0,
-            "w0": w0, "wn": wn, "drop": dropped(seed, info.tag, epoch, index, sensor_dropout)}
+            "w0": w0, "wn": wn, "ws": ws, "drop": dropped(seed, info.tag, epoch, index, sensor_dropout)}
 
 
 @dataclass
@@ -141,7 +143,7 @@ class Substitutes:
                              self.pools[failed["key"]], avoid)
         t = make_task(info, seed=self.seed, index=i, epoch=failed["epoch"], step=failed["step"], slot=failed["j"],
                       w0=failed["w0"], wn=failed["wn"], crop=self.crop, crop_align=self.crop_align,
-                      sensor_dropout=self.sensor_dropout)
+                      sensor_dropout=self.sensor_dropout, ws=failed.get("ws", 1))
         t["replaces"] = orig
         return t
 
@@ -202,11 +204,12 @@ class PlanNode(BaseNode[list]):
     """
 
     def __init__(self, source: BaseNode[dict], infos: dict[str, StoreInfo], *, seed: int, rank: int,
-                 band_window: int, band_stride: int, crop: int, crop_align: int, sensor_dropout: float):
+                 band_window: int, band_stride: int, crop: int, crop_align: int, sensor_dropout: float,
+                 band_step: int = 1):
         super().__init__()
         self.source, self.infos = source, infos
         self.seed, self.rank = seed, rank
-        self.band_window, self.band_stride = band_window, band_stride
+        self.band_window, self.band_stride, self.band_step = band_window, band_stride, band_step
         self.crop, self.crop_align, self.sensor_dropout = crop, crop_align, sensor_dropout
         self._step = 0
 
@@ -224,9 +227,11 @@ class PlanNode(BaseNode[list]):
         info = self.infos[item["key"]]
         step = self._step
         self._step += 1
-        w0, wn = window_for(self.seed, self.rank, step, info.n_good, self.band_window, self.band_stride)
+        span = (self.band_window - 1) * self.band_step + 1
+        w0, wn = window_for(self.seed, self.rank, step, info.n_good, span, self.band_stride)
         return [make_task(info, seed=self.seed, index=i, epoch=item["epoch"], step=step, slot=j, w0=w0, wn=wn,
-                          crop=self.crop, crop_align=self.crop_align, sensor_dropout=self.sensor_dropout)
+                          crop=self.crop, crop_align=self.crop_align, sensor_dropout=self.sensor_dropout,
+                          ws=self.band_step)
                 for j, i in enumerate(item["indices"])]
 
     def get_state(self) -> dict[str, Any]:

@@ -83,6 +83,11 @@ class ModelArgs:
     band_mask_ratio: float = 0.0
     """MAE spectral masking: fraction of each sample's bands hidden from the encoder (exact count, at least
     one band kept); the loss also scores the hidden bands of the visible patches. 0 = off."""
+    visible_loss_weight: float = 0.0
+    """MAE: weight of the visible patches (every band) in the reconstruction loss, against 1 for the masked
+    patches (and hidden bands): the encoder's own tokens must then keep what their patches' spectra hold
+    (the MAE paper's "loss on all patches" ablation). 0 = the masked patches only. Measured (issue 11, debug
+    MAE, 2,000 steps): weight 1 changed no bench/quality.py task beyond its noise."""
     head_condition: str = "content"
     """Conditions of the MAE output layer: ``content`` (the encoder's: meta + content) or ``meta``
     (wavelength, FWHM, sensor, level only, so per-band image statistics cannot reach the output)."""
@@ -124,6 +129,8 @@ class ModelArgs:
             raise ModelError(f"cond_decorrelation must be >= 0, got {self.cond_decorrelation}")
         if not 0.0 <= self.band_mask_ratio < 1.0:
             raise ModelError(f"band_mask_ratio must be in [0, 1), got {self.band_mask_ratio}")
+        if self.visible_loss_weight < 0:
+            raise ModelError(f"visible_loss_weight must be >= 0, got {self.visible_loss_weight}")
         if self.head_condition not in ("content", "meta"):
             raise ModelError(f"head_condition must be 'content' or 'meta', got {self.head_condition!r}")
         if self.band_mask_ratio > 0 and self.head_condition != "meta":

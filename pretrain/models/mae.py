@@ -4,7 +4,8 @@ output that reconstructs every band present from each decoded token (SpecAware).
 Learning-recipe options (:class:`~pretrain.models.args.ModelArgs`, issue 11): ``band_mask_ratio`` hides
 that fraction of each sample's bands from the encoder (spectral masking: the hidden bands are then predicted
 at every patch, so reconstruction needs inter-band structure); ``head_condition="meta"`` conditions the output
-layer on the bands' metadata only; ``cond_decorrelation`` adds the band-condition decorrelation term.
+layer on the bands' metadata only; ``visible_loss_weight`` scores the visible patches too (every band);
+``cond_decorrelation`` adds the band-condition decorrelation term.
 """
 
 from __future__ import annotations
@@ -132,7 +133,10 @@ class MAE(Objective):
         else:
             out = self.head(full, self.head_condition(batch, cond))
         target = to_patches(pixels, p)
-        weight = mask.unsqueeze(-1).float().expand(-1, -1, p * p)
+        patch_w = mask.float()
+        if a.visible_loss_weight > 0:  # the visible patches count too (autoencoding of what the encoder saw)
+            patch_w = patch_w + a.visible_loss_weight * (~mask).float()
+        weight = patch_w.unsqueeze(-1).expand(-1, -1, p * p)
         if hidden is not None:  # masked patches in every band, and the hidden bands of the visible patches
             weight = torch.maximum(weight.unsqueeze(1), hidden.float()[:, :, None, None])
         if valid is not None:

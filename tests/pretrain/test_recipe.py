@@ -1,5 +1,5 @@
 """The learning-recipe options of issue 11: spectral masking masks what its config says, the content-free output
-condition, the band-condition decorrelation term."""
+condition, the band-condition decorrelation term, the loss on visible patches."""
 
 from __future__ import annotations
 
@@ -80,6 +80,30 @@ def test_spectral_masking_hides_the_bands_from_the_encoder_and_scores_them(monke
     model(other, generator=torch.Generator().manual_seed(5))
     assert not torch.allclose(seen["tokens"], tok)
     assert out["loss"].requires_grad and torch.isfinite(out["loss"])
+
+
+def test_visible_loss_weight_scores_the_visible_patches_with_its_weight(monkeypatch):
+    import pretrain.models.mae as mae_mod
+
+    weights = []
+    real = mae_mod.reconstruction_loss
+    monkeypatch.setattr(mae_mod, "reconstruction_loss", lambda pred, tgt, w, *a: weights.append(w) or real(pred, tgt, w, *a))
+    torch.manual_seed(0)
+    plain = build_model("debug", visible_loss_weight=0.25)
+    out = plain(_batch(), generator=torch.Generator().manual_seed(5))
+    mask = out["mask"].flatten(1).float()  # [B, N]
+    assert weights[-1].shape == (3, 4, 64)
+    torch.testing.assert_close(weights[-1], (mask + 0.25 * (1 - mask))[:, :, None].expand(-1, -1, 64))
+    torch.manual_seed(0)
+    spectral = build_model("debug", visible_loss_weight=0.25, band_mask_ratio=0.5, head_condition="meta")
+    out = spectral(_batch(), generator=torch.Generator().manual_seed(5))
+    mask, hidden = out["mask"].flatten(1), out["hidden_bands"]
+    # masked patches and hidden bands weigh 1, the visible bands of the visible patches 0.25
+    expect = torch.where(mask[:, None, :] | hidden[:, :, None], 1.0, 0.25)
+    torch.testing.assert_close(weights[-1].amax(-1), expect)
+    torch.testing.assert_close(weights[-1].amin(-1), expect)
+    with pytest.raises(ModelError, match="visible_loss_weight"):
+        get_args("debug", visible_loss_weight=-0.1)
 
 
 def test_meta_head_condition_does_not_see_the_image():
