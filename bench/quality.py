@@ -370,7 +370,8 @@ def pretrain(config: Path, run_dir: Path, overrides: list[str], nproc: int = 2) 
     env.setdefault("WANDB_MODE", "offline")
     env.setdefault("HF_HUB_OFFLINE", "1")
     env.setdefault("OMP_NUM_THREADS", "1")
-    cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}", str(REPO / "launch" / "pretrain.py"),
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
+           str(REPO / "launch" / "pretrain.py"),
            "--config", str(config), f"run_dir={run_dir}", "logging.progress=false", *overrides]
     print("+ " + " ".join(cmd), file=sys.stderr, flush=True)
     rc = subprocess.call(cmd, cwd=REPO, env=env)

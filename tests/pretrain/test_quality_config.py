@@ -25,6 +25,11 @@ def test_quality_config_parses_with_the_lessons_of_issue_11():
     assert not cfg.logging.instruments  # the model logs its own (Objective.log_metrics): no second copy
     assert len(cfg.data.sources) == 12 and all(s.url.startswith(cfg.prepare.store_root) for s in cfg.data.sources)
     assert cfg.parallel.global_batch == 2 * cfg.parallel.micro_batch  # two CPU ranks
+    # the measured recipe: whole-range band windows, decorrelated conditions, spectral masking, few masked patches
+    assert cfg.data.band_step > 1 and (cfg.data.band_window - 1) * cfg.data.band_step + 1 >= 200
+    ov = cfg.model.overrides
+    assert ov["cond_decorrelation"] > 0 and ov["head_condition"] == "meta"
+    assert ov["band_mask_ratio"] >= 0.5 and ov["mask_ratio"] <= 0.25
 
 
 @pytest.mark.slow
