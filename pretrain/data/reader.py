@@ -57,13 +57,20 @@ def resolve_decoder(decoder: str, url: str) -> str:
     return decoder
 
 
+_OPEN_LOCK = threading.Lock()
+
+
 def open_store(url: str, storage_options: dict | None = None, decoder: str = "auto") -> Any:
     """A store or a logical dataset (:func:`data_prep.dataset.open_store`) whose arrays decode with ``decoder``
     (see :func:`resolve_decoder`)."""
-    if resolve_decoder(decoder, url) == "zarrs":
-        with zarr.config.set(ZARRS_CONFIG):  # the codec pipeline is chosen when an array is opened
-            return dataset.open_store(url, storage_options)
-    return dataset.open_store(url, storage_options)
+    # the codec pipeline is chosen when an array is opened, from zarr's config, which is process-wide: opens are
+    # serialised so that one thread's switch to zarrs never leaks into another thread's open (loader threads
+    # open stores while the caller may open one with the other decoder)
+    with _OPEN_LOCK:
+        if resolve_decoder(decoder, url) == "zarrs":
+            with zarr.config.set(ZARRS_CONFIG):
+                return dataset.open_store(url, storage_options)
+        return dataset.open_store(url, storage_options)
 
 
 def touched_elements(chunks: tuple[int, ...], bands: np.ndarray, y0: int, x0: int, size: int) -> int:

@@ -99,6 +99,15 @@ def _products(d: Path, n: int = 4, size: int = 64) -> None:
                       cube=make_cube(rows=size, cols=size, sensor="aviris-ng", seed=30 + k) * 10)
 
 
+def _is_worker(p: psutil.Process) -> bool:
+    """An ingest worker (not multiprocessing's resource tracker); a process that exits while it is looked at
+    (zombie or gone: the poll races the workers' own lifetimes) is not counted."""
+    try:
+        return "resource_tracker" not in " ".join(p.cmdline())
+    except (psutil.ZombieProcess, psutil.NoSuchProcess, psutil.AccessDenied):
+        return False
+
+
 def _ingest_cmd(inp: Path, out: Path, workers: int) -> list[str]:
     return [sys.executable, "-m", "data_prep", "ingest", str(inp), "--out", str(out), "--patch-size", "32",
             "--workers", str(workers), "--no-progress"]
@@ -134,7 +143,7 @@ def test_kill9_of_a_parallel_ingest_leaves_no_orphans_and_rerun_gives_the_same_s
         workers: list[psutil.Process] = []
         # kill once a granule is committed and the workers are up (progress, not a clock, decides when)
         while proc.poll() is None and not (_committed(url) > 0 and len(workers) >= 2):
-            workers = [c for c in parent.children(recursive=True) if "resource_tracker" not in " ".join(c.cmdline())]
+            workers = [c for c in parent.children(recursive=True) if _is_worker(c)]
             time.sleep(0.02)
         assert proc.poll() is None, "the ingest finished before it could be killed: make the input larger"
         children = parent.children(recursive=True)
