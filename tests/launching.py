@@ -17,9 +17,14 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 
-#: DeepSpeed on CPU ranks (gloo), one thread each, nothing from the network, the shared extension cache
+#: the JIT extension cache of this checkout's test launches (DeepSpeed's CPU comm op, built once, ~40 s): its own,
+#: so that another checkout's or virtual environment's launches (which rebuild the op for their interpreter and
+#: hold its build lock meanwhile) never share a build folder and its lock with this suite
+EXTENSIONS_DIR = os.environ.get("SPECFM_TEST_EXTENSIONS_DIR", str(REPO / ".cache" / "torch_extensions"))
+
+#: DeepSpeed on CPU ranks (gloo), one thread each, nothing from the network, the suite's extension cache
 ENV = {**os.environ, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1",
-       "WANDB_MODE": "offline", "TORCH_EXTENSIONS_DIR": str(Path.home() / ".cache/specfm/torch_extensions")}
+       "WANDB_MODE": "offline", "TORCH_EXTENSIONS_DIR": EXTENSIONS_DIR}
 
 
 def torchrun_cmd(script: str | Path, *args: str, nproc: int = 2) -> list[str]:

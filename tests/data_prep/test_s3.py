@@ -26,7 +26,7 @@ from data_prep.dataset import dataset_url, open_store
 from pretrain.data import DataConfig, SourceConfig, build_loader
 from tests import watch
 from tests.data_prep.test_ingest import make_cube
-from tests.launching import torchrun_cmd
+from tests.launching import EXTENSIONS_DIR, torchrun_cmd
 
 REPO = Path(__file__).resolve().parents[2]
 BUCKET = "specfm-test"
@@ -147,7 +147,7 @@ def test_train_from_s3(s3, ingested, tmp_path):
     path.write_text(yaml.safe_dump(cfg))
     env = {k: v for k, v in s3["env"].items() if k != "PYTHONPATH"}
     env.update(DS_ACCELERATOR="cpu", OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1", WANDB_MODE="disabled",
-               TORCH_EXTENSIONS_DIR=str(Path.home() / ".cache/specfm/torch_extensions"))
+               TORCH_EXTENSIONS_DIR=EXTENSIONS_DIR)
     r = watch.run(torchrun_cmd(REPO / "launch/pretrain.py", "--config", path, nproc=1), cwd=REPO, env=env)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     losses = [json.loads(line)["loss"] for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()

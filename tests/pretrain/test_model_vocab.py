@@ -23,6 +23,7 @@ from pretrain.checkpoint import CheckpointError
 from pretrain.models import ModelError, Vocabulary, build_model
 from pretrain.models.export import ExportError, save_encoder
 from tests import watch
+from tests.launching import EXTENSIONS_DIR
 from tests.pretrain.data_fixtures import make_store
 from tests.pretrain.test_train_ds import losses
 
@@ -86,7 +87,7 @@ def test_stage_vocabulary_follows_checkpoint_then_export_then_registry(tmp_path)
 
 # ------------------------------------------------------------------------------- a real run, resumed
 ENV = {**os.environ, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1",
-       "TORCH_EXTENSIONS_DIR": str(Path.home() / ".cache/specfm/torch_extensions"), "WANDB_MODE": "disabled"}
+       "TORCH_EXTENSIONS_DIR": EXTENSIONS_DIR, "WANDB_MODE": "disabled"}
 # one process (no torchrun variables); the launcher puts its own checkout on sys.path (no PYTHONPATH: issue 11.5)
 for _k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT", "PYTHONPATH"):
     ENV.pop(_k, None)

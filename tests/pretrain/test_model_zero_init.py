@@ -14,11 +14,11 @@ import pytest
 import yaml
 
 from tests import watch
-from tests.launching import torchrun_cmd
+from tests.launching import EXTENSIONS_DIR, torchrun_cmd
 
 REPO = Path(__file__).resolve().parents[2]
 ENV = {**os.environ, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1",
-       "TORCH_EXTENSIONS_DIR": str(Path.home() / ".cache/specfm/torch_extensions"), "WANDB_MODE": "disabled",
+       "TORCH_EXTENSIONS_DIR": EXTENSIONS_DIR, "WANDB_MODE": "disabled",
        "PYTHONPATH": str(REPO)}
 
 WORKER = '''
