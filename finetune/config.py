@@ -36,6 +36,10 @@ class TrainConfig:
     """Learning rate of the head."""
     encoder_lr: float = 1e-4
     """Learning rate of the encoder when fine-tuning."""
+    layer_decay: float = 1.0
+    """Layer-wise learning-rate decay of the fine-tuned encoder (BEiT, MAE fine-tuning: 0.65-0.75 for ViT-B): block
+    ``i`` of ``depth`` learns at ``encoder_lr * layer_decay ** (depth - i)``, the patch embedding at
+    ``encoder_lr * layer_decay ** (depth + 1)``; 1 = one rate for the whole encoder."""
     weight_decay: float = 0.01
     seed: int = 0
     device: str = "auto"
@@ -49,6 +53,8 @@ class TrainConfig:
                               f"{self.steps}, batch_size={self.batch_size}, lr={self.lr}, encoder_lr={self.encoder_lr}")
         if self.epochs is not None and self.epochs < 1:
             raise ConfigError(f"train.epochs must be >= 1 (or null: use train.steps), got {self.epochs}")
+        if not 0 < self.layer_decay <= 1:
+            raise ConfigError(f"train.layer_decay must lie in (0, 1] (1 = no decay), got {self.layer_decay}")
         if self.weight_decay < 0:
             raise ConfigError(f"train.weight_decay must be >= 0, got {self.weight_decay}")
 

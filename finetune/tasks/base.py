@@ -198,13 +198,45 @@ def spectral_tensors(spectral: Spectral) -> tuple[torch.Tensor, torch.Tensor]:
             torch.as_tensor(spectral.fwhm, dtype=torch.float32))
 
 
+#: Encoder parameters (names inside the encoder, e.g. ``inner.meta.x``) of the patch embedding: layer 0 of the
+#: layer-wise learning-rate decay (BEiT's ``get_layer_id``: cls token, position and patch embedding are layer 0).
+EMBEDDING_PREFIXES = ("inner.content.", "inner.meta.", "inner.hyper.", "inner.fixed.")
+
+
+def encoder_layer_id(name: str, depth: int) -> int:
+    """The layer of an encoder parameter for layer-wise learning-rate decay, as BEiT / MAE fine-tuning number them:
+    the patch embedding (here the band conditions, content encoder and hypernetwork) 0, ``blocks.i`` ``i + 1``, and
+    everything after the blocks (final norm, fusion module) ``depth + 1``, the head's layer."""
+    if name.startswith(EMBEDDING_PREFIXES):
+        return 0
+    if name.startswith("inner.blocks."):
+        return int(name.split(".")[2]) + 1
+    return depth + 1
+
+
+def encoder_param_groups(encoder: Encoder, encoder_lr: float, layer_decay: float) -> list[dict]:
+    """The encoder's trainable parameters as optimiser groups: one group at ``encoder_lr`` when ``layer_decay`` is 1,
+    else one per layer with ``encoder_lr * layer_decay ** (depth + 1 - layer)`` (:func:`encoder_layer_id`; BEiT,
+    MAE fine-tuning: the embedding learns slowest, the last block at ``layer_decay`` times ``encoder_lr``, what
+    follows the blocks at ``encoder_lr``). Each group records its ``layer``."""
+    named = [(n, p) for n, p in encoder.named_parameters() if p.requires_grad]
+    if not named:
+        return []
+    if layer_decay == 1:
+        return [{"params": [p for _, p in named], "lr": encoder_lr, "layer": None}]
+    depth = encoder.depth
+    by_layer: dict[int, list] = {}
+    for n, p in named:
+        by_layer.setdefault(encoder_layer_id(n, depth), []).append(p)
+    return [{"params": ps, "lr": encoder_lr * layer_decay ** (depth + 1 - k), "layer": k}
+            for k, ps in sorted(by_layer.items())]
+
+
 def _optimizer(model: nn.Module, encoder: Encoder, cfg: TaskConfig) -> torch.optim.Optimizer:
     enc_ids = {id(p) for p in encoder.parameters()}
     head = [p for p in model.parameters() if p.requires_grad and id(p) not in enc_ids]
-    enc = [p for p in encoder.parameters() if p.requires_grad]
-    groups = [{"params": head, "lr": cfg.train.lr}]
-    if enc:
-        groups.append({"params": enc, "lr": cfg.train.encoder_lr})
+    groups = [{"params": head, "lr": cfg.train.lr, "layer": "head"}]
+    groups += encoder_param_groups(encoder, cfg.train.encoder_lr, cfg.train.layer_decay)
     return torch.optim.AdamW(groups, weight_decay=cfg.train.weight_decay)  # betas (0.9, 0.999), as PANGAEA's
 
 

@@ -1,6 +1,8 @@
 """finetune.tasks.base: the kind registry is the set of Task subclasses; every task is seeded before it builds
 its data split and head, so it scores the same alone and inside a suite (issue 15)."""
 
+import math
+
 import numpy as np
 import pytest
 import torch
@@ -81,3 +83,58 @@ def test_a_task_scores_the_same_alone_and_after_another_in_a_suite(encoder, tmp_
     after = run_suite(SuiteConfig("suite", [seg, probe]), encoder, tmp_path / "b", progress=False)
     assert alone["tasks"]["probe"]["metrics"] == after["tasks"]["probe"]["metrics"]
     assert alone["tasks"]["probe"]["details"]["loss"] == after["tasks"]["probe"]["details"]["loss"]
+
+
+def test_layer_decay_gives_the_documented_per_layer_learning_rates(encoder):
+    """BEiT / MAE layer-wise decay: embedding (meta, content, hypernetwork) encoder_lr * d^(L+1), block i
+    encoder_lr * d^(L-i), what follows the blocks (final norm, fusion) encoder_lr; the head at lr; every encoder
+    parameter in exactly one group."""
+    from finetune.heads import SceneClassifier
+    from finetune.tasks.base import _optimizer, encoder_layer_id
+
+    depth = encoder.depth
+    assert depth == 2
+    encoder.unfreeze()
+    model = SceneClassifier(encoder, 2)
+    c = cfg("classification", train_extra={"encoder_lr": 1e-3, "lr": 1e-2, "layer_decay": 0.5})
+    opt = _optimizer(model, encoder, c)
+    lr_of = {id(p): (g["lr"], g["layer"]) for g in opt.param_groups for p in g["params"]}
+    names = dict(encoder.named_parameters())
+    assert sum(len(g["params"]) for g in opt.param_groups) == len(list(model.parameters()))
+    expect = {"inner.meta": 1e-3 * 0.5 ** 3, "inner.content": 1e-3 * 0.5 ** 3, "inner.hyper": 1e-3 * 0.5 ** 3,
+              "inner.blocks.0": 1e-3 * 0.5 ** 2, "inner.blocks.1": 1e-3 * 0.5, "inner.norm": 1e-3}
+    for prefix, lr in expect.items():
+        ps = [p for n, p in names.items() if n.startswith(prefix + ".")]
+        assert ps, prefix
+        assert all(math.isclose(lr_of[id(p)][0], lr) for p in ps), prefix
+    assert {lr_of[id(p)][0] for p in model.head.parameters()} == {1e-2}
+    assert encoder_layer_id("inner.fusion.blocks.0.attn.qkv.weight", depth) == depth + 1
+    # no decay: one encoder group at encoder_lr (what every task did before layer_decay existed)
+    opt1 = _optimizer(model, encoder, cfg("classification", train_extra={"encoder_lr": 1e-3}))
+    assert [g["lr"] for g in opt1.param_groups] == [3e-3, 1e-3]
+    encoder.freeze()  # a frozen encoder has no groups
+    assert [g["layer"] for g in _optimizer(model, encoder, c).param_groups] == ["head"]
+
+
+def test_layer_decay_slows_the_embedding_in_training(encoder):
+    """In a fine-tuning run the embedding moves less relative to the last block with decay than without."""
+    data = _classification()
+    state = {k: v.clone() for k, v in encoder.state_dict().items()}
+
+    def moved(decay):
+        encoder.load_state_dict(state)
+        run_task(encoder, data, cfg("classification", steps=6, train_extra={"layer_decay": decay}))
+        after = dict(encoder.named_parameters())
+        d = {k: float((after[k].detach() - state[k]).norm() / state[k].norm().clamp(min=1e-8))
+             for k in ("inner.hyper.to_u.weight", "inner.blocks.1.attn.qkv.weight")}
+        return d["inner.hyper.to_u.weight"] / d["inner.blocks.1.attn.qkv.weight"]
+
+    assert moved(0.25) < 0.5 * moved(1.0)
+    encoder.load_state_dict(state)
+
+
+def test_layer_decay_is_checked():
+    with pytest.raises(ConfigError, match="layer_decay"):
+        cfg("classification", train_extra={"layer_decay": 0.0})
+    with pytest.raises(ConfigError, match="layer_decay"):
+        cfg("classification", train_extra={"layer_decay": 1.5})
