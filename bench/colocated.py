@@ -35,7 +35,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import statistics
 import subprocess
 import sys
@@ -49,6 +48,7 @@ sys.path.insert(0, str(REPO))
 import torch  # noqa: E402
 import yaml  # noqa: E402
 
+from bench.launching import launch_env  # noqa: E402
 from pretrain.data import DataConfig, SourceConfig, build_loader  # noqa: E402
 
 SENSORS = ("enmap", "emit", "desis", "sentinel-2", "landsat-8-9-oli")
@@ -129,10 +129,7 @@ def run_config(stores: Path, run_dir: Path, mae_steps: int, jepa_steps: int, jep
 
 def pretrain(cfg: dict, path: Path) -> Path:
     path.write_text(yaml.safe_dump(cfg))
-    env = {**os.environ, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1", "WANDB_MODE": "disabled",
-           "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(REPO),
-           "TORCH_EXTENSIONS_DIR": os.environ.get("TORCH_EXTENSIONS_DIR",
-                                                  str(Path.home() / ".cache/specfm/torch_extensions"))}
+    env = launch_env()
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
            str(REPO / "launch/pretrain.py"), "--config", str(path)]
     r = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True)

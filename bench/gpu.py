@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import statistics
 import subprocess
 import sys
@@ -38,6 +37,8 @@ sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "bench"))
 
 from loader import make_patches, write_store  # noqa: E402  (bench/loader.py: the same simulated store)
+
+from bench.launching import launch_env  # noqa: E402
 
 
 def stage_config(store: str, run_dir: Path, *, model: str, micro_batch: int, crop: int, window: int, steps: int,
@@ -59,12 +60,7 @@ def stage_config(store: str, run_dir: Path, *, model: str, micro_batch: int, cro
 def run_variant(cfg: dict, path: Path, timeout: float) -> dict:
     """Run one variant in its own process; the medians of its step records (first ``skip`` dropped)."""
     path.write_text(yaml.safe_dump(cfg))
-    env = {"TORCH_EXTENSIONS_DIR": str(Path.home() / ".cache/specfm/torch_extensions"), "HF_HUB_OFFLINE": "1",
-           **os.environ, "PYTHONPATH": str(REPO), "WANDB_MODE": "disabled"}
-    import torch
-
-    if not torch.cuda.is_available():
-        env.setdefault("DS_ACCELERATOR", "cpu")
+    env = launch_env(omp_threads=None)
     t0 = time.perf_counter()
     res = subprocess.run([sys.executable, str(REPO / "launch/pretrain.py"), "--config", str(path)], env=env,
                          capture_output=True, text=True, timeout=timeout, check=False)

@@ -37,7 +37,6 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import os
 import subprocess
 import sys
 import time
@@ -373,11 +372,9 @@ def pretrain(config: Path, run_dir: Path, overrides: list[str], nproc: int = 2) 
     """Run the launcher on ``config``; returns the last stage's export directory."""
     import yaml
 
-    env = dict(os.environ)
-    env.setdefault("DS_ACCELERATOR", "cpu")
-    env.setdefault("WANDB_MODE", "offline")
-    env.setdefault("HF_HUB_OFFLINE", "1")
-    env.setdefault("OMP_NUM_THREADS", "1")
+    from bench.launching import launch_env
+
+    env = launch_env(wandb="offline")
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
            str(REPO / "launch" / "pretrain.py"),
            "--config", str(config), f"run_dir={run_dir}", "logging.progress=false", *overrides]

@@ -34,6 +34,8 @@ import yaml
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
+from bench.launching import launch_env  # noqa: E402
+
 
 def make_store(url: str, n: int = 16, bands: int = 64, patch: int = 32, seed: int = 0) -> None:
     from data_prep.store import NO_TIME, BandStats, append_patches, create_store, write_stats
@@ -67,9 +69,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--bands", type=int, default=32, help="band window")
     ap.add_argument("--json", action="store_true", help="print one JSON object as the last line")
     args = ap.parse_args(argv)
-    env = {**os.environ, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1",
-           "TORCH_EXTENSIONS_DIR": os.environ.get("TORCH_EXTENSIONS_DIR",
-                                                  str(Path.home() / ".cache/specfm/torch_extensions"))}
+    env = {**launch_env(wandb=os.environ.get("WANDB_MODE", "disabled")), "DS_ACCELERATOR": "cpu"}  # CPU ranks always
     result: dict = {"model": args.model, "world_size": 2, "steps": args.steps, "micro_batch": args.micro_batch,
                     "crop": args.crop, "band_window": args.bands, "samples_per_s": {}, "peak_rss_mb_per_rank": {},
                     "wall_s": {}, "precision": "fp32",
