@@ -20,7 +20,9 @@ Guarantees (measured by ``bench/loader.py``; figures in its docstring):
 
 from __future__ import annotations
 
+import asyncio
 import math
+import os
 import threading
 from dataclasses import dataclass
 from typing import Any
@@ -29,6 +31,7 @@ import numpy as np
 import torch
 import zarr
 from zarr.core.buffer.cpu import NDBuffer
+from zarr.core.sync import sync as zarr_sync
 
 from data_prep import dataset
 from data_prep.spectral import inverse_std, normalise_into
@@ -58,6 +61,24 @@ def resolve_decoder(decoder: str, url: str) -> str:
 
 
 _OPEN_LOCK = threading.Lock()
+_EXECUTOR_MADE = False
+
+ZARR_EXECUTOR_THREADS = max(32, (os.cpu_count() or 1) + 4)
+"""Threads of zarr's process-wide pool, on which every decode of the process runs (threads are made as needed)."""
+
+
+def _make_zarr_executor() -> None:
+    """Make zarr's process-wide thread pool with :data:`ZARR_EXECUTOR_THREADS` threads before the first zarrs open.
+
+    zarr makes that pool at its first synchronous call, sized from ``threading.max_workers`` as the config has it
+    *then*; zarrs reads the same key when an array is opened, for its own per-read threads. Opening the first
+    store under :data:`ZARRS_CONFIG` therefore made a ONE-thread pool, and every decode of the process ran on
+    that one thread: N loader threads (and the bench's ceiling threads) decoded one read at a time."""
+    global _EXECUTOR_MADE
+    if not _EXECUTOR_MADE:
+        with zarr.config.set({"threading.max_workers": ZARR_EXECUTOR_THREADS}):
+            zarr_sync(asyncio.sleep(0))
+        _EXECUTOR_MADE = True
 
 
 def open_store(url: str, storage_options: dict | None = None, decoder: str = "auto") -> Any:
@@ -68,6 +89,7 @@ def open_store(url: str, storage_options: dict | None = None, decoder: str = "au
     # open stores while the caller may open one with the other decoder)
     with _OPEN_LOCK:
         if resolve_decoder(decoder, url) == "zarrs":
+            _make_zarr_executor()
             with zarr.config.set(ZARRS_CONFIG):
                 return dataset.open_store(url, storage_options)
         return dataset.open_store(url, storage_options)
@@ -141,6 +163,45 @@ def finish_batch(batch: dict[str, Any], device: torch.device | str | None = None
     return out
 
 
+class SharedBatchBuffers:
+    """Reusable shared-memory ``pixels``/``raw`` + ``valid`` tensors of a reader worker *process*.
+
+    A batch handed from a worker process to the training process travels through shared memory
+    (``torch.multiprocessing``); a tensor that is not in shared memory yet is copied into a fresh segment when
+    the batch is pickled. For one 8 x 100 x 128 x 128 FP16 batch (26 MB) that fresh segment (create, fault and
+    zero its pages, copy, unmap) cost ~30 ms of the worker's time on the 2-core box, ~3.5 ms per sample, a third
+    of a sample's decode (``bench/loader.py`` process/1 was at 0.59-0.65 of the bare decode rate). Here a worker
+    decodes straight into one of ``slots`` segments it made once, and the batch carries the slot's busy flag
+    (``_release``, a 1-element shared tensor): the training process copies the tensors out
+    (``pretrain.data.loader.CopyOut``, into pinned memory for a GPU) and clears the flag, and only then may the
+    worker write that slot again. When every slot is still busy the worker takes a fresh tensor, as without the
+    pool: the pool never waits and never hands out a slot the other side may still read.
+    """
+
+    def __init__(self, slots: int):
+        self.slots = slots
+        self._ring: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = []  # (pixels, valid, busy flag)
+
+    def take(self, shape: tuple[int, ...], dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """(pixels ``shape`` of ``dtype``, valid ``(shape[0], *shape[2:])`` bool, busy flag or None when not pooled)."""
+        free = [k for k, (_, _, flag) in enumerate(self._ring) if int(flag[0]) == 0]
+        for k in free:
+            px, va, flag = self._ring[k]
+            if px.shape == shape and px.dtype == dtype:
+                flag[0] = 1
+                return px, va, flag
+        if len(self._ring) >= self.slots:
+            if not free:  # every slot still busy: a fresh tensor (copied to shared memory when pickled)
+                return (torch.empty(shape, dtype=dtype), torch.empty((shape[0], *shape[2:]), dtype=torch.bool),
+                        None)
+            del self._ring[free[0]]  # a free slot of another shape (another store's band count) makes room
+        slot = (torch.empty(shape, dtype=dtype).share_memory_(),
+                torch.empty((shape[0], *shape[2:]), dtype=torch.bool).share_memory_(),
+                torch.ones(1, dtype=torch.int8).share_memory_())
+        self._ring.append(slot)
+        return slot
+
+
 SUBSTITUTE_TRIES = 3
 """Substitutes tried for one failed sample before its batch is given up (DataError)."""
 
@@ -160,7 +221,7 @@ class SampleReader:
     def __init__(self, tables: dict[str, StoreTables], crop: int, storage_options: dict | None = None, *,
                  substitutes: Substitutes | None = None, max_batch_bad: float = 0.5,
                  vocab: Vocabulary | None = None, decoder: str = "auto", normalise_on: str = "workers",
-                 pin: bool = False):
+                 pin: bool = False, shared_slots: int = 0):
         self.tables = tables
         self.vocab = vocab if vocab is not None else Vocabulary.from_registry()  # batch sensor/level indices
         self.crop = crop
@@ -170,19 +231,26 @@ class SampleReader:
         self.decoder = decoder
         self.normalise_on = normalise_on
         self.pin = pin
+        self.shared_slots = shared_slots
+        """> 0 (process workers): decode into that many reused shared-memory batches (:class:`SharedBatchBuffers`)."""
+        self._pool = SharedBatchBuffers(shared_slots) if shared_slots > 0 else None
         self._stores: dict[str, PatchStore] = {}
+        self._tables: dict[str, dict[int, tuple[np.ndarray, np.ndarray]]] = {}  # per store: granule -> band table
         self._lock = threading.Lock()
         self._local = threading.local()
 
     def __getstate__(self) -> dict[str, Any]:
         d = dict(self.__dict__)
         d["_stores"] = {}
+        d["_tables"] = {}
+        d["_pool"] = None  # made in the worker process (shared segments of its own)
         d.pop("_lock")
         d.pop("_local")
         return d
 
     def __setstate__(self, d: dict[str, Any]) -> None:
         self.__dict__.update(d)
+        self._pool = SharedBatchBuffers(self.shared_slots) if self.shared_slots > 0 else None
         self._lock = threading.Lock()
         self._local = threading.local()
 
@@ -212,8 +280,13 @@ class SampleReader:
         segs = window_segments(sel, store.chunks[1])
         on_device = self.normalise_on == "device"
         # on_device: the stored values, normalised by finish_batch on the training device
-        pixels = torch.empty((n, nb, c, c), dtype=torch.float16 if on_device else torch.float32, pin_memory=self.pin)
-        valid = torch.empty((n, c, c), dtype=torch.bool, pin_memory=self.pin)
+        dtype = torch.float16 if on_device else torch.float32
+        release = None
+        if self._pool is not None:
+            pixels, valid, release = self._pool.take((n, nb, c, c), dtype)
+        else:
+            pixels = torch.empty((n, nb, c, c), dtype=dtype, pin_memory=self.pin)
+            valid = torch.empty((n, c, c), dtype=torch.bool, pin_memory=self.pin)
         bad: list[dict] = []
         reads = 0
 
@@ -268,12 +341,14 @@ class SampleReader:
                              f"so did {SUBSTITUTE_TRIES} substitutes from the same store")
                     break
         if fatal is not None:
+            if release is not None:
+                release[0] = 0  # the batch is not handed out: its slot is free again
             idx = sorted({b["index"] for b in bad})
             return {"_fatal": f"{t.url}: {fatal}; failed patches {idx}; first error: {bad[0]['error']}",
                     "_bad": bad, "_reads": reads}
         batch = {
             ("raw" if on_device else "pixels"): pixels,
-            **_band_tables(store, t, sel, used),
+            **_band_tables(store, t, sel, used, self._tables.setdefault(tasks[0]["key"], {})),
             "valid": valid,
             "sensor": torch.tensor([0 if k["drop"] else self.vocab.sensor_index(t.sensor) for k in used],
                                    dtype=torch.int64),
@@ -296,20 +371,34 @@ class SampleReader:
             batch["norm"] = norm.expand(n, -1, -1).clone()
         if bad:
             batch["_bad"] = bad
+        if release is not None:
+            batch["_release"] = release
         batch["_reads"] = reads
         return batch
 
 
-def _band_tables(store: Any, t: StoreTables, sel: np.ndarray, used: list[dict]) -> dict[str, torch.Tensor]:
+def _band_tables(store: Any, t: StoreTables, sel: np.ndarray, used: list[dict],
+                 cache: dict[int, tuple[np.ndarray, np.ndarray]]) -> dict[str, torch.Tensor]:
     """``wavelengths`` and ``fwhm`` ``[B, C]`` of the window: each patch's own granule table where the store keeps
-    per-granule tables (``band_table(i)``), else the store's."""
+    per-granule tables (``band_table(i)``), else the store's.
+
+    A granule's table is the same for all its patches, so ``store.band_table`` is asked once per granule (the
+    first patch of it this reader meets) and kept in ``cache`` (granule index -> float32 table): asking per
+    sample opened the ``meta`` group and ``granule`` array from storage each time, ~3 ms of a ~12 ms read."""
+    n = len(used)
     if not hasattr(store, "band_table"):
-        n = len(used)
         return {"wavelengths": torch.from_numpy(t.wavelengths[sel]).expand(n, -1).clone(),
                 "fwhm": torch.from_numpy(t.fwhm[sel]).expand(n, -1).clone()}
-    tabs = [store.band_table(k["index"]) for k in used]
-    return {"wavelengths": torch.from_numpy(np.stack([w[sel] for w, _ in tabs]).astype(np.float32)),
-            "fwhm": torch.from_numpy(np.stack([f[sel] for _, f in tabs]).astype(np.float32))}
+    wl = np.empty((n, sel.shape[0]), np.float32)
+    fw = np.empty((n, sel.shape[0]), np.float32)
+    for j, k in enumerate(used):
+        g = int(t.granule[k["index"]])
+        tab = cache.get(g)
+        if tab is None:
+            w, f = store.band_table(k["index"])
+            tab = cache[g] = (np.asarray(w, np.float32), np.asarray(f, np.float32))
+        wl[j], fw[j] = tab[0][sel], tab[1][sel]
+    return {"wavelengths": torch.from_numpy(wl), "fwhm": torch.from_numpy(fw)}
 
 
 def _granule(t: StoreTables, i: int) -> str:
