@@ -329,3 +329,18 @@ def test_normalise_nan_and_invalid_become_zero():
     ref[:, 0, :] = 0.0
     np.testing.assert_allclose(out, ref, atol=1e-6)
     assert out.dtype == np.float32
+
+
+def test_process_workers_reuse_shared_slots_without_aliasing(stores):
+    """Process workers decode into a few reused shared-memory slots: batches kept by the consumer across many
+    more batches than there are slots still equal the thread workers' (each was copied out before its slot was
+    written again)."""
+    from pretrain.data.loader import SHARED_SLOTS_PER_WORKER
+
+    n = 4 * SHARED_SLOTS_PER_WORKER + 2
+    for mode in ("workers", "device"):
+        ref = _take(build_loader(_cfg(stores, num_workers=1, normalise_on=mode)), n)
+        got = _take(build_loader(_cfg(stores, num_workers=1, worker_type="process", normalise_on=mode)), n)
+        for x, y in zip(ref, got, strict=True):
+            _same(x, y)
+            assert "_release" not in y

@@ -132,3 +132,71 @@ def test_finish_batch_zeroes_nan_and_invalid():
     out = finish_batch({"raw": raw, "valid": valid, "norm": norm, "meta": {"x": [1]}})
     torch.testing.assert_close(out["pixels"], torch.tensor([[[[0.0, 0.0], [1.0, 0.0]]]]))
     assert out["meta"] == {"x": [1]} and "raw" not in out and "norm" not in out
+
+
+def test_per_granule_band_tables_reach_the_batch_and_are_read_once_per_granule(tmp_path, monkeypatch):
+    """A granule that keeps its own band table (calibration moved its centres) gives its samples that table; the
+    reader asks the store for it once per granule, not once per sample (each ask opened meta/granule again)."""
+    from data_prep.store import PatchStore, StoreWriter
+
+    info = make_store(str(tmp_path / "emit_L2.zarr"), n=8, bands=48, good=GOOD, granules=1)
+    w = StoreWriter.open(info["url"])
+    rng = np.random.default_rng(5)
+    px = (rng.standard_normal((8, 48, 32, 32)) + 2).astype(np.float16)
+    start = w.begin()
+    w.write(start, px, np.ones((8, 32, 32), bool))
+    own_wl, own_fw = info["wavelengths"] + 7.0, info["fwhm"] + 0.5
+    w.commit(granule_id="emit-shifted", source="/src/shifted", start=start, count=8,
+             meta={"row": np.arange(8) * 32, "col": np.zeros(8), "lat": np.full(8, 34.0), "lon": np.full(8, -118.0),
+                   "time": np.zeros(8), "gsd": np.full(8, 30.0), "valid_fraction": np.ones(8)},
+             entry={"wavelengths_nm": own_wl.tolist(), "fwhm_nm": own_fw.tolist()})
+    calls = []
+    orig = PatchStore.band_table
+    monkeypatch.setattr(PatchStore, "band_table", lambda self, i: calls.append(i) or orig(self, i))
+    cfg = DataConfig(sources=[SourceConfig(info["url"])], batch_size=4, crop=16, band_window=20, band_stride=4,
+                     num_workers=0, epochs=3)
+    good = np.flatnonzero(GOOD)
+    n = 0
+    for b in build_loader(cfg):
+        for j, i in enumerate(b["meta"]["index"]):
+            sel = good[b["meta"]["band_start"][j]:b["meta"]["band_start"][j] + 20]
+            wl, fw = (own_wl, own_fw) if i >= 8 else (info["wavelengths"], info["fwhm"])
+            np.testing.assert_allclose(b["wavelengths"][j].numpy(), wl[sel].astype(np.float32))
+            np.testing.assert_allclose(b["fwhm"][j].numpy(), fw[sel].astype(np.float32))
+            n += 1
+    assert n == 3 * 16
+    assert len(calls) == 2, calls  # one per granule for 48 samples
+
+
+def test_shared_batch_slots_are_reused_only_once_released():
+    from pretrain.data.reader import SharedBatchBuffers
+
+    pool = SharedBatchBuffers(2)
+    a_px, a_va, a_flag = pool.take((2, 3, 4, 4), torch.float16)
+    b_px, _, b_flag = pool.take((2, 3, 4, 4), torch.float16)
+    assert a_px.is_shared() and a_va.is_shared() and a_va.shape == (2, 4, 4) and a_va.dtype == torch.bool
+    assert a_px.data_ptr() != b_px.data_ptr()
+    c_px, _, c_flag = pool.take((2, 3, 4, 4), torch.float16)  # both busy: a fresh, unpooled tensor
+    assert c_flag is None and not c_px.is_shared() and c_px.data_ptr() not in (a_px.data_ptr(), b_px.data_ptr())
+    b_flag[0] = 0  # the training process copied slot b out
+    d_px, _, d_flag = pool.take((2, 3, 4, 4), torch.float16)
+    assert d_px.data_ptr() == b_px.data_ptr() and int(d_flag[0]) == 1
+    a_flag[0] = 0
+    e_px, _, e_flag = pool.take((2, 5, 4, 4), torch.float16)  # another shape replaces a free slot
+    assert e_flag is not None and e_px.shape == (2, 5, 4, 4) and e_px.is_shared()
+
+
+def test_zarrs_open_leaves_zarr_a_thread_pool_for_parallel_decodes(tmp_path):
+    """Opening a store under the zarrs config (one Rust thread per read) must not make zarr's process-wide pool,
+    on which every decode runs, one thread wide: N loader threads would decode one read at a time. Checked in a
+    fresh interpreter (the pool is made once per process)."""
+    import subprocess
+    import sys
+
+    info = make_store(str(tmp_path / "emit_L2.zarr"), n=2, bands=16)
+    code = ("import zarr.core.sync as zs; from pretrain.data.reader import open_store, ZARR_EXECUTOR_THREADS; "
+            f"s = open_store({info['url']!r}, decoder='zarrs'); s.patches[0, 0:8, 0:8, 0:8]; "
+            "assert type(s.patches.async_array.codec_pipeline).__name__ == 'ZarrsCodecPipeline'; "
+            "print(zs._executor._max_workers, ZARR_EXECUTOR_THREADS)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.split()
+    assert int(out[0]) == int(out[1]) >= 2, out
