@@ -8,7 +8,13 @@ worker count (default 1, 2 and the number of CPUs):
   batch tensor and the GPU normalises): samples/s, decoded GB/s (whole chunks touched, FP16) and delivered GB/s
   (the FP16 crops handed out);
 - the ceiling: the very same reads (same patches, windows, crops, the same band segments, so the same chunks, the
-  same decoder) done by bare zarr calls in as many threads (or processes) as the loader has workers, no batching;
+  same decoder, each segment decoded straight into new memory as the loader does) done by bare zarr calls in as
+  many threads (or processes) as the loader has workers, no batching, no missing-chunk check, and for processes
+  no hand-over of the pixels to this process (the loader does all three on top);
+- fairness: each loader is closed (``SpecLoader.close``) before its ceiling is timed. Before, a dropped loader's
+  torchdata threads/processes went on decoding ahead while the ceiling ran (measured: 0.5 CPU s in the second
+  after a thread/2 loader was dropped), which slowed the ceiling and flattered the loader; and zarr's one decode
+  thread per process (see ``pretrain.data.reader._make_zarr_executor``) had capped the thread ceilings too;
 - ``cpu_efficiency``: CPU seconds per sample of the ceiling / of the loader (this process and its worker processes;
   robust to a loaded machine, where the wall-clock rates swing with what else runs);
 - ``fraction_of_ceiling`` = loader / ceiling, measured back to back (loader, ceiling, loader, ceiling ...), the
@@ -40,6 +46,7 @@ from pathlib import Path
 
 import numpy as np
 import psutil
+from zarr.core.buffer.cpu import NDBuffer
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
@@ -118,14 +125,20 @@ def _bare_init(url: str, decoder: str) -> None:
 
 
 def _bare_read(job: tuple) -> int:
-    """One sample's reads with zarr alone: the same segments into a plain buffer, and the valid mask."""
+    """One sample's reads with zarr alone, as the loader reads them: the same segments, decoded straight into a new
+    buffer (``out=``; new memory, as a loader must hand out) where the segment is exactly the window's bands, else
+    decoded and gathered; and the valid mask. No missing-chunk check, no batch tensor, no metadata, no hand-over
+    to another process: the loader does those on top."""
     s = _BARE["store"]
     i, segs, nb, y0, x0, c = job
     buf = np.empty((nb, c, c), np.float16)
+    ys, xs = slice(y0, y0 + c), slice(x0, x0 + c)
     for o, r0, r1, keep in segs:
-        part = s.patches[i, r0:r1, y0:y0 + c, x0:x0 + c]
-        buf[o:o + (r1 - r0 if keep is None else keep.shape[0])] = part if keep is None else part[keep]
-    s.valid[i, y0:y0 + c, x0:x0 + c]
+        if keep is None:
+            s.patches.get_basic_selection((i, slice(r0, r1), ys, xs), out=NDBuffer.from_numpy_array(buf[o:o + r1 - r0]))
+        else:
+            buf[o:o + keep.shape[0]] = s.patches[i, r0:r1, ys, xs][keep]
+    s.valid[i, ys, xs]
     return nb
 
 
@@ -168,7 +181,7 @@ def run_loader(cfg: DataConfig, n_batches: int, warmup: int) -> tuple[float, flo
             reads.append({"index": m["index"][j], "y0": m["crop_y"][j], "x0": m["crop_x"][j], "w0": m["band_start"][j],
                           "wn": px.shape[1]})
     dt, cpu = time.perf_counter() - t0, cpu_seconds() - c0
-    del it, loader
+    loader.close()  # its threads/processes would go on decoding ahead while the ceiling is timed
     return ns / dt, cpu / ns, reads
 
 
@@ -199,7 +212,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--crop", type=int, default=128)
     ap.add_argument("--band-window", type=int, default=100)
     ap.add_argument("--batches", type=int, default=16, help="timed batches per measurement (default 16)")
-    ap.add_argument("--repeats", type=int, default=2, help="loader/ceiling pairs per configuration (median)")
+    ap.add_argument("--repeats", type=int, default=5,
+                    help="loader/ceiling pairs per configuration (median; default 5: on a shared 2-core box single "
+                         "pairs swing by +-30%%)")
     ap.add_argument("--workers", type=int, nargs="+", default=None,
                     help="worker counts (default 1, 2 and the number of CPUs)")
     ap.add_argument("--worker-types", nargs="+", default=["thread", "process"], choices=["thread", "process"])

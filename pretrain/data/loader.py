@@ -375,6 +375,33 @@ class SpecLoader:
         self._state = None
         self._loader.load_state_dict(_from_plain(state["loader"]))
 
+    def close(self) -> None:
+        """Stop the pipeline's threads and reader processes now (the loader cannot be iterated afterwards).
+
+        torchdata 0.11 nodes stop their threads and worker processes only when garbage-collected, and their own
+        threads keep them referenced: a dropped loader went on decoding until its queues were full (a bench timing
+        something else meanwhile measured it too) and then held its workers and shared memory. This calls each
+        node's shutdown (torchdata's private ``_shutdown``; a node without one is left alone)."""
+        if self._collate.watchdog is not None:
+            self._collate.watchdog.stop()
+        seen: set[int] = set()
+        todo: list[Any] = [self._loader.root]
+        procs: list = []
+        while todo:
+            obj = todo.pop()
+            if obj is None or id(obj) in seen:
+                continue
+            seen.add(id(obj))
+            stop = getattr(obj, "_shutdown", None)
+            if callable(stop):
+                stop()
+            procs += [w for w in getattr(obj, "_workers", None) or [] if hasattr(w, "terminate")]
+            todo += [getattr(obj, a, None) for a in ("_it", "source")]
+        for p in procs:  # a stopped worker process still works off the tasks queued for it first
+            if p.is_alive():
+                p.terminate()
+            p.join(timeout=10)
+
     @property
     def bad_samples(self) -> int:
         """Reads that failed to decode so far (each replaced by a substitute), all stores."""

@@ -344,3 +344,21 @@ def test_process_workers_reuse_shared_slots_without_aliasing(stores):
         for x, y in zip(ref, got, strict=True):
             _same(x, y)
             assert "_release" not in y
+
+
+@pytest.mark.parametrize("kind", ["thread", "process"])
+def test_close_stops_pipeline_threads_and_worker_processes(stores, kind):
+    """A dropped loader's torchdata threads keep it alive and go on reading ahead; close() stops them now."""
+    before = {p.pid for p in multiprocessing.active_children()}
+    threads_before = set(threading.enumerate())
+    loader = build_loader(_cfg(stores, num_workers=2, prefetch=2, worker_type=kind))
+    it = iter(loader)
+    next(it)
+    # zarr's pool threads are the process's; multiprocessing's idle queue feeder ends with its queue
+    mine = [t for t in threading.enumerate() if t not in threads_before
+            and not t.name.startswith(("zarr", "QueueFeederThread"))]
+    workers = [p for p in multiprocessing.active_children() if p.pid not in before]
+    assert mine and (len(workers) == 2 if kind == "process" else not workers)
+    loader.close()
+    assert not [t.name for t in mine if t.is_alive()]
+    assert not [p.pid for p in workers if p.is_alive()]
