@@ -3,7 +3,7 @@
 Graph (one per rank)::
 
     ShardSource per store --> MultiNodeWeightedSampler --> PlanNode (task list of one batch)
-        --> ParallelMapper(SampleReader, threads|processes, in order) --> Prefetcher
+        --> ParallelMapper(SampleReader, threads|processes, in order) [--> CopyOut (processes)] --> Prefetcher
         --> Collate (bad-read count, logs, limits) [--> PinMemory] --> Loader
 
 Chunks that fail to decode never change the number or size of batches (ranks stay in step): the reader
@@ -15,7 +15,9 @@ Process workers use the ``spawn`` context: a launching script needs the ``if __n
 Workers map whole batches: each decodes its batch's crops straight into the batch tensor (no per-sample
 copies, no stacking) and, with ``normalise_on="workers"``, normalises them there; with ``"device"`` they
 deliver the stored FP16 values and :class:`SpecLoader` normalises on the GPU. ``num_workers`` batches are in
-flight.
+flight. Process workers decode into a few reused shared-memory slots each, which :class:`CopyOut` copies out of
+(into pinned memory on a GPU host) before the worker may write them again. :meth:`SpecLoader.close` stops the
+threads and processes of a loader that is no longer needed.
 
 Every node snapshots its source after each item, so the state of a mid-epoch loader is the exact
 position of the last batch handed out; resuming re-reads nothing that was already delivered.
