@@ -200,3 +200,28 @@ def test_zarrs_open_leaves_zarr_a_thread_pool_for_parallel_decodes(tmp_path):
             "print(zs._executor._max_workers, ZARR_EXECUTOR_THREADS)")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.split()
     assert int(out[0]) == int(out[1]) >= 2, out
+
+
+def test_one_lost_inner_chunk_is_found_by_the_per_chunk_probe(tmp_path):
+    """The missing-chunk check looks at one element of every decoded chunk: an inner chunk lost from a shard (it
+    reads as NaN in all its elements) that is neither the crop's first spatial chunk nor the window's first band
+    chunk is found; a read that does not touch it is clean."""
+    from data_prep.store import PatchStore
+    from pretrain.data.reader import SampleReader, tables_from_store
+
+    info = make_store(str(tmp_path / "emit_L2.zarr"), n=6, bands=48, good=GOOD)
+    arr = zarr.open_array(f"{info['url']}/patches", mode="r+")
+    arr[3, 8:16, 8:16, 16:24] = np.nan  # the whole inner chunk is the fill value: zarr drops it from the shard
+    key = "0:emit_L2"
+    reader = SampleReader({key: tables_from_store(PatchStore(info["url"]))}, 16, substitutes=None,
+                          normalise_on="device")
+
+    def task(i, y0, x0, w0):
+        return {"key": key, "index": i, "epoch": 0, "step": 0, "j": 0, "y0": y0, "x0": x0, "w0": w0, "wn": 20,
+                "ws": 1, "drop": False}
+
+    hit = reader([task(3, 4, 12, 2)])  # raw bands 2..15 + 32..37: band chunk 1 is its 2nd; (8, 16) its 2nd x 2nd
+    assert "_fatal" in hit and "MissingDataError" in hit["_fatal"] and "patch 3" in hit["_fatal"], hit.get("_fatal")
+    for t in (task(3, 16, 12, 2), task(2, 4, 12, 2), task(3, 4, 12, 16)):  # other rows / patch / bands
+        ok = reader([t])
+        assert "_fatal" not in ok and not ok.get("_bad") and not torch.isnan(ok["raw"]).any()
