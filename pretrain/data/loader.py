@@ -163,7 +163,8 @@ class CopyOut(BaseNode[dict]):
     Process workers decode into :class:`pretrain.data.reader.SharedBatchBuffers` slots; this node (in the
     training process, between the mapper and the Prefetcher, so the copy runs on the Prefetcher's thread) copies
     the slot's ``raw``/``pixels`` and ``valid`` into tensors of this process (pinned when ``pin``: the copy a
-    GPU host makes anyway) and clears the slot's busy flag, after which the worker may write it again. A batch
+    GPU host makes anyway), clears the slot's busy flag, after which the worker may write it again, and turns the
+    small per-sample arrays the worker sent inline (numpy) back into tensors. A batch
     without a slot passes through. Its state is its source's, unchanged (the node keeps nothing).
 
     It keeps the last ``hold`` slots' tensors referenced, so that a slot coming back is found in
@@ -195,6 +196,9 @@ class CopyOut(BaseNode[dict]):
                     np.copyto(out.numpy(), t.numpy())  # one thread: torch's copy_ spun its intra-op pool (4x CPU)
             flag[0] = 0
             self._held.append(shared)
+            for k, v in batch.items():
+                if isinstance(v, np.ndarray):  # the small tensors, sent inline (SampleReader)
+                    batch[k] = torch.from_numpy(v)
         return batch
 
     def get_state(self) -> dict[str, Any]:

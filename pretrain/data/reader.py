@@ -408,6 +408,11 @@ class SampleReader:
             batch["_bad"] = bad
         if release is not None:
             batch["_release"] = release
+            # the small per-sample tensors go pickled inline as numpy arrays: as tensors, each took a fresh
+            # shared-memory segment and a file-descriptor hand-over per batch; CopyOut makes tensors of them again
+            for name in ("wavelengths", "fwhm", "sensor", "level", "gsd", "norm"):
+                if name in batch:
+                    batch[name] = batch[name].numpy()
         batch["_reads"] = reads
         return batch
 
