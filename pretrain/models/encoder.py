@@ -83,11 +83,12 @@ class SpectralEncoder(nn.Module):
     def condition(self, pixels: torch.Tensor, wavelengths: torch.Tensor, fwhm: torch.Tensor,
                   sensor: torch.Tensor | None = None, level: torch.Tensor | None = None,
                   valid: torch.Tensor | None = None, cell_weight: torch.Tensor | None = None,
-                  band_mask: torch.Tensor | None = None) -> torch.Tensor:
-        """The fused per-band condition ``[B, C, cond_dim]`` (None for the fixed baseline)."""
+                  band_mask: torch.Tensor | None = None, cells: torch.Tensor | None = None) -> torch.Tensor:
+        """The fused per-band condition ``[B, C, cond_dim]`` (None for the fixed baseline); ``cells [B,n]``: the
+        content statistics of those cells only (:class:`~pretrain.models.meta.ContentEncoder`)."""
         if not hasattr(self, "meta"):
             return None
-        content = self.content(pixels, valid, cell_weight)
+        content = self.content(pixels, valid, cell_weight, cells)
         return self.meta(wavelengths, fwhm, sensor, level, content, band_mask)
 
     def embed(self, pixels: torch.Tensor, wavelengths: torch.Tensor, fwhm: torch.Tensor,
@@ -99,7 +100,9 @@ class SpectralEncoder(nn.Module):
         """Tokens with position embedding ``[B,N,D]`` and the band condition ``[B,C,d]``.
 
         ``offset`` (rows, cols in tokens) places a crop inside a larger grid (JEPA context views). ``keep``
-        ``[B,n]`` (token indices): only those tokens are embedded, ``[B,n,D]`` (an MAE's visible tokens).
+        ``[B,n]`` (token indices): only those tokens are embedded, ``[B,n,D]`` (an MAE's visible tokens); given
+        with ``cell_weight``, the content statistics come from the kept cells only, so ``cell_weight`` must be 0
+        at every other cell (an MAE's: 1 visible, 0 masked), which makes the result that of weighting all cells.
         ``band_mask [B,C]`` (True = real band) marks a mixed batch's padding, which contributes nothing."""
         self.check_inputs(pixels, wavelengths, fwhm)
         if band_mask is not None:
@@ -112,7 +115,8 @@ class SpectralEncoder(nn.Module):
         h, w = pixels.shape[2] // p, pixels.shape[3] // p
         if valid is not None:
             pixels = pixels * valid.unsqueeze(1).to(pixels.dtype)
-        cond = self.condition(pixels, wavelengths, fwhm, sensor, level, valid, cell_weight, band_mask)
+        cells = keep if keep is not None and cell_weight is not None else None
+        cond = self.condition(pixels, wavelengths, fwhm, sensor, level, valid, cell_weight, band_mask, cells)
         if cond is None:
             tok = self.fixed(pixels, keep)
         else:

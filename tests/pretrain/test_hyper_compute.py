@@ -107,6 +107,36 @@ def test_encoder_embeds_visible_tokens_like_embedding_all_then_gathering(embed):
     assert to_patches(px, enc.patch_size).shape[2] == all_tok.shape[1]
 
 
+@pytest.mark.parametrize("with_valid", [False, True])
+def test_mae_embedding_pools_only_the_kept_cells_with_the_same_result(with_valid):
+    """keep + cell_weight (an MAE's visible cells): the content statistics of just the kept cells equal weighting
+    the masked cells 0 over all cells: conditions, tokens and the gradients of the content encoder."""
+    from pretrain.models.mae import random_mask
+
+    torch.manual_seed(5)
+    enc = build_model("debug").encoder
+    b, c, s = 3, 7, 32
+    px = torch.randn(b, c, s, s)
+    wl = torch.linspace(450, 2300, c).expand(b, -1)
+    fw = torch.full((b, c), 9.0)
+    valid = (torch.rand(b, s, s) > 0.2) if with_valid else None
+    n = (s // enc.patch_size) ** 2
+    mask, keep, _ = random_mask(b, n, 0.75, px.device, torch.Generator().manual_seed(1))
+    cw = (~mask).float()
+    outs, cells_seen = [], []
+    enc.content.fc1.register_forward_hook(lambda m, inp, out: cells_seen.append(inp[0].shape[2]))
+    for k in (keep, None):
+        enc.zero_grad(set_to_none=True)
+        tok, cond = enc.embed(px, wl, fw, valid=valid, cell_weight=cw, keep=k)
+        if k is None:
+            tok = torch.gather(tok, 1, keep.unsqueeze(-1).expand(-1, -1, tok.shape[-1]))
+        (tok.square().mean() + cond.square().mean()).backward()
+        outs.append((tok.detach(), cond.detach(), enc.content.fc1.weight.grad.clone()))
+    assert cells_seen == [keep.shape[1], n]  # the per-cell MLP ran on the kept cells only
+    for a, b_ in zip(*outs):
+        torch.testing.assert_close(a, b_, rtol=1e-5, atol=1e-6)
+
+
 def test_partitioned_parameters_always_run_to_u_whatever_the_shape():
     """Under ZeRO-3 (parameters carrying ``ds_id``) the embedding takes the module order for every shape, so ranks
     holding other band or token counts gather the same parameters (the reassociated order reads to_u.weight, which
