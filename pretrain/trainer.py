@@ -244,6 +244,9 @@ class Trainer:
         finally:
             if bar is not None:
                 bar.close()
+            close = getattr(parts.loader, "close", None)
+            if callable(close):  # stop its decode threads and worker processes now, not when garbage-collected
+                close()
         self.finish_stage(engine, stage, st, total)
         self.release(engine)
         return None, st.global_step

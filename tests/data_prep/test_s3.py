@@ -111,7 +111,9 @@ def test_a_lost_object_in_s3_is_found_and_never_trained_on(s3, ingested, tmp_pat
     cfg = DataConfig(sources=[SourceConfig(copy)], batch_size=4, crop=16, band_window=32, band_stride=16, epochs=1,
                      num_workers=2, max_bad_fraction=1.0, sensor_dropout=0.0)
     with caplog.at_level(logging.WARNING, logger="pretrain.data.loader"):
-        batches = list(build_loader(cfg))
+        loader = build_loader(cfg)
+        batches = list(loader)
+        loader.close()  # its reader processes stop now, not after pytest exits
     assert len(batches) == 3 and all(4 not in b["meta"]["index"] for b in batches)
     assert any("patch 4 " in m.getMessage() and "MissingDataError" in m.getMessage() for m in caplog.records)
 
