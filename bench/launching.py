@@ -2,9 +2,11 @@
 
 One place for what a bench's child run needs on any machine: the repository on ``PYTHONPATH``, DeepSpeed's CPU
 accelerator where no GPU is visible (under torchrun it falls back to gloo), no model-hub access, the bench's wandb
-mode (``disabled`` unless it asks for another), and one JIT-extension cache (``TORCH_EXTENSIONS_DIR``, default ``~/.cache/specfm/torch_extensions``, so
-DeepSpeed's shared-memory op is compiled once per machine, not once per run). Anything already set in the
-caller's environment wins, except ``PYTHONPATH`` (the benches measure this checkout) and ``WANDB_MODE``.
+mode (``disabled`` unless it asks for another), and one JIT-extension cache (``TORCH_EXTENSIONS_DIR``, default
+``~/.cache/specfm/torch_extensions``, so DeepSpeed's shared-memory op is compiled once per machine, not once per
+run). Anything already set in the caller's environment wins, except ``PYTHONPATH`` (the benches measure this
+checkout) and ``WANDB_MODE``. (The test suite's launches use ``tests/launching.ENV`` instead: CPU forced and a
+per-checkout extension cache.)
 """
 
 from __future__ import annotations

@@ -537,8 +537,8 @@ def build_loader(cfg: DataConfig, rank: int = 0, world_size: int = 1, vocab: Voc
     # Collate after the Prefetcher: it counts, logs and raises at the batch being handed out, so the
     # counters (loader.bad_samples ...) describe exactly the batches delivered so far.
     pin_on_copy = cfg.pin_memory and cuda and pooled
-    coll = Collate(Prefetcher(CopyOut(mapper, pin=pin_on_copy, hold=SHARED_SLOTS_PER_WORKER * cfg.num_workers) if pooled else mapper, prefetch_factor=cfg.prefetch),
-                   cfg.max_bad_fraction, watch)
+    src = CopyOut(mapper, pin=pin_on_copy, hold=SHARED_SLOTS_PER_WORKER * cfg.num_workers) if pooled else mapper
+    coll = Collate(Prefetcher(src, prefetch_factor=cfg.prefetch), cfg.max_bad_fraction, watch)
     node: BaseNode = coll
     if cfg.pin_memory and cuda and not pin_in_workers and not pin_on_copy:
         node = PinMemory(node)

@@ -43,8 +43,8 @@ class ContentEncoder(nn.Module):
 
         ``cells [B,n]`` (cell indices, row-major): only those cells are pooled and go through the MLP, with
         ``cell_weight`` read at them: the same result as weighting every other cell 0 (an MAE's masked cells),
-        at n/N of the cost (measured on ViT-B at batch 8, 100 bands, 128 px, 64 of 256 cells: the conditioning's
-        pooling and per-cell MLP were ~0.3 s of a 9.5 s single-thread step)."""
+        at n/N of the cost (measured, one thread, batch 8 x 100 bands x 128 px, 64 of 256 cells: forward+backward
+        0.24 s -> 0.05 s, of a ~9.5 s ViT-B MAE step)."""
         if cells is not None:
             return self._cells(pixels, valid, cell_weight, cells)
         p = self.p
