@@ -102,7 +102,9 @@ def check_build_locks(quiet_s: float = 120.0, poll_s: float = 1.0) -> None:
 
     torch's JIT extension build (DeepSpeed builds its CPU communication op that way at the first launch
     into an empty cache) holds a ``lock`` file in the op's build folder; other processes wait while it
-    exists, and a killed build leaves it behind, so every later launch hangs without a word. A lock that a
+    exists, and a killed build leaves it behind, so every later launch hangs without a word. Every JIT load
+    takes that lock for a moment too (the other rank's, while this one checks): a lock that is released, or
+    taken anew, while it is being judged is not stale. A lock that a
     process of this machine holds open is a build in progress: torch waits for it, and so does this. A lock
     nobody here holds may still be a build on another machine sharing the cache: it counts as stale once
     nothing in its folder has changed for ``quiet_s`` seconds (until then this waits, saying so once).
@@ -115,8 +117,14 @@ def check_build_locks(quiet_s: float = 120.0, poll_s: float = 1.0) -> None:
             try:
                 if _held_open(lock):
                     continue
-                quiet = time.time() - max(p.stat().st_mtime for p in lock.parent.iterdir())
-            except (FileNotFoundError, ValueError):  # released meanwhile
+                # the lock's own stat first: a build that released it between the scan above and here (torch takes
+                # the lock for a moment on every JIT load) must not leave only the op's old files to judge by
+                seen = lock.stat()
+                quiet = time.time() - max([seen.st_mtime, *(p.stat().st_mtime for p in lock.parent.iterdir())])
+                now = lock.stat()  # the same file still there, untouched: not a lock released and taken again
+                if (now.st_ino, now.st_mtime_ns) != (seen.st_ino, seen.st_mtime_ns) or _held_open(lock):
+                    continue
+            except FileNotFoundError:  # released meanwhile
                 continue
             if quiet >= quiet_s:
                 raise BuildLockError(

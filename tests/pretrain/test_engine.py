@@ -125,6 +125,34 @@ def test_bound_cpu_allocator_keeps_large_blocks_mmapped():
         del os.environ["MALLOC_MMAP_THRESHOLD_"]
 
 
+def test_a_lock_released_while_it_is_judged_is_not_stale(tmp_path, monkeypatch):
+    """Another rank's JIT load takes the lock for a moment: released between the open-file scan and the folder's
+    mtimes, only the op's old build files were left to judge by, and a healthy launch was refused as 'left by a
+    killed build' (seen in the suite under load)."""
+    import time
+
+    import pretrain.engine as engine
+
+    monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(tmp_path))
+    op = tmp_path / "deepspeed_shm_comm"
+    op.mkdir()
+    old = time.time() - 3600
+    for name in ("build.ninja", "deepspeed_shm_comm.so"):
+        (op / name).write_text("")
+        os.utime(op / name, (old, old))
+    lock = op / "lock"
+    lock.write_text("")
+
+    def released_after_the_scan(path):  # the holder lets go just after its fds were looked at
+        path.unlink(missing_ok=True)
+        return False
+
+    monkeypatch.setattr(engine, "_held_open", released_after_the_scan)
+    engine.check_build_locks(quiet_s=120.0, poll_s=0.01)  # returns: nothing left to wait on
+    assert not lock.exists()
+
+
+
 def test_stale_extension_build_lock_is_reported_and_a_live_one_waited_for(tmp_path, monkeypatch, capsys):
     import threading
     import time
