@@ -152,7 +152,6 @@ def test_a_lock_released_while_it_is_judged_is_not_stale(tmp_path, monkeypatch):
     assert not lock.exists()
 
 
-
 def test_stale_extension_build_lock_is_reported_and_a_live_one_waited_for(tmp_path, monkeypatch, capsys):
     import threading
     import time
