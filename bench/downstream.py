@@ -1,7 +1,7 @@
 """What pretraining buys downstream: the synthetic suite with a pretrained encoder beside the same encoder
 randomly initialised (same architecture, same frozen sensor/level text table, same seeds and protocol).
 
-    python bench/downstream.py [--checkpoint EXPORT] [--steps 40] [--seeds 3] [--json]
+    python bench/downstream.py [--checkpoint EXPORT] [--steps 40] [--seeds 3] [--tasks a,b] [--json]
 
 The pretrained encoder is ``--checkpoint``, else the demo's last stage export under runs/demo/export/, else a
 debug model pretrained here briefly (MAE on random crops of a simulated corpus). The suite's corpus is
@@ -124,10 +124,18 @@ def main(argv: list[str] | None = None) -> int:
                     help="train.steps of every task without train.epochs (the PANGAEA tasks keep their epochs)")
     ap.add_argument("--seeds", type=int, default=3, help="runs per encoder (task seed, random-init seed)")
     ap.add_argument("--threads", type=int, default=1, help="torch intra-op threads")
+    ap.add_argument("--tasks", default=None, help="comma-separated task names of the suite to run (default: all)")
     ap.add_argument("--json", action="store_true", help="print one JSON object as the last line")
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
     suite = load_suite(args.suite)
+    if args.tasks:
+        wanted = [n.strip() for n in args.tasks.split(",") if n.strip()]
+        names = [t.name for t in suite.tasks]
+        unknown = [n for n in wanted if n not in names]
+        if unknown:
+            ap.error(f"--tasks: {', '.join(unknown)} not in {args.suite} (its tasks: {', '.join(names)})")
+        suite.tasks = [t for t in suite.tasks if t.name in wanted]
     for t in suite.tasks:
         if t.train.epochs is None:  # PANGAEA's tasks keep their epochs (its lr 1e-4 is set for 80 of them)
             t.train.steps = args.steps
@@ -135,6 +143,8 @@ def main(argv: list[str] | None = None) -> int:
     if suite.simulate is not None:
         suite.simulate = {**suite.simulate, "materials": "heldout"}  # materials no pretraining corpus has
     runs: dict[str, list[dict[str, float]]] = {"pretrained": [], "random": []}
+    # fusion tasks against the fusion papers' baselines (bilinear, bicubic upsampling): PSNR and SAM per run
+    against: dict[str, dict[str, list[float]]] = {}
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
         manifest = prepare_corpus(suite, tmp)
@@ -152,6 +162,13 @@ def main(argv: list[str] | None = None) -> int:
                 rep = run_suite(suite, e, tmp / f"{label}_{seed}", checkpoint=str(ckpt), data=manifest,
                                 progress=False)
                 runs[label].append(headline(rep))
+                for n, t in rep["tasks"].items():
+                    if t["kind"] == "fusion":
+                        # the baselines do not depend on the encoder: taken once per seed, from the pretrained run
+                        rows = {label: t["metrics"], **(t["details"]["baselines"] if label == "pretrained" else {})}
+                        for k, m in rows.items():
+                            for q in ("PSNR", "SAM"):
+                                against.setdefault(n, {}).setdefault(f"{k} {q}", []).append(float(m[q]))
                 print(f"[{label} seed {seed}] {time.time() - t1:.0f} s", flush=True)
     metric = {n: t["headline"] for n, t in rep["tasks"].items()}
     spread = {n: spread_of([r[n] for r in runs["pretrained"]], [r[n] for r in runs["random"]]) for n in metric}
@@ -160,8 +177,13 @@ def main(argv: list[str] | None = None) -> int:
     for n, sp in spread.items():
         print(f"{n:22s} {metric[n]:6s} {sp['pretrained']:9.4f} +/- {sp['pretrained_se']:.4f} "
               f"{sp['random']:9.4f} +/- {sp['random_se']:.4f} {sp['difference']:+9.4f} +/- {sp['difference_se']:.4f}")
+    baselines = {n: {k: {"mean": float(np.mean(v)), "se": float(np.std(v, ddof=1) / np.sqrt(len(v)))
+                         if len(v) > 1 else float("nan")} for k, v in rows.items()} for n, rows in against.items()}
+    for n, rows in baselines.items():
+        print(f"{n} against its baselines (PSNR dB, SAM deg; mean +/- SE over the runs): " + ", ".join(
+            f"{k} {v['mean']:.2f} +/- {v['se']:.2f}" for k, v in rows.items()))
     if args.json:
-        print(json.dumps({"pretrained": {n: sp["pretrained"] for n, sp in spread.items()},
+        print(json.dumps({"pretrained": {n: sp["pretrained"] for n, sp in spread.items()}, "baselines": baselines,
                           "random": {n: sp["random"] for n, sp in spread.items()}, "spread": spread,
                           "runs": runs, "metric": metric, "checkpoint": str(ckpt), "source": source,
                           "steps": args.steps, "seeds": args.seeds, "seconds": round(time.time() - t0, 1)}))

@@ -6,6 +6,7 @@ import math
 from pathlib import Path
 
 import numpy as np
+import pytest
 import torch
 import yaml
 
@@ -64,3 +65,21 @@ def test_seeds_run_both_encoders_per_seed_on_held_out_materials(tmp_path, debug_
     sp = out["spread"]["scene_linear_probe"]
     assert math.isclose(sp["difference"], np.mean(np.subtract(pre, rnd)))
     assert math.isclose(out["pretrained"]["scene_linear_probe"], np.mean(pre))
+
+
+def test_tasks_picks_tasks_and_fusion_reports_its_baselines(tmp_path, debug_export, capsys):
+    suite = yaml.safe_load((REPO / "configs/benchmarks/synthetic.yaml").read_text())
+    suite["simulate"].update(scenes=1, size=32)
+    path = tmp_path / "suite.yaml"
+    path.write_text(yaml.safe_dump(suite))
+    assert downstream.main(["--checkpoint", str(debug_export), "--suite", str(path), "--steps", "2", "--seeds", "2",
+                            "--tasks", "fusion", "--json"]) == 0
+    out = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert set(out["pretrained"]) == set(out["random"]) == {"fusion"}
+    rows = out["baselines"]["fusion"]  # PSNR and SAM of both encoders and of the upsampling baselines, per run
+    assert {"pretrained PSNR", "random SAM", "bilinear PSNR", "bicubic SAM"} <= set(rows)
+    assert math.isclose(rows["pretrained PSNR"]["mean"], out["pretrained"]["fusion"])
+    with pytest.raises(SystemExit) as e:
+        downstream.main(["--checkpoint", str(debug_export), "--suite", str(path), "--tasks", "fusion,segmentaton"])
+    assert e.value.code == 2
+    assert "--tasks: segmentaton not in" in capsys.readouterr().err
