@@ -242,6 +242,10 @@ class StageConfig:
     encoder, so a stage's export initialises the next whatever their objectives).
     data: this stage's changes to the ``data`` section (checked keys, e.g. ``{mix: mixed}`` or a co-located JEPA
     stage's ``{colocated: {global_sensors: [...], ...}}``, see :mod:`pretrain.data.colocated`).
+    carry_objective: also start the objective's own parts (the MAE's decoder, mask token and output head; the
+    JEPA's predictor and target encoder) from the export this stage starts from, when that export was written
+    by a stage of the same objective (its ``objective.safetensors``); otherwise they start fresh. False: always
+    fresh (only the encoder is carried over).
     """
 
     name: str
@@ -254,6 +258,7 @@ class StageConfig:
     init_from: str = "previous"
     objective: str | None = None
     data: dict[str, Any] = field(default_factory=dict)
+    carry_objective: bool = True
 
     def __post_init__(self) -> None:
         if self.objective is not None and self.objective not in ("mae", "jepa"):

@@ -329,6 +329,27 @@ def encoder_state(model: nn.Module) -> dict[str, torch.Tensor]:
         return {k: v.detach().clone() for k, v in enc.state_dict().items()}
 
 
+def abs_sum(model: nn.Module, part: str | None = None) -> float:
+    """Sum of |x| over ``model``'s floating state under ``part`` (a submodule's name, e.g. ``target_encoder``),
+    or over the objective's own parts (everything outside ``encoder``) when None; gathered first when
+    partitioned (collective then). The stage-start fingerprints that show what was carried over."""
+    from contextlib import nullcontext
+
+    def mine(name: str) -> bool:
+        return name.startswith(f"{part}.") if part is not None else not name.startswith("encoder.")
+
+    own = [p for n, p in model.named_parameters() if mine(n)]
+    if is_partitioned(model) and own:
+        import deepspeed
+
+        ctx = deepspeed.zero.GatheredParameters(own, modifier_rank=None)
+    else:
+        ctx = nullcontext()
+    with ctx:
+        return float(sum(v.double().abs().sum() for k, v in model.state_dict().items()
+                         if mine(k) and v.is_floating_point()))
+
+
 def apply_activation_checkpointing(model: nn.Module, cfg: TrainConfig) -> None:
     """``model.activation_checkpointing``: the model's own switch (the contract's ``set_grad_checkpointing``,
     which recomputes each block of its transformer stacks in backward; parameter names do not change)."""
@@ -366,14 +387,28 @@ def set_lr(engine: Any, lr: float) -> None:
         g["lr"] = lr
 
 
-def export_encoder(engine: Any, plan: Plan, out_dir: Path, rank: int, extra: dict | None = None) -> None:
-    """Write the consolidated encoder export (collective under ZeRO-3: parameters are gathered first)."""
+def export_encoder(engine: Any, plan: Plan, out_dir: Path, rank: int, extra: dict | None = None,
+                   objective: str | None = None) -> None:
+    """Write the consolidated encoder export (collective under ZeRO-3: parameters are gathered first).
+
+    With ``objective`` (the stage's), the objective's own parts are written first, beside it
+    (:func:`pretrain.models.export.save_objective`), so a finished export always has them."""
     import deepspeed
+
+    from pretrain.models import export
 
     cfg = plan.cfg
     exporter = import_object(cfg.model.exporter)
     model = engine.module
     kw = {"extra": extra} if extra and "extra" in inspect.signature(exporter).parameters else {}
+    if objective is not None and isinstance(getattr(model, "encoder", None), nn.Module):
+        own = [p for n, p in model.named_parameters() if not n.startswith("encoder.")]
+        if cfg.parallel.zero_stage == 3 and own:
+            with deepspeed.zero.GatheredParameters(own, modifier_rank=None):
+                if rank == 0:
+                    export.save_objective(model, out_dir, objective)
+        elif rank == 0:
+            export.save_objective(model, out_dir, objective)
     if cfg.parallel.zero_stage == 3:
         # only the encoder is written: gather only its parameters (the decoder stays partitioned)
         part = model.encoder if isinstance(getattr(model, "encoder", None), nn.Module) else model
@@ -407,6 +442,33 @@ def load_export_into(model: nn.Module, export_dir: Path) -> None:
 
     with deepspeed.zero.GatheredParameters(list(enc.parameters()), modifier_rank=0):
         enc.load_state_dict(sd, strict=True)
+
+
+def load_objective_into(model: nn.Module, export_dir: Path, objective: str) -> bool:
+    """Initialise the objective's own parts (everything outside ``model.encoder``) from the export's
+    ``objective.safetensors`` when it was written by a stage of ``objective``; False (they stay fresh) when the
+    export has none or another objective wrote it. Strict otherwise (:class:`ExportError` on other names or
+    shapes). Collective under ZeRO-3, as :func:`load_export_into`."""
+    from pretrain.models import export
+
+    found = export.read_objective(export_dir)
+    if found is None or found[0] != objective:
+        return False
+    sd = found[1]
+    shapes = {k: v for k, v in export.state_shapes(model).items() if not k.startswith("encoder.")}
+    export.check_fits(sd, shapes, str(Path(export_dir) / export.OBJECTIVE_WEIGHTS), what=f"{objective} objective")
+    own = [p for n, p in model.named_parameters() if not n.startswith("encoder.")]
+    if is_partitioned(model):
+        import deepspeed
+
+        with deepspeed.zero.GatheredParameters(own, modifier_rank=0):
+            missing = model.load_state_dict(sd, strict=False).missing_keys
+    else:
+        missing = model.load_state_dict(sd, strict=False).missing_keys
+    left = [k for k in missing if not k.startswith("encoder.")]
+    if left:  # check_fits saw every name: only a model whose state dict changed under us lands here
+        raise export.ExportError(f"{export_dir}: {export.OBJECTIVE_WEIGHTS} left {left[:5]} unset")
+    return True
 
 
 def all_reduce_mean(x: float) -> float:

@@ -40,6 +40,8 @@ class StagePlan:
     """``none``, ``previous`` (never for the first stage) or the path of an export directory."""
     objective: str = "mae"
     """The stage's objective (``stages.N.objective``, else ``model.objective``)."""
+    carry_objective: bool = True
+    """Start the objective's own parts from the init export when it was written by the same objective."""
 
 
 @dataclass(frozen=True)
@@ -91,7 +93,7 @@ def make_plan(cfg: TrainConfig, world_size: int) -> Plan:
                   lr=st.lr if st.lr is not None else o.lr,
                   min_lr=st.min_lr if st.min_lr is not None else o.min_lr,
                   warmup_steps=st.warmup_steps if st.warmup_steps is not None else o.warmup_steps,
-                  init_from=st.init_from)
+                  init_from=st.init_from, carry_objective=st.carry_objective)
         for k, st in enumerate(cfg.stages))
     for sp in stages:
         if sp.min_lr > sp.lr:

@@ -89,6 +89,11 @@ class StageParts:
     resume_from: Path | None
     init_from: Path | None
     init_checksum: float
+    objective_carried: bool = False
+    """The objective's own parts (decoder, head, predictor) were started from ``init_from``'s export."""
+    objective_checksum: float = 0.0
+    target_checksum: float | None = None
+    """An EMA model's target encoder (None for others)."""
 
 
 class Trainer:
@@ -149,12 +154,21 @@ class Trainer:
         # the vocabulary travels with the weights (export, checkpoint), never re-derived from the registry
         build_vocab, run_vocab = eng.stage_vocabulary(resume, init)
         model = eng.construct_model(self.plan, build_vocab, stage)  # under zero.Init when ZeRO-3 and supported
+        carried = False
         if init is not None:
             eng.load_export_into(model, init)
+            if stage.carry_objective:
+                carried = eng.load_objective_into(model, init, stage.objective)
         eng.extend_vocabulary(model, run_vocab)
+        if init is not None and not carried and hasattr(model, "update_target"):
+            # an EMA target starts as the encoder it follows (I-JEPA), not at its random draw: with momentum
+            # 0.996 -> 1 it would move only ~12% of the way to a loaded encoder in a 60-step stage
+            eng.update_target(model, 0.0)
         vocab = getattr(model, "vocab", None)
         checksum = float(sum(v.double().abs().sum() for v in eng.encoder_state(model).values()
                              if v.is_floating_point()))
+        objective_checksum = eng.abs_sum(model)
+        target_checksum = eng.abs_sum(model, "target_encoder") if hasattr(model, "update_target") else None
         loader = build_loader(stage.data, self.rank, self.world_size, vocab=vocab,
                               device=self.device)  # on a GPU the batches are normalised there
         if stage.steps is not None:
@@ -168,7 +182,8 @@ class Trainer:
         if resume is not None:  # before DeepSpeed: another model shape fails here, clearly
             manager.check(resume)
         engine = eng.build_engine(model, self.plan)
-        return StageParts(stage, model, engine, loader, total, state, manager, resume, init, checksum)
+        return StageParts(stage, model, engine, loader, total, state, manager, resume, init, checksum, carried,
+                          objective_checksum, target_checksum)
 
     def run_stage(self, stage: StagePlan, global_step: int) -> tuple[int | None, int]:
         """Train one stage; returns (exit code to stop with or None to go on, global step)."""
@@ -178,7 +193,9 @@ class Trainer:
         self.model_ref = parts.model
         self.logger.log({"event": "stage_start", "stage": stage.name,
                          "init_from": str(parts.init_from) if parts.init_from is not None else None,
-                         "encoder_abs_sum": parts.init_checksum, "total_steps": total, "global_step": global_step})
+                         "objective_carried": parts.objective_carried, "encoder_abs_sum": parts.init_checksum,
+                         "objective_abs_sum": parts.objective_checksum, "target_abs_sum": parts.target_checksum,
+                         "total_steps": total, "global_step": global_step})
         if parts.resume_from is not None:
             parts.checkpoints.load(engine, parts.resume_from)
             log.info("stage %s: resumed from %s at step %d", stage.name, parts.resume_from, st.step)
@@ -321,7 +338,7 @@ class Trainer:
         eng.export_encoder(engine, self.plan, out, self.rank,
                            extra={"stage": stage.name, "steps": total, "global_step": st.global_step,
                                   "samples_seen": st.samples_seen, "model": self.cfg.model.name,
-                                  "git_sha": self.layout.git_sha()})
+                                  "git_sha": self.layout.git_sha()}, objective=stage.objective)
         if self.rank == 0:
             self._release(out, stage.name)
             self.layout.mark_done(stage.name, {"stage": stage.name, "steps": total, "global_step": st.global_step,

@@ -7,6 +7,11 @@ benchmarks), ``pretrain.engine.load_export_into`` (the next stage, also partitio
 No pickle, no DeepSpeed and no text model are needed to load (the sensor/level text-embedding table is
 part of the weights; the vocabulary it is indexed by is in ``model_args.json``).
 
+Beside them a pretraining stage writes ``objective.safetensors``: the objective's own parts (every tensor of the
+model outside ``encoder.``: an MAE's decoder and output head, a JEPA's predictor and target encoder), with the
+objective's name in its metadata, so that a following stage of the same objective continues them instead of
+starting them fresh (``stages.N.carry_objective``). Downstream readers never need it.
+
 ``model_args.json``: ``format`` ("specfm-encoder"), ``version`` (1), ``name``, ``args`` (every
 :class:`~pretrain.models.args.ModelArgs` field), ``sensor_vocab`` / ``level_vocab`` (the
 :class:`~pretrain.models.vocab.Vocabulary`), ``embed_dim``, ``patch_size``, ``extra`` (provenance).
@@ -33,6 +38,7 @@ VERSION = 1
 WEIGHTS = "encoder.safetensors"
 ARGS = "model_args.json"
 EXPORT_FILES = (WEIGHTS, ARGS)
+OBJECTIVE_WEIGHTS = "objective.safetensors"
 #: the same export in the Hugging Face layout (``pretrain/release.py``): ``config.json`` holds every
 #: ``model_args.json`` field, ``model.safetensors`` the same tensors; read wherever an export is read
 RELEASE_WEIGHTS, RELEASE_ARGS = "model.safetensors", "config.json"
@@ -78,6 +84,49 @@ def save_encoder(model: nn.Module, out_dir: str | os.PathLike, state_dict: dict 
     os.replace(tmp_w, out / WEIGHTS)
     os.replace(tmp_j, out / ARGS)
     return out
+
+
+def objective_state(model: nn.Module) -> dict[str, torch.Tensor]:
+    """The objective's own tensors: every entry of ``model.state_dict()`` outside its ``encoder``."""
+    return {k: v for k, v in model.state_dict().items() if not k.startswith("encoder.")}
+
+
+def save_objective(model: nn.Module, out_dir: str | os.PathLike, objective: str) -> Path | None:
+    """Write :data:`OBJECTIVE_WEIGHTS` (the objective's own tensors, ``objective`` in the metadata) into
+    ``out_dir`` atomically; nothing (None) when the model has no tensors outside its encoder."""
+    from safetensors.torch import save_file
+
+    tensors = {k: v.detach().to("cpu").contiguous() for k, v in objective_state(model).items()}
+    if not tensors:
+        return None
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=out, suffix=".tmp")
+    os.close(fd)
+    save_file(tensors, tmp, metadata={"format": FORMAT, "objective": objective})
+    os.replace(tmp, out / OBJECTIVE_WEIGHTS)
+    return out / OBJECTIVE_WEIGHTS
+
+
+def read_objective(path: str | os.PathLike) -> tuple[str, dict[str, torch.Tensor]] | None:
+    """``(objective, tensors)`` of the export's :data:`OBJECTIVE_WEIGHTS`, or None when it has none (an export
+    of an older version, or of a custom exporter)."""
+    from safetensors import SafetensorError, safe_open
+    from safetensors.torch import load_file
+
+    f = Path(path) / OBJECTIVE_WEIGHTS
+    if not f.is_file():
+        return None
+    try:
+        with safe_open(str(f), framework="pt") as h:
+            objective = (h.metadata() or {}).get("objective")
+        tensors = load_file(str(f))
+    except (SafetensorError, OSError) as e:
+        raise ExportError(f"{f}: not a readable safetensors file ({e}); the export is truncated or overwritten, "
+                          f"export it again") from None
+    if not objective:
+        raise ExportError(f"{f}: its metadata names no 'objective' ({_WRITER})")
+    return objective, tensors
 
 
 # ------------------------------------------------------------------------------------------------ reading
@@ -152,7 +201,8 @@ def read_weights(path: str | os.PathLike, device: str | torch.device = "cpu") ->
                           f"export it again") from None
 
 
-def check_fits(weights: Mapping[str, torch.Tensor], shapes: Mapping[str, Sequence[int]], where: str) -> None:
+def check_fits(weights: Mapping[str, torch.Tensor], shapes: Mapping[str, Sequence[int]], where: str,
+               what: str = "encoder export") -> None:
     """ExportError unless ``weights`` has exactly the names of ``shapes`` (full shapes) with those shapes."""
     bad = [f"{k}: export {list(v.shape)} vs model {list(shapes[k])}" for k, v in weights.items()
            if k in shapes and tuple(shapes[k]) != tuple(v.shape)]
@@ -163,7 +213,7 @@ def check_fits(weights: Mapping[str, torch.Tensor], shapes: Mapping[str, Sequenc
             parts.append(f"missing {missing[:5]}{' ...' if len(missing) > 5 else ''}")
         if extra:
             parts.append(f"unexpected {extra[:5]}{' ...' if len(extra) > 5 else ''}")
-        raise ExportError(f"encoder export {where} does not fit the model it is loaded into (model name, "
+        raise ExportError(f"{what} {where} does not fit the model it is loaded into (model name, "
                           f"overrides or model_args.json): {'; '.join(parts)}")
 
 

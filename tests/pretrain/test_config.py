@@ -59,6 +59,13 @@ def test_overrides_with_dotted_paths_and_list_indices(base_yaml: Path):
     assert cfg.data.batch_size == cfg.parallel.micro_batch
 
 
+def test_carry_objective_defaults_on_and_is_a_bool(base_yaml: Path):
+    assert [s.carry_objective for s in load_config(base_yaml).stages] == [True, True]
+    assert load_config(base_yaml, ["stages.1.carry_objective=false"]).stages[1].carry_objective is False
+    with pytest.raises(ConfigError, match=r"stages.1.carry_objective: expected bool, got 3"):
+        load_config(base_yaml, ["stages.1.carry_objective=3"])
+
+
 def test_stage_data_uses_stage_sources_or_the_default(base_yaml: Path):
     cfg = load_config(base_yaml, ["parallel.micro_batch=3"])
     d1, d2 = cfg.stage_data(cfg.stages[0]), cfg.stage_data(cfg.stages[1])

@@ -69,6 +69,25 @@ def test_load_export_into_is_strict(tmp_path: Path):
         load_export_into(dst, tmp_path / "nothing")
 
 
+def test_objective_parts_carry_only_to_the_same_objective_and_strictly(tmp_path: Path):
+    from pretrain.engine import load_objective_into
+    from pretrain.models.export import OBJECTIVE_WEIGHTS, read_objective, save_objective
+
+    src, dst = Net(), Net()
+    assert load_objective_into(dst, tmp_path, "mae") is False  # an export without the file: fresh parts
+    save_objective(src, tmp_path, "mae")
+    objective, own = read_objective(tmp_path)
+    assert objective == "mae" and "fc.weight" in own and not any(k.startswith("encoder.") for k in own)
+    before = dst.encoder[0].weight.clone()
+    assert load_objective_into(dst, tmp_path, "jepa") is False  # another objective's parts: fresh
+    assert not torch.equal(dst.fc.weight, src.fc.weight)
+    assert load_objective_into(dst, tmp_path, "mae") is True
+    assert torch.equal(dst.fc.weight, src.fc.weight) and torch.equal(dst.pos_embed, src.pos_embed)
+    assert torch.equal(dst.encoder[0].weight, before)  # the encoder is load_export_into's, untouched here
+    with pytest.raises(ExportError, match=rf"mae objective .*{OBJECTIVE_WEIGHTS} does not fit.*fc.weight"):
+        load_objective_into(Net(16), tmp_path, "mae")
+
+
 def test_import_object_errors():
     assert import_object("pretrain.schedules:lr_at").__name__ == "lr_at"
     with pytest.raises(ConfigError, match="has no 'nope'"):

@@ -55,6 +55,12 @@ def runs(request, colocated_root, tmp_path_factory) -> dict:
 def test_colocated_jepa_stage_resumes_exactly(runs):
     for r in runs["runs"]:
         _ok(r)
+    recs = [json.loads(x) for x in (runs["full"] / "metrics.jsonl").read_text().splitlines()]
+    start = next(r for r in recs if r.get("event") == "stage_start" and r["stage"] == "colocated_jepa")
+    # the JEPA stage starts from the MAE stage's export: its EMA target starts as that encoder (partitioned too),
+    # not at its own random draw; the MAE's decoder is another objective's, so nothing else is carried
+    assert start["target_abs_sum"] == pytest.approx(start["encoder_abs_sum"], rel=1e-9)
+    assert start["objective_carried"] is False
     full, parts = losses(runs["full"]), losses(runs["parts"])
     assert sorted(full) == list(range(1, 7)) and sorted(parts) == list(range(1, 7))
     assert "resumed from" in runs["runs"][2].stdout + runs["runs"][2].stderr

@@ -107,6 +107,14 @@ def test_stage_two_starts_from_stage_one_export(zero3):
     total = float(sum(v.double().abs().sum() for v in exported.values()))
     assert starts["second"]["encoder_abs_sum"] == pytest.approx(total, rel=1e-9)
     assert starts["first"]["encoder_abs_sum"] != pytest.approx(total, rel=1e-6)
+    # the MAE's decoder and head go on from stage one's too (stages.N.carry_objective), gathered and scattered
+    # back under ZeRO-3 like the encoder
+    own = load_file(str(run / "export/first/objective.safetensors"))
+    assert own and not any(k.startswith("encoder.") for k in own) and "mask_token" in own
+    own_total = float(sum(v.double().abs().sum() for v in own.values()))
+    assert not starts["first"]["objective_carried"] and starts["second"]["objective_carried"]
+    assert starts["second"]["objective_abs_sum"] == pytest.approx(own_total, rel=1e-9)
+    assert starts["first"]["objective_abs_sum"] != pytest.approx(own_total, rel=1e-6)
 
 
 def test_export_matches_trained_weights_and_loads_without_deepspeed(zero3):
