@@ -150,6 +150,8 @@ def main(objective, config, out):
         jepa_after_step(model, ref, plan, engine, batch, out)
     print(f"rank {rank}: {objective} zero.Init ok, {n} parameters partitioned, loss {float(loss):.6f} = {want:.6f}",
           flush=True)
+    dist.barrier()
+    dist.destroy_process_group()  # else a rank can abort at exit ('terminate called without an active exception')
 
 
 main(*sys.argv[1:4])
