@@ -4,10 +4,11 @@ For the base size (``--sizes``) at 100 bands, 128 x 128, patch 8, over a grid of
 default 2 and 8) and hypernetwork ranks (``--ranks``, default 32 and 64, SpecAware's default and its own), this
 prints:
 
-- forward+backward step time of the MAE with HyperEmbedding + HyperLinear output and of the same MAE with a
+- forward+backward step time (wall) of the MAE with HyperEmbedding + HyperLinear output and of the same MAE with a
   fixed Conv2d patch embedding and a fixed Linear output (same token count, same ViT and decoder), measured
   in one run, alternating the two models step by step so both see the same machine load (median of reps, and
-  the spread of the per-rep ratios);
+  the spread of the per-rep ratios), and the same for the process's CPU time (``--threads 1`` makes that ratio
+  immune to other processes taking the cores of a shared box, which the wall-clock ratio is not);
 - the same for the embedding alone (conditioning + token making, forward+backward);
 - FLOPs per sample (``torch.utils.flop_counter.FlopCounterMode``, forward+backward) of both models, and the
   forward FLOPs of the hyper embedding alone; the contraction order the hyper embedding picked;
@@ -16,7 +17,8 @@ prints:
   sampled by a thread, each configuration in its own fresh process).
 
 ``--json`` makes the last printed line one JSON object with ``worst_hyper_over_fixed`` (the largest step-time
-ratio over the grid), ``hyper_over_fixed`` per ``b<batch>_r<rank>``, and the rest of the figures.
+ratio over the grid), ``worst_hyper_over_fixed_cpu_time`` (the same in CPU time), ``hyper_over_fixed`` per
+``b<batch>_r<rank>``, and the rest of the figures.
 """
 
 from __future__ import annotations
@@ -68,10 +70,11 @@ def embed_step(model: torch.nn.Module, batch: dict) -> None:
     model.zero_grad(set_to_none=True)
 
 
-def timed(fn) -> float:
-    t = time.perf_counter()
+def timed(fn) -> tuple[float, float]:
+    """(wall seconds, CPU seconds of this process) of one call."""
+    t, c = time.perf_counter(), time.process_time()
     fn()
-    return time.perf_counter() - t
+    return time.perf_counter() - t, time.process_time() - c
 
 
 def flops(model: torch.nn.Module, bands: int, size: int) -> tuple[float, float]:
@@ -139,13 +142,15 @@ def bench_config(size: str, args: argparse.Namespace, batch_size: int, rank: int
     batch = make_batch(batch_size, args.bands, args.image)
     for m in (hyper, fixed):  # warm-up
         step(m, batch, 0)
-    th, tf, eh, ef = [], [], [], []
+    th, tf, ch, cf, eh, ef = [], [], [], [], [], []
     for r in range(args.reps):
-        th.append(timed(lambda r=r: step(hyper, batch, r + 1)))
-        tf.append(timed(lambda r=r: step(fixed, batch, r + 1)))
+        for times, cpus, m in ((th, ch, hyper), (tf, cf, fixed)):
+            wall, cpu = timed(lambda r=r, m=m: step(m, batch, r + 1))
+            times.append(wall)
+            cpus.append(cpu)
         if args.embed_times:
-            eh.append(timed(lambda: embed_step(hyper, batch)))
-            ef.append(timed(lambda: embed_step(fixed, batch)))
+            eh.append(timed(lambda: embed_step(hyper, batch))[0])
+            ef.append(timed(lambda: embed_step(fixed, batch))[0])
     fh, feh = flops(hyper, args.bands, args.image)
     ff, fef = flops(fixed, args.bands, args.image)
     enc = hyper.encoder
@@ -154,10 +159,14 @@ def bench_config(size: str, args: argparse.Namespace, batch_size: int, rank: int
     hyper_params = sum(p.numel() for p in enc.hyper.parameters())
     cond_params = sum(p.numel() for p in enc.meta.parameters()) + sum(p.numel() for p in enc.content.parameters())
     ratios = [a / b for a, b in zip(th, tf)]
+    cpu_ratios = [a / b for a, b in zip(ch, cf)]
     res = {
         "batch": batch_size, "rank": rank,
         "step_s_hyper": statistics.median(th), "step_s_fixed": statistics.median(tf),
         "ratio_per_rep": [round(x, 4) for x in ratios],
+        "cpu_s_hyper": statistics.median(ch), "cpu_s_fixed": statistics.median(cf),
+        "cpu_ratio_per_rep": [round(x, 4) for x in cpu_ratios],
+        "hyper_over_fixed_cpu_time": statistics.median(cpu_ratios),
         "gflops_per_sample_hyper": fh / 1e9, "gflops_per_sample_fixed": ff / 1e9,
         "gflops_per_sample_estimate": hyper.flops_per_sample(args.bands, args.image) / 1e9,
         "embed_gflops_fwd_hyper": feh / 1e9, "embed_gflops_fwd_fixed": fef / 1e9,
@@ -189,6 +198,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--batches", default="2,8", help="comma-separated batch sizes (default 2,8)")
     ap.add_argument("--ranks", default="32,64", help="comma-separated hypernetwork ranks (default 32,64)")
     ap.add_argument("--reps", type=int, default=3, help="timed steps per model (median; default 3)")
+    ap.add_argument("--threads", type=int, default=0,
+                    help="torch threads (default: torch's own). With 1, the CPU-time ratio "
+                         "(hyper_over_fixed_cpu_time) is not moved by other processes on a shared box")
     ap.add_argument("--embed-times", action="store_true", help="also time the embedding alone")
     ap.add_argument("--memory", action="store_true", help="measure peak step memory (fresh processes; slow)")
     ap.add_argument("--child", nargs=2, metavar=("SIZE", "EMBED"), help=argparse.SUPPRESS)
@@ -196,6 +208,8 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     batches = [int(x) for x in args.batches.split(",") if x]
     ranks = [int(x) for x in args.ranks.split(",") if x]
+    if args.threads > 0:
+        torch.set_num_threads(args.threads)
     if args.child:
         child_memory(args.child[0], args.child[1], args.bands, args.image, batches[0], ranks[0])
         return 0
@@ -216,6 +230,8 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"  step (fwd+bwd): hyper {r['step_s_hyper']:.3f} s, fixed {r['step_s_fixed']:.3f} s, ratio "
                       f"{r['hyper_over_fixed_step_time']:.3f} (per rep {r['ratio_per_rep']}); contraction "
                       f"{r['contraction']}")
+                print(f"  CPU time: hyper {r['cpu_s_hyper']:.3f} s, fixed {r['cpu_s_fixed']:.3f} s, ratio "
+                      f"{r['hyper_over_fixed_cpu_time']:.3f} (per rep {r['cpu_ratio_per_rep']})")
                 if "embed_step_s_hyper" in r:
                     print(f"  embedding alone (fwd+bwd): hyper {r['embed_step_s_hyper']:.3f} s, fixed "
                           f"{r['embed_step_s_fixed']:.3f} s")
@@ -231,6 +247,8 @@ def main(argv: list[str] | None = None) -> int:
             del fixed
             gc.collect()
     out["worst_hyper_over_fixed"] = worst
+    out["worst_hyper_over_fixed_cpu_time"] = max(v["hyper_over_fixed_cpu_time"] for d in out["sizes"].values()
+                                                 for v in d.values())
     out["hyper_over_fixed"] = {f"{size}/{k}": round(v["hyper_over_fixed_step_time"], 4)
                                for size, d in out["sizes"].items() for k, v in d.items()}
     out["load_average_end"] = os.getloadavg()[0]

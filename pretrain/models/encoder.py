@@ -18,7 +18,7 @@ from torch import nn
 from .args import ModelArgs, ModelError
 from .fusion import CrossSensorFusion, token_centres
 from .hyper import FixedPatchEmbed, HyperEmbedding
-from .layers import Block, Blocks, pos_embed, to_patches
+from .layers import Block, Blocks, gather_patches, pos_embed, to_patches
 from .meta import ContentEncoder, MetaEncoder
 from .vocab import Vocabulary
 
@@ -83,12 +83,14 @@ class SpectralEncoder(nn.Module):
     def condition(self, pixels: torch.Tensor, wavelengths: torch.Tensor, fwhm: torch.Tensor,
                   sensor: torch.Tensor | None = None, level: torch.Tensor | None = None,
                   valid: torch.Tensor | None = None, cell_weight: torch.Tensor | None = None,
-                  band_mask: torch.Tensor | None = None, cells: torch.Tensor | None = None) -> torch.Tensor:
+                  band_mask: torch.Tensor | None = None, cells: torch.Tensor | None = None,
+                  patches: torch.Tensor | None = None) -> torch.Tensor:
         """The fused per-band condition ``[B, C, cond_dim]`` (None for the fixed baseline); ``cells [B,n]``: the
-        content statistics of those cells only (:class:`~pretrain.models.meta.ContentEncoder`)."""
+        content statistics of those cells only (:class:`~pretrain.models.meta.ContentEncoder`), whose pixels
+        ``patches [B,C,n,p*p]`` the caller may pass when it has them."""
         if not hasattr(self, "meta"):
             return None
-        content = self.content(pixels, valid, cell_weight, cells)
+        content = self.content(pixels, valid, cell_weight, cells, patches)
         return self.meta(wavelengths, fwhm, sensor, level, content, band_mask)
 
     def embed(self, pixels: torch.Tensor, wavelengths: torch.Tensor, fwhm: torch.Tensor,
@@ -115,12 +117,15 @@ class SpectralEncoder(nn.Module):
         h, w = pixels.shape[2] // p, pixels.shape[3] // p
         if valid is not None:
             pixels = pixels * valid.unsqueeze(1).to(pixels.dtype)
-        cells = keep if keep is not None and cell_weight is not None else None
-        cond = self.condition(pixels, wavelengths, fwhm, sensor, level, valid, cell_weight, band_mask, cells)
-        if cond is None:
-            tok = self.fixed(pixels, keep)
+        if not hasattr(self, "meta"):
+            tok, cond = self.fixed(pixels, keep), None
         else:
-            tok = self.hyper(to_patches(pixels, p), cond, keep, band_mask=band_mask)
+            # the kept cells' pixels, gathered once for the content statistics and the embedding
+            patches = to_patches(pixels, p) if keep is None else gather_patches(pixels, keep, p)
+            cells = keep if keep is not None and cell_weight is not None else None
+            cond = self.condition(pixels, wavelengths, fwhm, sensor, level, valid, cell_weight, band_mask, cells,
+                                  patches if cells is not None else None)
+            tok = self.hyper(patches, cond, band_mask=band_mask)
         scale = None
         if self.args.gsd_pos and gsd is not None:
             scale = torch.as_tensor(gsd, device=tok.device).float().reshape(-1) / self.args.ref_gsd

@@ -5,7 +5,7 @@ import torch
 
 from pretrain.models import build_model
 from pretrain.models.hyper import FixedPatchEmbed, HyperEmbedding, HyperLinear
-from pretrain.models.layers import to_patches
+from pretrain.models.layers import gather_patches, to_patches
 
 
 def _plain_embedding(m: HyperEmbedding, patches, cond):
@@ -76,6 +76,21 @@ def test_hyper_linear_matches_plain_maths():
     g_ref = torch.autograd.grad(ref, [p for p in m.parameters()] + [z, cond], g)
     for x, y in zip(g_out, g_ref, strict=True):
         torch.testing.assert_close(x, y, rtol=1e-9, atol=1e-10)
+
+
+def test_gather_patches_is_to_patches_then_gather_values_and_gradients():
+    """The kept cells' patches read straight from the image equal forming every patch and gathering (a non-square
+    image, so rows and columns cannot be swapped unnoticed), and so does the gradient into the image."""
+    torch.manual_seed(4)
+    b, c, p, hh, ww = 3, 5, 4, 12, 20
+    x = torch.randn(b, c, hh, ww, dtype=torch.float64, requires_grad=True)
+    cells = torch.stack([torch.randperm((hh // p) * (ww // p))[:7] for _ in range(b)])
+    ref = torch.gather(to_patches(x, p), 2, cells[:, None, :, None].expand(b, c, 7, p * p))
+    out = gather_patches(x, cells, p)
+    assert out.shape == (b, c, 7, p * p)
+    assert torch.equal(out, ref)
+    g = torch.randn_like(out)
+    assert torch.equal(torch.autograd.grad(out, x, g)[0], torch.autograd.grad(ref, x, g)[0])
 
 
 def test_fixed_embedding_keep_equals_conv_then_gather():
