@@ -75,17 +75,19 @@ def run_suite(suite: SuiteConfig, encoder: Encoder | Callable[[], Encoder], out:
               progress: bool = True, on_task: Callable[[TaskConfig, TaskResult], None] | None = None) -> dict:
     """Run every task; write ``report.md``, ``report.json``, ``report.csv`` and ``figures/<task>.png`` to ``out``.
 
-    ``encoder`` is an :class:`Encoder` or a factory; each task starts from a fresh copy of the weights.
+    ``encoder`` is an :class:`Encoder` or a factory; each task starts from a fresh copy of the weights, and the
+    caller's encoder has its own weights back when the suite ends (else a suite whose last task fine-tunes left
+    them fine-tuned, and the next suite run on it, e.g. bench/downstream.py's next seed, started from those).
     ``on_task(task, result)`` is called after each task while ``result.model`` (the trained model) is still
     valid: the next task resets the shared encoder's weights, so the runner drops the model after the call."""
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=".bench-", dir=out.parent))
+    make = encoder if callable(encoder) and not isinstance(encoder, Encoder) else None
+    state = None if make else {k: v.clone() for k, v in encoder.state_dict().items()}
     try:
         corpus = prepare_corpus(suite, tmp, data)
         colocated = prepare_colocated(suite, tmp)
-        make = encoder if callable(encoder) and not isinstance(encoder, Encoder) else None
-        state = None if make else {k: v.clone() for k, v in encoder.state_dict().items()}
         results: list[tuple[TaskConfig, TaskResult, float, str]] = []
         for task in bar(suite.tasks, desc=f"suite {suite.name}", unit="task", enabled=progress, every=1):
             t0 = time.time()
@@ -114,6 +116,8 @@ def run_suite(suite: SuiteConfig, encoder: Encoder | Callable[[], Encoder], out:
             os.replace(tmp / name, out / name)
         return report
     finally:
+        if state is not None:
+            encoder.load_state_dict(state)
         shutil.rmtree(tmp, ignore_errors=True)
 
 

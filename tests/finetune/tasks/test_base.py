@@ -83,6 +83,11 @@ def test_a_task_scores_the_same_alone_and_after_another_in_a_suite(encoder, tmp_
     after = run_suite(SuiteConfig("suite", [seg, probe]), encoder, tmp_path / "b", progress=False)
     assert alone["tasks"]["probe"]["metrics"] == after["tasks"]["probe"]["metrics"]
     assert alone["tasks"]["probe"]["details"]["loss"] == after["tasks"]["probe"]["details"]["loss"]
+    # a suite ending with a fine-tuned task gives the caller its encoder back as it was (bench/downstream.py runs
+    # the suite once per seed on one encoder: seed 1 started from seed 0's fine-tuned weights)
+    before = {k: v.clone() for k, v in encoder.state_dict().items()}
+    run_suite(SuiteConfig("last", [probe, seg]), encoder, tmp_path / "c", progress=False)
+    assert all(torch.equal(v, before[k]) for k, v in encoder.state_dict().items())
 
 
 def test_layer_decay_gives_the_documented_per_layer_learning_rates(encoder):
