@@ -20,8 +20,8 @@ PSNR +0.12 +/- 0.17 dB, cross_sensor OA +0.26 +/- 0.07: ahead by >= 4 SE on the 
 change tasks and cross-sensor transfer, 2.5 SE on the scene probe; inside the noise on scene fine-tuning,
 fine-tuned segmentation and fusion. The fusion head is ahead of its baselines as in the fusion papers (PSNR 30.64
 +/- 0.16 dB vs bicubic 26.98, SAM 1.29 +/- 0.01 deg vs 1.70). The quality_cpu.yaml export (bench/quality.py's)
-is ahead on scene fine-tuning too (+0.043 +/- 0.012, 10 seeds), not on segmentation or fusion. 914 s on a loaded
-2-core box.
+is ahead on scene fine-tuning too (+0.055 +/- 0.015, 10 seeds; fusion +0.27 +/- 0.13 dB), not on segmentation.
+914 s on a loaded 2-core box.
 """
 
 from __future__ import annotations
