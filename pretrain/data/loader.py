@@ -49,7 +49,7 @@ from data_prep.store import StoreError
 from pretrain.models.vocab import Vocabulary
 
 from .config import DataConfig, DataError, LoaderWorkerError
-from .reader import SampleReader, StoreTables, finish_batch, open_store, tables_from_store
+from .reader import BatchBuffers, SampleReader, StoreTables, finish_batch, open_store, tables_from_store
 from .sampling import PlanNode, ShardSource, StoreInfo, Substitutes, store_tag, subset_indices
 
 log = logging.getLogger(__name__)
@@ -59,9 +59,18 @@ STATE_FORMAT = 2
 """Version of :meth:`SpecLoader.state_dict` (2: substitutes, per-store counts, Collate after Prefetcher)."""
 
 SHARED_SLOTS_PER_WORKER = 3
-"""Shared-memory batch slots each reader process reuses (:class:`pretrain.data.reader.SharedBatchBuffers`): the
+"""Shared-memory batch slots each reader process reuses (:class:`pretrain.data.reader.BatchBuffers`): the
 mapper keeps ~2 batches per worker in flight, one more covers the copy; more only cost /dev/shm (26 MB a slot for
 8 x 100 x 128 x 128 FP16)."""
+
+
+def local_slots(num_workers: int, prefetch: int) -> int:
+    """Reused in-process batch buffers (:class:`pretrain.data.reader.BatchBuffers`, ``shared=False``) that cover
+    every batch alive at once: ``2 * num_workers`` in the mapper, ``prefetch`` queued, one the Prefetcher thread is
+    putting and two the consumer may hold (the current batch and the last one, while the next is fetched). A
+    batch held longer only makes the pool hand out fresh tensors; an idle slot costs its memory (26 MB for
+    8 x 100 x 128 x 128 FP16)."""
+    return 2 * num_workers + prefetch + 3
 
 _WARN_PER_STORE = 5
 """Failed reads of one store logged at WARNING (each naming the patch, error and substitute); then DEBUG."""
@@ -160,7 +169,7 @@ class Collate(BaseNode[dict]):
 class CopyOut(BaseNode[dict]):
     """Copies a batch out of its reader process's reused shared-memory slot, then frees the slot.
 
-    Process workers decode into :class:`pretrain.data.reader.SharedBatchBuffers` slots; this node (in the
+    Process workers decode into :class:`pretrain.data.reader.BatchBuffers` slots; this node (in the
     training process, between the mapper and the Prefetcher, so the copy runs on the Prefetcher's thread) copies
     the slot's ``raw``/``pixels`` and ``valid`` into tensors of this process (pinned when ``pin``: the copy a
     GPU host makes anyway), clears the slot's busy flag, after which the worker may write it again, and turns the
@@ -172,10 +181,13 @@ class CopyOut(BaseNode[dict]):
     faulted in) again for every batch.
     """
 
-    def __init__(self, source: BaseNode[dict], pin: bool = False, hold: int = 0):
+    def __init__(self, source: BaseNode[dict], pin: bool = False, hold: int = 0, slots: int = 0):
         super().__init__()
         self.source = source
         self.pin = pin
+        # unpinned copies go into reused buffers (BatchBuffers, shared=False): a fresh 26 MB tensor per batch had its
+        # pages faulted in each time; pinned ones come from torch's caching host allocator
+        self._out = BatchBuffers(slots, shared=False) if slots > 0 and not pin else None
         self._held: collections.deque = collections.deque(maxlen=max(hold, 1))
 
     def reset(self, initial_state: dict | None = None) -> None:
@@ -188,12 +200,17 @@ class CopyOut(BaseNode[dict]):
         flag = batch.pop("_release", None)
         if flag is not None:
             shared = [flag]
-            for k in ("raw", "pixels", "valid"):
-                if k in batch:
-                    t = batch[k]
-                    shared.append(t)
-                    out = batch[k] = torch.empty(t.shape, dtype=t.dtype, pin_memory=self.pin)
-                    np.copyto(out.numpy(), t.numpy())  # one thread: torch's copy_ spun its intra-op pool (4x CPU)
+            px_key = "raw" if "raw" in batch else "pixels"
+            t_px, t_va = batch[px_key], batch["valid"]
+            if self._out is not None:
+                out_px, out_va, _ = self._out.take(tuple(t_px.shape), t_px.dtype)
+            else:
+                out_px = torch.empty(t_px.shape, dtype=t_px.dtype, pin_memory=self.pin)
+                out_va = torch.empty(t_va.shape, dtype=t_va.dtype, pin_memory=self.pin)
+            for k, t, out in ((px_key, t_px, out_px), ("valid", t_va, out_va)):
+                shared.append(t)
+                np.copyto(out.numpy(), t.numpy())  # one thread: torch's copy_ spun its intra-op pool (4x CPU)
+                batch[k] = out
             flag[0] = 0
             self._held.append(shared)
             for k, v in batch.items():
@@ -526,7 +543,9 @@ def build_loader(cfg: DataConfig, rank: int = 0, world_size: int = 1, vocab: Voc
     reader = SampleReader(tables, cfg.crop, cfg.storage_options, substitutes=subs,
                           max_batch_bad=cfg.max_bad_batch_fraction, vocab=vocab, decoder=cfg.decoder,
                           normalise_on=mode, pin=pin_in_workers,
-                          shared_slots=SHARED_SLOTS_PER_WORKER if pooled else 0)
+                          shared_slots=SHARED_SLOTS_PER_WORKER if pooled else 0,
+                          local_slots=local_slots(cfg.num_workers, cfg.prefetch)
+                          if cfg.worker_type == "thread" and cfg.mix != "mixed" else 0)
     if cfg.mix == "mixed":
         from .mixed import MixedReader
 
@@ -537,7 +556,8 @@ def build_loader(cfg: DataConfig, rank: int = 0, world_size: int = 1, vocab: Voc
     # Collate after the Prefetcher: it counts, logs and raises at the batch being handed out, so the
     # counters (loader.bad_samples ...) describe exactly the batches delivered so far.
     pin_on_copy = cfg.pin_memory and cuda and pooled
-    src = CopyOut(mapper, pin=pin_on_copy, hold=SHARED_SLOTS_PER_WORKER * cfg.num_workers) if pooled else mapper
+    src = CopyOut(mapper, pin=pin_on_copy, hold=SHARED_SLOTS_PER_WORKER * cfg.num_workers,
+                  slots=local_slots(0, cfg.prefetch)) if pooled else mapper
     coll = Collate(Prefetcher(src, prefetch_factor=cfg.prefetch), cfg.max_bad_fraction, watch)
     node: BaseNode = coll
     if cfg.pin_memory and cuda and not pin_in_workers and not pin_on_copy:

@@ -10,7 +10,7 @@ Guarantees (measured by ``bench/loader.py``; figures in its docstring):
   :func:`_make_zarr_executor`), other URLs by zarr-python's own (``DataConfig.decoder`` chooses).
 - Per sample the reader does the decode, the missing-chunk check and nothing that touches storage again: each
   granule's band table is read once per reader (:func:`_band_tables`), and process workers hand batches over
-  in reused shared memory (:class:`SharedBatchBuffers`). Measured (2-core box, ``bench/loader.py``, 1 worker):
+  in reused shared memory (:class:`BatchBuffers`). Measured (2-core box, ``bench/loader.py``, 1 worker):
   ~8.5 ms CPU per 100 x 128 x 128 sample against ~7 ms for the bare decode of the same chunks (it was 12.5 ms
   with threads and 16 ms with processes before these two).
 - A window's raw band indices are read as *segments* (:func:`window_segments`): maximal runs of adjacent band
@@ -29,6 +29,7 @@ from __future__ import annotations
 import asyncio
 import math
 import os
+import sys
 import threading
 from dataclasses import dataclass
 from typing import Any
@@ -192,43 +193,76 @@ def finish_batch(batch: dict[str, Any], device: torch.device | str | None = None
     return out
 
 
-class SharedBatchBuffers:
-    """Reusable shared-memory ``pixels``/``raw`` + ``valid`` tensors of a reader worker *process*.
+class BatchBuffers:
+    """Reused ``pixels``/``raw`` + ``valid`` batch tensors: a few slots, each written again only once it is free.
 
-    A batch handed from a worker process to the training process travels through shared memory
-    (``torch.multiprocessing``); a tensor that is not in shared memory yet is copied into a fresh segment when
-    the batch is pickled. For one 8 x 100 x 128 x 128 FP16 batch (26 MB) that fresh segment (create, fault and
-    zero its pages, copy, unmap) cost ~30 ms of the worker's time on the 2-core box, ~3.5 ms per sample, a third
-    of a sample's decode (``bench/loader.py`` process/1 was at 0.59-0.65 of the bare decode rate). Here a worker
-    decodes straight into one of ``slots`` segments it made once, and the batch carries the slot's busy flag
-    (``_release``, a 1-element shared tensor): the training process copies the tensors out
-    (``pretrain.data.loader.CopyOut``, into pinned memory for a GPU) and clears the flag, and only then may the
-    worker write that slot again. When every slot is still busy the worker takes a fresh tensor, as without the
-    pool: the pool never waits and never hands out a slot the other side may still read.
+    A fresh 8 x 100 x 128 x 128 batch tensor (26 MB) per batch has its pages faulted in (and zeroed by the kernel)
+    every time: glibc hands memory that large back to the system when it is freed. Two kinds of slot:
+
+    - ``shared=True`` (a reader worker *process*): the slots are shared-memory tensors. A batch handed to the
+      training process travels through shared memory (``torch.multiprocessing``), and a tensor not in shared
+      memory yet is copied into a fresh segment when the batch is pickled: for one such batch that fresh segment
+      (create, fault and zero its pages, copy, unmap) cost ~30 ms of the worker's time on the 2-core box, ~3.5 ms
+      per sample, a third of a sample's decode (``bench/loader.py`` process/1 was at 0.59-0.65 of the bare decode
+      rate). The batch carries the slot's busy flag (``_release``, a 1-element shared tensor): the training process
+      copies the tensors out (``pretrain.data.loader.CopyOut``) and clears the flag, and only then may the worker
+      write that slot again.
+    - ``shared=False`` (reader threads, and ``CopyOut``'s tensors in the training process): the slots are
+      ordinary memory, owned by a numpy array each; a slot's tensors are ``torch.from_numpy`` views, so every
+      tensor or view made from them keeps the owner referenced, and a slot is free again exactly when nothing
+      but this pool references its owner (its reference count; no flag to clear, nothing the consumer must do).
+      Measured (``bench/loader.py``, 2-core box): the faults of a fresh batch tensor cost ~0.6 ms CPU (system
+      time) of a ~7.5 ms sample.
+
+    When every slot is busy :meth:`take` returns fresh tensors (flag None), as without a pool: the pool never
+    waits and never hands out a slot the other side may still read. A free slot of another shape (another store's
+    band count) is replaced. Thread-safe (reader threads share one pool).
     """
 
-    def __init__(self, slots: int):
+    _OWNED_REFS = 2
+    """``sys.getrefcount`` of a free local slot's owner: the slot's own reference and the call's argument."""
+
+    def __init__(self, slots: int, shared: bool = True):
         self.slots = slots
-        self._ring: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = []  # (pixels, valid, busy flag)
+        self.shared = shared
+        # per slot: [shape, dtype, pixels, valid, busy flag]; local slots hold numpy owners and no flag
+        self._ring: list[list] = []
+        self._lock = threading.Lock()
+
+    def _free(self, slot: list) -> bool:
+        if self.shared:
+            return int(slot[4][0]) == 0
+        return sys.getrefcount(slot[2]) <= self._OWNED_REFS and sys.getrefcount(slot[3]) <= self._OWNED_REFS
+
+    def _new(self, shape: tuple[int, ...], dtype: torch.dtype) -> list:
+        vshape = (shape[0], *shape[2:])
+        if self.shared:
+            return [shape, dtype, torch.empty(shape, dtype=dtype).share_memory_(),
+                    torch.empty(vshape, dtype=torch.bool).share_memory_(), torch.zeros(1, dtype=torch.int8).share_memory_()]
+        return [shape, dtype, np.empty(shape, torch.empty(0, dtype=dtype).numpy().dtype), np.empty(vshape, np.bool_),
+                None]
+
+    def _hand_out(self, slot: list) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        if self.shared:
+            slot[4][0] = 1
+            return slot[2], slot[3], slot[4]
+        return torch.from_numpy(slot[2]), torch.from_numpy(slot[3]), None
 
     def take(self, shape: tuple[int, ...], dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
-        """(pixels ``shape`` of ``dtype``, valid ``(shape[0], *shape[2:])`` bool, busy flag or None when not pooled)."""
-        free = [k for k, (_, _, flag) in enumerate(self._ring) if int(flag[0]) == 0]
-        for k in free:
-            px, va, flag = self._ring[k]
-            if px.shape == shape and px.dtype == dtype:
-                flag[0] = 1
-                return px, va, flag
-        if len(self._ring) >= self.slots:
-            if not free:  # every slot still busy: a fresh tensor (copied to shared memory when pickled)
-                return (torch.empty(shape, dtype=dtype), torch.empty((shape[0], *shape[2:]), dtype=torch.bool),
-                        None)
-            del self._ring[free[0]]  # a free slot of another shape (another store's band count) makes room
-        slot = (torch.empty(shape, dtype=dtype).share_memory_(),
-                torch.empty((shape[0], *shape[2:]), dtype=torch.bool).share_memory_(),
-                torch.ones(1, dtype=torch.int8).share_memory_())
-        self._ring.append(slot)
-        return slot
+        """(pixels ``shape`` of ``dtype``, valid ``(shape[0], *shape[2:])`` bool, busy flag: shared slots only)."""
+        shape = tuple(shape)
+        with self._lock:
+            free = [k for k, slot in enumerate(self._ring) if self._free(slot)]
+            for k in free:
+                if self._ring[k][0] == shape and self._ring[k][1] == dtype:
+                    return self._hand_out(self._ring[k])
+            if len(self._ring) >= self.slots:
+                if not free:  # every slot still busy: fresh tensors (copied to shared memory when pickled)
+                    return (torch.empty(shape, dtype=dtype), torch.empty((shape[0], *shape[2:]), dtype=torch.bool),
+                            None)
+                del self._ring[free[0]]  # a free slot of another shape makes room
+            self._ring.append(self._new(shape, dtype))
+            return self._hand_out(self._ring[-1])
 
 
 SUBSTITUTE_TRIES = 3
@@ -250,7 +284,7 @@ class SampleReader:
     def __init__(self, tables: dict[str, StoreTables], crop: int, storage_options: dict | None = None, *,
                  substitutes: Substitutes | None = None, max_batch_bad: float = 0.5,
                  vocab: Vocabulary | None = None, decoder: str = "auto", normalise_on: str = "workers",
-                 pin: bool = False, shared_slots: int = 0):
+                 pin: bool = False, shared_slots: int = 0, local_slots: int = 0):
         self.tables = tables
         self.vocab = vocab if vocab is not None else Vocabulary.from_registry()  # batch sensor/level indices
         self.crop = crop
@@ -261,8 +295,11 @@ class SampleReader:
         self.normalise_on = normalise_on
         self.pin = pin
         self.shared_slots = shared_slots
-        """> 0 (process workers): decode into that many reused shared-memory batches (:class:`SharedBatchBuffers`)."""
-        self._pool = SharedBatchBuffers(shared_slots) if shared_slots > 0 else None
+        """> 0 (process workers): decode into that many reused shared-memory batches (:class:`BatchBuffers`)."""
+        self.local_slots = local_slots
+        """> 0 (thread workers, without ``pin``): decode into that many reused batches of ordinary memory, each
+        written again once nothing references it (:class:`BatchBuffers`, ``shared=False``)."""
+        self._pool = self._make_pool()
         self._stores: dict[str, PatchStore] = {}
         self._tables: dict[str, dict[int, tuple[np.ndarray, np.ndarray]]] = {}  # per store: granule -> band table
         self._lock = threading.Lock()
@@ -272,16 +309,23 @@ class SampleReader:
         d = dict(self.__dict__)
         d["_stores"] = {}
         d["_tables"] = {}
-        d["_pool"] = None  # made in the worker process (shared segments of its own)
+        d["_pool"] = None  # made in the worker process (segments of its own)
         d.pop("_lock")
         d.pop("_local")
         return d
 
     def __setstate__(self, d: dict[str, Any]) -> None:
         self.__dict__.update(d)
-        self._pool = SharedBatchBuffers(self.shared_slots) if self.shared_slots > 0 else None
+        self._pool = self._make_pool()
         self._lock = threading.Lock()
         self._local = threading.local()
+
+    def _make_pool(self) -> BatchBuffers | None:
+        if self.shared_slots > 0:
+            return BatchBuffers(self.shared_slots, shared=True)
+        if self.local_slots > 0 and not self.pin:  # pinned tensors come from torch's caching host allocator
+            return BatchBuffers(self.local_slots, shared=False)
+        return None
 
     def store(self, key: str) -> PatchStore:
         s = self._stores.get(key)

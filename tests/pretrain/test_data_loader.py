@@ -362,3 +362,38 @@ def test_close_stops_pipeline_threads_and_worker_processes(stores, kind):
     loader.close()
     assert not [t.name for t in mine if t.is_alive()]
     assert not [p.pid for p in workers if p.is_alive()]
+
+
+@pytest.mark.parametrize("kind", ["thread", "process"])
+def test_reused_batch_buffers_never_alias_a_batch_still_held(stores, kind, monkeypatch):
+    """Thread workers decode, and CopyOut copies process workers' batches, into a few reused in-process buffers,
+    each written again only once nothing references it: batches the consumer keeps still equal the copies taken
+    when they were handed out, their memory is not handed out again while they are kept, the rest is reused, and
+    every batch equals the batch of the path before the pool (a fresh tensor per batch)."""
+    import pretrain.data.loader as loader_mod
+
+    n = 3 * loader_mod.local_slots(1, 2)
+    # one store: one batch shape, so no slot is replaced by one of another shape
+    cfg = _cfg(stores, sources=[SourceConfig(stores[0]["url"])], num_workers=1, prefetch=2, worker_type=kind)
+
+    def run():
+        kept, copies, ptrs = {}, [], []
+        for k, b in enumerate(build_loader(cfg)):
+            copies.append({key: (v.clone() if isinstance(v, torch.Tensor) else v) for key, v in b.items()})
+            ptrs.append((b["pixels"].data_ptr(), b["valid"].data_ptr()))
+            if k in (0, 5):
+                kept[k] = b
+            if k == n - 1:
+                break
+        return kept, copies, ptrs
+
+    kept, copies, ptrs = run()
+    for k, b in kept.items():
+        _same(b, copies[k])
+        later = {p for pair in ptrs[k + 1:] for p in pair}
+        assert not {b["pixels"].data_ptr(), b["valid"].data_ptr()} & later, k
+    assert len({p for p, _ in ptrs}) <= loader_mod.local_slots(1, 2) < n  # the buffers were reused
+    monkeypatch.setattr(loader_mod, "local_slots", lambda *a: 0)  # no pool: fresh tensors, the path before
+    _, fresh, _ = run()
+    for x, y in zip(copies, fresh, strict=True):
+        _same(x, y)

@@ -169,9 +169,9 @@ def test_per_granule_band_tables_reach_the_batch_and_are_read_once_per_granule(t
 
 
 def test_shared_batch_slots_are_reused_only_once_released():
-    from pretrain.data.reader import SharedBatchBuffers
+    from pretrain.data.reader import BatchBuffers
 
-    pool = SharedBatchBuffers(2)
+    pool = BatchBuffers(2, shared=True)
     a_px, a_va, a_flag = pool.take((2, 3, 4, 4), torch.float16)
     b_px, _, b_flag = pool.take((2, 3, 4, 4), torch.float16)
     assert a_px.is_shared() and a_va.is_shared() and a_va.shape == (2, 4, 4) and a_va.dtype == torch.bool
@@ -184,6 +184,27 @@ def test_shared_batch_slots_are_reused_only_once_released():
     a_flag[0] = 0
     e_px, _, e_flag = pool.take((2, 5, 4, 4), torch.float16)  # another shape replaces a free slot
     assert e_flag is not None and e_px.shape == (2, 5, 4, 4) and e_px.is_shared()
+
+
+def test_local_batch_slots_are_reused_once_nothing_references_them():
+    from pretrain.data.reader import BatchBuffers
+
+    pool = BatchBuffers(2, shared=False)
+    a_px, a_va, flag = pool.take((2, 3, 4, 4), torch.float32)
+    assert flag is None and not a_px.is_shared() and a_va.shape == (2, 4, 4) and a_va.dtype == torch.bool
+    ptr = a_px.data_ptr()
+    view = a_px[1, :2].numpy()  # a view (here a numpy one) of the batch keeps its slot busy
+    del a_px
+    b_px, b_va, _ = pool.take((2, 3, 4, 4), torch.float32)
+    assert b_px.data_ptr() != ptr
+    c_px, _, _ = pool.take((2, 3, 4, 4), torch.float32)  # both slots busy: a fresh tensor
+    assert c_px.data_ptr() not in (ptr, b_px.data_ptr())
+    del view, a_va
+    d_px, _, _ = pool.take((2, 3, 4, 4), torch.float32)
+    assert d_px.data_ptr() == ptr
+    del b_px, b_va
+    e_px, _, _ = pool.take((2, 3, 4, 4), torch.float16)  # another dtype replaces the free slot
+    assert e_px.dtype == torch.float16 and e_px.shape == (2, 3, 4, 4)
 
 
 def test_zarrs_open_leaves_zarr_a_thread_pool_for_parallel_decodes(tmp_path):
