@@ -15,9 +15,12 @@ Process workers use the ``spawn`` context: a launching script needs the ``if __n
 Workers map whole batches: each decodes its batch's crops straight into the batch tensor (no per-sample
 copies, no stacking) and, with ``normalise_on="workers"``, normalises them there; with ``"device"`` they
 deliver the stored FP16 values and :class:`SpecLoader` normalises on the GPU. ``num_workers`` batches are in
-flight. Process workers decode into a few reused shared-memory slots each, which :class:`CopyOut` copies out of
-(into pinned memory on a GPU host) before the worker may write them again. :meth:`SpecLoader.close` stops the
-threads and processes of a loader that is no longer needed.
+flight. No batch tensor is a fresh allocation (whose pages the kernel would fault in and zero every batch):
+thread workers decode into reused batch buffers, each written again only once nothing references it; process
+workers decode into a few reused shared-memory slots each, which :class:`CopyOut` copies out of (into reused
+buffers, or pinned memory on a GPU host) before the worker may write them again
+(:class:`pretrain.data.reader.BatchBuffers`). :meth:`SpecLoader.close` stops the threads and processes of a loader
+that is no longer needed.
 
 Every node snapshots its source after each item, so the state of a mid-epoch loader is the exact
 position of the last batch handed out; resuming re-reads nothing that was already delivered.

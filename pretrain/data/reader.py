@@ -9,10 +9,12 @@ Guarantees (measured by ``bench/loader.py``; figures in its docstring):
   is the decode parallelism: zarr's process-wide pool, on which the reads run, is made wide enough first, see
   :func:`_make_zarr_executor`), other URLs by zarr-python's own (``DataConfig.decoder`` chooses).
 - Per sample the reader does the decode, the missing-chunk check and nothing that touches storage again: each
-  granule's band table is read once per reader (:func:`_band_tables`), and process workers hand batches over
-  in reused shared memory (:class:`BatchBuffers`). Measured (2-core box, ``bench/loader.py``, 1 worker):
-  ~8.5 ms CPU per 100 x 128 x 128 sample against ~7 ms for the bare decode of the same chunks (it was 12.5 ms
-  with threads and 16 ms with processes before these two).
+  granule's band table is read once per reader (:func:`_band_tables`), process workers hand batches over
+  in reused shared memory and thread workers decode into reused batch buffers (:class:`BatchBuffers`).
+  Measured (2-core box, ``bench/loader.py`` ``cpu_efficiency``: CPU per sample of the bare decode of the same
+  chunks / of the loader): 0.91-0.96 at 1 and 2 workers, threads and processes (0.78-0.94 before the reused
+  thread buffers; it was 12.5 ms against ~7 ms with threads and 16 ms with processes before the band-table cache
+  and the shared slots).
 - A window's raw band indices are read as *segments* (:func:`window_segments`): maximal runs of adjacent band
   chunks holding at least one selected band. A chunk that holds only bad bands of the window is never decoded, and
   no chunk is decoded twice; a segment without bad bands inside decodes straight into its slot of the batch
@@ -211,8 +213,9 @@ class BatchBuffers:
       ordinary memory, owned by a numpy array each; a slot's tensors are ``torch.from_numpy`` views, so every
       tensor or view made from them keeps the owner referenced, and a slot is free again exactly when nothing
       but this pool references its owner (its reference count; no flag to clear, nothing the consumer must do).
-      Measured (``bench/loader.py``, 2-core box): the faults of a fresh batch tensor cost ~0.6 ms CPU (system
-      time) of a ~7.5 ms sample.
+      Measured (thread/2, 2-core box, fresh tensors against these, interleaved): ~410 page faults and ~0.65 ms
+      CPU per 100 x 128 x 128 sample (of ~9.9), nearly all system time in the decode threads; the free slot
+      handed out last is reused first (likeliest in cache; ~1% less CPU than the oldest in three A/B runs).
 
     When every slot is busy :meth:`take` returns fresh tensors (flag None), as without a pool: the pool never
     waits and never hands out a slot the other side may still read. A free slot of another shape (another store's
@@ -253,9 +256,10 @@ class BatchBuffers:
         shape = tuple(shape)
         with self._lock:
             free = [k for k, slot in enumerate(self._ring) if self._free(slot)]
-            for k in free:
+            for k in reversed(free):  # the free slot handed out last: the likeliest still in cache
                 if self._ring[k][0] == shape and self._ring[k][1] == dtype:
-                    return self._hand_out(self._ring[k])
+                    self._ring.append(self._ring.pop(k))  # the ring is kept in hand-out order
+                    return self._hand_out(self._ring[-1])
             if len(self._ring) >= self.slots:
                 if not free:  # every slot still busy: fresh tensors (copied to shared memory when pickled)
                     return (torch.empty(shape, dtype=dtype), torch.empty((shape[0], *shape[2:]), dtype=torch.bool),
