@@ -11,6 +11,8 @@ worker count (default 1, 2 and the number of CPUs):
   same decoder, each segment decoded straight into new memory as the loader does) done by bare zarr calls in as
   many threads (or processes) as the loader has workers, no batching, no missing-chunk check, and for processes
   no hand-over of the pixels to this process (the loader does all three on top);
+- steady state: each loader is timed after :func:`warmup_batches` batches (its start and the growth of its reused
+  batch buffers are left out, as in a training run that reads thousands of batches);
 - fairness: each loader is closed (``SpecLoader.close``) before its ceiling is timed. Before, a dropped loader's
   torchdata threads/processes went on decoding ahead while the ceiling ran (measured: 0.5 CPU s in the second
   after a thread/2 loader was dropped), which slowed the ceiling and flattered the loader; and zarr's one decode
@@ -54,6 +56,7 @@ from data_prep.progress import progress  # noqa: E402
 from data_prep.registry import get_sensor  # noqa: E402
 from data_prep.store import NO_TIME, BandStats, append_patches, create_store, write_stats  # noqa: E402
 from pretrain.data import DataConfig, SourceConfig, build_loader, touched_elements, window_segments  # noqa: E402
+from pretrain.data.loader import local_slots  # noqa: E402
 from pretrain.data.reader import open_store  # noqa: E402
 
 DEFAULT_CHUNKS = (8, 64)
@@ -163,6 +166,14 @@ def ceiling(url: str, decoder: str, jobs: list, workers: int, kind: str, pool=No
     return len(jobs) / (time.perf_counter() - t0), (cpu_seconds() - c0) / len(jobs)
 
 
+def warmup_batches(cfg: DataConfig) -> int:
+    """Batches read before a loader is timed: past its start (threads, worker processes, opened stores) and past
+    the growth of its reused batch buffers (``pretrain.data.loader.local_slots``: one per batch alive at once, each
+    made, and its pages faulted in, the first time it is needed), so the timed batches are the steady state a
+    training run sees. With 2 warm-up batches, the ~5-7 buffers still being made in the timed 16 were counted."""
+    return local_slots(cfg.num_workers, cfg.prefetch) + 1
+
+
 def run_loader(cfg: DataConfig, n_batches: int, warmup: int) -> tuple[float, float, list[dict]]:
     """(samples/s and CPU s per sample over ``n_batches`` after ``warmup``, per-sample read descriptors of the
     timed batches)."""
@@ -261,7 +272,7 @@ def main(argv: list[str] | None = None) -> int:
                                              band_window=args.band_window, num_workers=w, worker_type=kind,
                                              sensor_dropout=0.1, prefetch=2, decoder=args.decoder,
                                              normalise_on=mode, seed=len(sp))
-                            sps, cpu_l, reads = run_loader(cfg, args.batches, warmup=2 if kind == "thread" else 3)
+                            sps, cpu_l, reads = run_loader(cfg, args.batches, warmup=warmup_batches(cfg))
                             reads_all += reads
                             jobs = []
                             for r in reads:
