@@ -12,9 +12,9 @@ Guarantees (measured by ``bench/loader.py``; figures in its docstring):
   granule's band table is read once per reader (:func:`_band_tables`), process workers hand batches over
   in reused shared memory and thread workers decode into reused batch buffers (:class:`BatchBuffers`).
   Measured (2-core box, ``bench/loader.py`` ``cpu_efficiency``: CPU per sample of the bare decode of the same
-  chunks / of the loader): 0.91-0.96 at 1 and 2 workers, threads and processes (0.78-0.94 before the reused
-  thread buffers; it was 12.5 ms against ~7 ms with threads and 16 ms with processes before the band-table cache
-  and the shared slots).
+  chunks / of the loader), median of 5 runs at load 1.4-6.5: 0.89-0.95 at 1 and 2 workers, threads and
+  processes (0.83-0.90 before the reused buffers, median of 4; it was 12.5 ms against ~7 ms with threads and 16 ms
+  with processes before the band-table cache and the shared slots).
 - A window's raw band indices are read as *segments* (:func:`window_segments`): maximal runs of adjacent band
   chunks holding at least one selected band. A chunk that holds only bad bands of the window is never decoded, and
   no chunk is decoded twice; a segment without bad bands inside decodes straight into its slot of the batch
