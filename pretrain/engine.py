@@ -221,6 +221,23 @@ def is_partitioned(module: nn.Module) -> bool:
     return any(hasattr(p, "ds_id") for p in module.parameters())
 
 
+def gathered(params: list[nn.Parameter], modifier_rank: int | None = None) -> Any:
+    """``deepspeed.zero.GatheredParameters(params, modifier_rank)`` when they are ZeRO-3 partitions (collective
+    then), else a context that does nothing."""
+    if not any(hasattr(p, "ds_id") for p in params):
+        from contextlib import nullcontext
+
+        return nullcontext()
+    import deepspeed
+
+    return deepspeed.zero.GatheredParameters(params, modifier_rank=modifier_rank)
+
+
+def objective_params(model: nn.Module) -> list[nn.Parameter]:
+    """The objective's own parameters: every one outside ``model.encoder`` (cf. export.objective_state)."""
+    return [p for n, p in model.named_parameters() if not n.startswith("encoder.")]
+
+
 def construct_model(plan: Plan, vocab: Vocabulary | None = None, stage: StagePlan | None = None) -> nn.Module:
     """Build ``cfg.model`` with its builder; under ZeRO-3, inside ``deepspeed.zero.Init`` when the builder
     says its models support it (``zero_init_safe = True``: the shipped :func:`pretrain.models.build_model`).
@@ -330,22 +347,13 @@ def encoder_state(model: nn.Module) -> dict[str, torch.Tensor]:
 
 
 def abs_sum(model: nn.Module, part: str | None = None) -> float:
-    """Sum of |x| over ``model``'s floating state under ``part`` (a submodule's name, e.g. ``target_encoder``),
-    or over the objective's own parts (everything outside ``encoder``) when None; gathered first when
-    partitioned (collective then). The stage-start fingerprints that show what was carried over."""
-    from contextlib import nullcontext
-
+    """Sum of |x| over ``model``'s floating state under ``part`` (a submodule's name, e.g. ``encoder`` or
+    ``target_encoder``), or over the objective's own parts (everything outside ``encoder``) when None; gathered
+    first when partitioned (collective then). The stage-start fingerprints that show what was carried over."""
     def mine(name: str) -> bool:
         return name.startswith(f"{part}.") if part is not None else not name.startswith("encoder.")
 
-    own = [p for n, p in model.named_parameters() if mine(n)]
-    if is_partitioned(model) and own:
-        import deepspeed
-
-        ctx = deepspeed.zero.GatheredParameters(own, modifier_rank=None)
-    else:
-        ctx = nullcontext()
-    with ctx:
+    with gathered([p for n, p in model.named_parameters() if mine(n)]):
         return float(sum(v.double().abs().sum() for k, v in model.state_dict().items()
                          if mine(k) and v.is_floating_point()))
 
@@ -402,13 +410,9 @@ def export_encoder(engine: Any, plan: Plan, out_dir: Path, rank: int, extra: dic
     model = engine.module
     kw = {"extra": extra} if extra and "extra" in inspect.signature(exporter).parameters else {}
     if objective is not None and isinstance(getattr(model, "encoder", None), nn.Module):
-        own = [p for n, p in model.named_parameters() if not n.startswith("encoder.")]
-        if cfg.parallel.zero_stage == 3 and own:
-            with deepspeed.zero.GatheredParameters(own, modifier_rank=None):
-                if rank == 0:
-                    export.save_objective(model, out_dir, objective)
-        elif rank == 0:
-            export.save_objective(model, out_dir, objective)
+        with gathered(objective_params(model)):
+            if rank == 0:
+                export.save_objective(model, out_dir, objective)
     if cfg.parallel.zero_stage == 3:
         # only the encoder is written: gather only its parameters (the decoder stays partitioned)
         part = model.encoder if isinstance(getattr(model, "encoder", None), nn.Module) else model
@@ -457,13 +461,7 @@ def load_objective_into(model: nn.Module, export_dir: Path, objective: str) -> b
     sd = found[1]
     shapes = {k: v for k, v in export.state_shapes(model).items() if not k.startswith("encoder.")}
     export.check_fits(sd, shapes, str(Path(export_dir) / export.OBJECTIVE_WEIGHTS), what=f"{objective} objective")
-    own = [p for n, p in model.named_parameters() if not n.startswith("encoder.")]
-    if is_partitioned(model):
-        import deepspeed
-
-        with deepspeed.zero.GatheredParameters(own, modifier_rank=0):
-            missing = model.load_state_dict(sd, strict=False).missing_keys
-    else:
+    with gathered(objective_params(model), modifier_rank=0):
         missing = model.load_state_dict(sd, strict=False).missing_keys
     left = [k for k in missing if not k.startswith("encoder.")]
     if left:  # check_fits saw every name: only a model whose state dict changed under us lands here

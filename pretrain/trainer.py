@@ -165,8 +165,7 @@ class Trainer:
             # 0.996 -> 1 it would move only ~12% of the way to a loaded encoder in a 60-step stage
             eng.update_target(model, 0.0)
         vocab = getattr(model, "vocab", None)
-        checksum = float(sum(v.double().abs().sum() for v in eng.encoder_state(model).values()
-                             if v.is_floating_point()))
+        checksum = eng.abs_sum(model, "encoder")
         objective_checksum = eng.abs_sum(model)
         target_checksum = eng.abs_sum(model, "target_encoder") if hasattr(model, "update_target") else None
         loader = build_loader(stage.data, self.rank, self.world_size, vocab=vocab,

@@ -111,19 +111,11 @@ def save_objective(model: nn.Module, out_dir: str | os.PathLike, objective: str)
 def read_objective(path: str | os.PathLike) -> tuple[str, dict[str, torch.Tensor]] | None:
     """``(objective, tensors)`` of the export's :data:`OBJECTIVE_WEIGHTS`, or None when it has none (an export
     of an older version, or of a custom exporter)."""
-    from safetensors import SafetensorError, safe_open
-    from safetensors.torch import load_file
-
     f = Path(path) / OBJECTIVE_WEIGHTS
     if not f.is_file():
         return None
-    try:
-        with safe_open(str(f), framework="pt") as h:
-            objective = (h.metadata() or {}).get("objective")
-        tensors = load_file(str(f))
-    except (SafetensorError, OSError) as e:
-        raise ExportError(f"{f}: not a readable safetensors file ({e}); the export is truncated or overwritten, "
-                          f"export it again") from None
+    meta, tensors = _read_safetensors(f)
+    objective = meta.get("objective")
     if not objective:
         raise ExportError(f"{f}: its metadata names no 'objective' ({_WRITER})")
     return objective, tensors
@@ -189,15 +181,19 @@ def read_vocab(path: str | os.PathLike) -> Vocabulary | None:
 
 def read_weights(path: str | os.PathLike, device: str | torch.device = "cpu") -> dict[str, torch.Tensor]:
     """The tensors of ``encoder.safetensors`` (only that file is needed: custom exporters may write no JSON)."""
-    from safetensors import SafetensorError
-    from safetensors.torch import load_file
-
     p = export_dir(path, need=(WEIGHTS,))
-    w = p / _names(p)[WEIGHTS]
+    return _read_safetensors(p / _names(p)[WEIGHTS], device)[1]
+
+
+def _read_safetensors(f: Path, device: str | torch.device = "cpu") -> tuple[dict[str, str], dict[str, torch.Tensor]]:
+    """(metadata, tensors) of one of an export's safetensors files; ExportError when it cannot be read."""
+    from safetensors import SafetensorError, safe_open
+
     try:
-        return load_file(str(w), device=str(device))
+        with safe_open(str(f), framework="pt", device=str(device)) as h:
+            return h.metadata() or {}, {k: h.get_tensor(k) for k in h.keys()}
     except (SafetensorError, OSError) as e:
-        raise ExportError(f"{w}: not a readable safetensors file ({e}); the export is truncated or overwritten, "
+        raise ExportError(f"{f}: not a readable safetensors file ({e}); the export is truncated or overwritten, "
                           f"export it again") from None
 
 
