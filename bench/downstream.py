@@ -8,9 +8,12 @@ debug model pretrained here briefly (MAE on random crops of a simulated corpus).
 simulated from the held-out materials (``materials="heldout"``: none of them is in a pretraining corpus).
 Spread: ``--seeds`` runs of the suite per encoder; run ``s`` trains every task with ``train.seed = s`` (split,
 head init, batches), and the random encoder of run ``s`` is a fresh init with seed ``s``. Each task reports
-the mean and standard error over the runs for both encoders and of their paired difference. With ``--json``
-the last line printed is one JSON object: ``{"pretrained": {task: mean}, "random": {task: mean},
-"spread": {task: {...}}, ...}``.
+the mean and standard error over the runs for both encoders and of their paired difference, and each task with
+encoder-free baselines against them (fusion: bilinear / bicubic / unsharp upsampling, PSNR and SAM; scene and
+segmentation tasks: ``raw_spectrum``, a logistic regression fitted to convergence on the raw mean / pixel spectra
+of the same training samples). With ``--json`` the last line printed is one JSON object: ``{"pretrained": {task:
+mean}, "random": {task: mean}, "spread": {task: {...}}, "baselines": {task: {"<row> <metric>": {mean, se}}},
+...}``.
 
 Measured (issue 11; ``--seeds 5`` at the suite's own steps, on the demo's last export, stage4_colocated_jepa of
 configs/pretrain/demo.yaml run by the README command at 863cf0e; paired difference pretrained - random +/- SE):
@@ -148,7 +151,8 @@ def main(argv: list[str] | None = None) -> int:
     if suite.simulate is not None:
         suite.simulate = {**suite.simulate, "materials": "heldout"}  # materials no pretraining corpus has
     runs: dict[str, list[dict[str, float]]] = {"pretrained": [], "random": []}
-    # fusion tasks against the fusion papers' baselines (bilinear, bicubic upsampling): PSNR and SAM per run
+    # tasks against their encoder-free baselines, per run: fusion against the fusion papers' (bilinear, bicubic
+    # upsampling; PSNR and SAM), classification and segmentation against a linear model of the raw spectra
     against: dict[str, dict[str, list[float]]] = {}
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
@@ -168,11 +172,11 @@ def main(argv: list[str] | None = None) -> int:
                                 progress=False)
                 runs[label].append(headline(rep))
                 for n, t in rep["tasks"].items():
-                    if t["kind"] == "fusion":
+                    if t["details"].get("baselines"):
                         # the baselines do not depend on the encoder: taken once per seed, from the pretrained run
                         rows = {label: t["metrics"], **(t["details"]["baselines"] if label == "pretrained" else {})}
                         for k, m in rows.items():
-                            for q in ("PSNR", "SAM"):
+                            for q in ("PSNR", "SAM") if t["kind"] == "fusion" else (t["headline"],):
                                 against.setdefault(n, {}).setdefault(f"{k} {q}", []).append(float(m[q]))
                 print(f"[{label} seed {seed}] {time.time() - t1:.0f} s", flush=True)
     metric = {n: t["headline"] for n, t in rep["tasks"].items()}
@@ -186,8 +190,10 @@ def main(argv: list[str] | None = None) -> int:
     baselines = {n: {k: {"mean": float(np.mean(v)), "se": float(np.std(v, ddof=1) / np.sqrt(len(v)))
                          if len(v) > 1 else float("nan")} for k, v in rows.items()} for n, rows in against.items()}
     for n, rows in baselines.items():
-        print(f"{n} against its baselines (PSNR dB, SAM deg; mean +/- SE over the runs): " + ", ".join(
-            f"{k} {v['mean']:.2f} +/- {v['se']:.2f}" for k, v in rows.items()))
+        fusion = any(k.endswith(" SAM") for k in rows)
+        print(f"{n} against its baselines ({'PSNR dB, SAM deg; ' if fusion else ''}mean +/- SE over the runs): "
+              + ", ".join(f"{k} {v['mean']:.{2 if fusion else 3}f} +/- {v['se']:.{2 if fusion else 3}f}"
+                          for k, v in rows.items()))
     if args.json:
         print(json.dumps({"pretrained": {n: sp["pretrained"] for n, sp in spread.items()}, "baselines": baselines,
                           "random": {n: sp["random"] for n, sp in spread.items()}, "spread": spread,

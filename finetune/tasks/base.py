@@ -154,6 +154,21 @@ class Task:
         return TaskResult(self.cfg.name, self.kind, metrics, details, arrays, dataset)
 
 
+def raw_linear(x_train: np.ndarray, y_train: np.ndarray, x_test: np.ndarray, balanced: bool = False) -> np.ndarray:
+    """Predictions of a multinomial logistic regression on the raw input (``[N, C]`` features: a tile's mean
+    spectrum, a pixel's spectrum), standardised on the training rows: the baseline any encoder must beat.
+    ``balanced`` weights classes by inverse frequency (as the fine-tuning heads' class weights do)."""
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.pipeline import make_pipeline
+    from sklearn.preprocessing import StandardScaler
+
+    if np.unique(y_train).size < 2:  # one class: nothing to fit, predict it
+        return np.full(len(x_test), y_train[0] if len(y_train) else 0, np.int64)
+    clf = make_pipeline(StandardScaler(), LogisticRegression(max_iter=1000, class_weight="balanced" if balanced else None))
+    clf.fit(np.asarray(x_train, np.float64), y_train)
+    return clf.predict(np.asarray(x_test, np.float64)).astype(np.int64)
+
+
 def task_class(kind: str) -> type[Task]:
     """The :class:`Task` subclass of ``kind``; a clear error naming the known kinds."""
     import finetune.tasks  # noqa: F401  (imports every kind's module, which registers it)

@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from finetune import metrics as M
 from finetune.datasets.base import ClassificationData, DatasetError, normalise
 from finetune.heads import SceneClassifier
-from finetune.tasks.base import Task, spectral_tensors
+from finetune.tasks.base import Task, raw_linear, spectral_tensors
 
 
 def stratified_split(labels: np.ndarray, train_fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
@@ -73,11 +73,25 @@ class ClassificationTask(Task):
             pred = torch.cat([model(self.x[te[i:i + 64]].to(self.device), *self.args).argmax(1).cpu()
                               for i in range(0, len(te), 64)]).numpy()
         m = M.classification_metrics(data.labels[te], pred, data.class_names)
-        return self.result({k: m[k] for k in ("OA", "Kappa", "macro_F1")},
+        keys = ("OA", "Kappa", "macro_F1")
+        raw = M.classification_metrics(data.labels[te], self.raw_baseline(), data.class_names)
+        return self.result({k: m[k] for k in keys},
                            {"per_class_F1": m["per_class_F1"], "confusion": m["confusion"], "loss": losses[-1:],
-                            "n_train": int(len(self.train_idx)), "n_test": int(len(te))},
+                            "n_train": int(len(self.train_idx)), "n_test": int(len(te)),
+                            "baselines": {"raw_spectrum": {k: raw[k] for k in keys}}},
                            {"confusion": np.asarray(m["confusion"]), "class_names": data.class_names,
                             "losses": losses}, data.name)
+
+    def raw_baseline(self) -> np.ndarray:
+        """Test predictions of a logistic regression on each sample's mean spectrum over its valid pixels (the raw
+        input, no encoder), trained on the same training samples."""
+        x, valid = self.x.numpy(), self.data.valid
+        if valid is not None and valid.shape[-2:] == x.shape[-2:]:
+            w = valid.reshape(len(x), 1, *x.shape[-2:]).astype(np.float64)
+            mean = (x * w).sum((2, 3)) / np.maximum(w.sum((2, 3)), 1)
+        else:  # resized to the encoder's grid (or no mask): the plain mean
+            mean = x.mean((2, 3))
+        return raw_linear(mean[self.train_idx], self.data.labels[self.train_idx], mean[self.test_idx])
 
     @classmethod
     def draw(cls, result):

@@ -29,7 +29,7 @@ from finetune.datasets.base import SegmentationData, normalise
 from finetune.heads import UperNet
 from finetune.heads.upernet import class_weights, predict_scene
 from finetune.tasks import pangaea as P
-from finetune.tasks.base import Task, spectral_tensors
+from finetune.tasks.base import Task, raw_linear, spectral_tensors
 from finetune.tasks.scene import Windows, split_scene
 from finetune.windows import check_tiling
 
@@ -79,10 +79,23 @@ class SegmentationTask(Task):
                              average="logits" if self.pangaea else "probabilities")
         pred = prob.argmax(0).numpy()
         m = M.segmentation_metrics(self.test_lab, pred, data.class_names, ignore_index=-1)
-        return self.result({k: m[k] for k in ("OA", "AA", "Kappa", "mIoU")},
-                           {"per_class_IoU": m["per_class_IoU"], "confusion": m["confusion"], "loss": losses[-1:]},
+        keys = ("OA", "AA", "Kappa", "mIoU")
+        raw = M.segmentation_metrics(self.test_lab, self.raw_baseline(), data.class_names, ignore_index=-1)
+        return self.result({k: m[k] for k in keys},
+                           {"per_class_IoU": m["per_class_IoU"], "confusion": m["confusion"], "loss": losses[-1:],
+                            "baselines": {"raw_spectrum": {k: raw[k] for k in keys}}},
                            {"pred": pred, "truth": data.labels, "train_mask": self.train_mask,
                             "class_names": data.class_names, "losses": losses}, data.name)
+
+    def raw_baseline(self) -> np.ndarray:
+        """``[H, W]`` predictions of a logistic regression on each pixel's own spectrum (the raw input, no encoder,
+        no spatial context), trained on the same labelled training pixels (class-balanced as the head's loss is
+        under ``protocol: finetune``)."""
+        c, h, w = self.img.shape
+        px = self.img.reshape(c, -1).T
+        lab = self.windows.labels[:h, :w].numpy().reshape(-1)  # the training labels (limited ones included)
+        train = lab >= 0
+        return raw_linear(px[train], lab[train], px, balanced=not self.pangaea).reshape(h, w)
 
     @classmethod
     def draw(cls, result):

@@ -73,9 +73,12 @@ def test_tasks_picks_tasks_and_fusion_reports_its_baselines(tmp_path, debug_expo
     path = tmp_path / "suite.yaml"
     path.write_text(yaml.safe_dump(suite))
     assert downstream.main(["--checkpoint", str(debug_export), "--suite", str(path), "--steps", "2", "--seeds", "2",
-                            "--tasks", "fusion", "--json"]) == 0
+                            "--tasks", "fusion,segmentation", "--json"]) == 0
     out = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
-    assert set(out["pretrained"]) == set(out["random"]) == {"fusion"}
+    assert set(out["pretrained"]) == set(out["random"]) == {"fusion", "segmentation"}
+    seg = out["baselines"]["segmentation"]  # both encoders and the raw-spectrum classifier, headline metric
+    assert set(seg) == {"pretrained mIoU", "random mIoU", "raw_spectrum mIoU"}
+    assert math.isclose(seg["random mIoU"]["mean"], out["random"]["segmentation"])
     rows = out["baselines"]["fusion"]  # PSNR and SAM of both encoders and of the upsampling baselines, per run
     assert {"pretrained PSNR", "random SAM", "bilinear PSNR", "bicubic SAM"} <= set(rows)
     assert math.isclose(rows["pretrained PSNR"]["mean"], out["pretrained"]["fusion"])

@@ -42,6 +42,22 @@ def test_classification_learns_held_out_samples(encoder):
     assert res.details["n_train"] + res.details["n_test"] == 24
 
 
+def test_raw_spectrum_baseline_classifies_the_mean_spectrum(encoder):
+    """The encoder-free baseline: a logistic regression on each sample's mean spectrum, scored on the same test
+    samples; perfect when the classes differ in mean spectrum, chance when only their layout differs."""
+    x, y = two_class_patches(n=24)
+    short = cfg("classification", steps=1, eval={"train_fraction": 0.5})
+    res = run_task(encoder, ClassificationData(x, y, ["a", "b"], spectral()), short)
+    assert res.details["baselines"]["raw_spectrum"]["OA"] == 1.0
+    g = np.random.default_rng(0)
+    y = np.arange(40) % 2
+    layout = g.normal(0, 0.3, (40, C, 8, 8)).astype(np.float32)
+    layout[y == 0, :, :4] += 1.5  # the same bright half-tile in every class: top half or bottom half
+    layout[y == 1, :, 4:] += 1.5
+    res = run_task(encoder, ClassificationData(layout, y, ["a", "b"], spectral()), short)
+    assert res.details["baselines"]["raw_spectrum"]["OA"] <= 0.75
+
+
 def test_stratified_split_keeps_every_class_on_both_sides():
     labels = np.array([0] * 10 + [1] * 3 + [2] * 2)
     tr, te = stratified_split(labels, 0.5, seed=0)

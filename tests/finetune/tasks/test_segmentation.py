@@ -25,6 +25,24 @@ def test_segmentation_learns_and_scores_the_held_out_half(encoder):
     assert res.arrays["train_mask"][:, :16].all() and not res.arrays["train_mask"][:, 16:].any()
 
 
+def test_raw_spectrum_baseline_is_a_per_pixel_classifier_of_the_training_half(encoder):
+    """The encoder-free baseline reads each pixel's own spectrum: perfect where the class is in the spectrum,
+    chance where it is only in the layout (the same spectra for both classes)."""
+    g = np.random.default_rng(1)
+    h, w = 16, 32
+    lab = np.zeros((h, w), np.int64)
+    lab[:, 4:12] = 1
+    lab[:, 20:28] = 1
+    img = g.normal(0, 0.2, (C, h, w)).astype(np.float32)
+    spectral_cls = img.copy()
+    spectral_cls[:3] += 2 * lab
+    short = cfg("segmentation", steps=1, head={"channels": 16}, eval={"window": 16, "stride": 8, "train_fraction": 0.5})
+    res = run_task(encoder, SegmentationData(spectral_cls, lab, ["bg", "fg"], spectral()), short)
+    assert res.details["baselines"]["raw_spectrum"]["mIoU"] == 1.0
+    layout_only = run_task(encoder, SegmentationData(img, lab, ["bg", "fg"], spectral()), short)
+    assert layout_only.details["baselines"]["raw_spectrum"]["OA"] < 0.7
+
+
 def test_sliding_window_covers_the_scene():
     class Uniform(torch.nn.Module):
         def forward(self, x, *a, **k):
