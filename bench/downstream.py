@@ -9,9 +9,9 @@ simulated from the held-out materials (``materials="heldout"``: none of them is 
 Spread: ``--seeds`` runs of the suite per encoder; run ``s`` trains every task with ``train.seed = s`` (split,
 head init, batches), and the random encoder of run ``s`` is a fresh init with seed ``s``. Each task reports
 the mean and standard error over the runs for both encoders and of their paired difference, and each task with
-encoder-free baselines against them (fusion: bilinear / bicubic / unsharp upsampling, PSNR and SAM; scene and
+encoder-free baselines against them (fusion: bilinear / bicubic / unsharp upsampling, PSNR and SAM; scene, change and
 segmentation tasks: ``raw_spectrum``, a logistic regression fitted to convergence on the raw mean / pixel spectra
-of the same training samples). With ``--json`` the last line printed is one JSON object: ``{"pretrained": {task:
+(change: both dates' and their difference) of the same training samples). With ``--json`` the last line printed is one JSON object: ``{"pretrained": {task:
 mean}, "random": {task: mean}, "spread": {task: {...}}, "baselines": {task: {"<row> <metric>": {mean, se}}},
 ...}``.
 

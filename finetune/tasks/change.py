@@ -29,7 +29,7 @@ from finetune.heads import SiameseChange, SiameseUperNet
 from finetune.heads.change import balanced_split, extract_patches
 from finetune.heads.upernet import predict_scene
 from finetune.tasks import pangaea as P
-from finetune.tasks.base import Task, spectral_tensors
+from finetune.tasks.base import Task, raw_linear, spectral_tensors
 from finetune.tasks.scene import Windows, split_scene
 
 CLASSES = ["unchanged", "changed"]
@@ -106,9 +106,12 @@ class ChangeTask(Task):
         m = M.change_metrics(self.flat[te], pred)
         pred_map = np.full(h * w, -1, np.int64)
         pred_map[te] = pred
-        return self.result({k: m[k] for k in ("OA", "Kappa", "F1", "precision", "recall")},
+        keys = ("OA", "Kappa", "F1", "precision", "recall")
+        px = self.raw_pixels()
+        raw = M.change_metrics(self.flat[te], raw_linear(px[self.train_idx], self.flat[self.train_idx], px[te]))
+        return self.result({k: m[k] for k in keys},
                            {"confusion": m["confusion"], "n_train": int(len(self.train_idx)), "n_test": int(len(te)),
-                            "loss": losses[-1:]},
+                            "loss": losses[-1:], "baselines": {"raw_spectrum": {k: raw[k] for k in keys}}},
                            {"pred": pred_map.reshape(h, w), "truth": data.change, "losses": losses}, data.name)
 
     def _evaluate_map(self, model, losses):
@@ -121,11 +124,25 @@ class ChangeTask(Task):
         test = self.test_lab >= 0
         m = M.change_metrics(self.test_lab[test], pred[test])
         seg = M.segmentation_metrics(self.test_lab, pred, CLASSES, ignore_index=-1)
-        return self.result({**{k: m[k] for k in ("OA", "Kappa", "F1", "precision", "recall")}, "mIoU": seg["mIoU"]},
+        keys = ("OA", "Kappa", "F1", "precision", "recall")
+        h, w = self.test_lab.shape
+        lab = self.windows.labels[:h, :w].numpy().reshape(-1)
+        raw_map = raw_linear(self.raw_pixels()[lab >= 0], lab[lab >= 0], self.raw_pixels()).reshape(h, w)
+        raw = M.change_metrics(self.test_lab[test], raw_map[test])
+        raw_seg = M.segmentation_metrics(self.test_lab, raw_map, CLASSES, ignore_index=-1)
+        return self.result({**{k: m[k] for k in keys}, "mIoU": seg["mIoU"]},
                            {"confusion": m["confusion"], "per_class_IoU": seg["per_class_IoU"],
                             "n_train": int((self.windows.labels >= 0).sum()), "n_test": int(test.sum()),
-                            "loss": losses[-1:]},
+                            "loss": losses[-1:],
+                            "baselines": {"raw_spectrum": {**{k: raw[k] for k in keys}, "mIoU": raw_seg["mIoU"]}}},
                            {"pred": np.where(test, pred, -1), "truth": data.change, "losses": losses}, data.name)
+
+    def raw_pixels(self) -> np.ndarray:
+        """``[H * W, 3 C]``: each pixel's two spectra and their absolute difference (both dates standardised alike),
+        the encoder-free baseline's features: a logistic regression on them, trained on the same pixels as the head."""
+        a, b = self.ta.numpy(), self.tb.numpy()
+        c = a.shape[0]
+        return np.concatenate([a.reshape(c, -1), b.reshape(c, -1), np.abs(b - a).reshape(c, -1)]).T
 
     @classmethod
     def draw(cls, result):

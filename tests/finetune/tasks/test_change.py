@@ -20,6 +20,13 @@ def test_change_learns_with_balanced_sampling(encoder):
     res = run_task(encoder, data, cfg("change", steps=30, eval={"n_per_class": 40, "test_max": 200}))
     assert res.details["n_train"] == 80 and res.details["n_test"] == 200
     assert res.metrics["F1"] >= 0.85, res.metrics
+    # the encoder-free baseline (a logistic regression on both spectra and their difference) sees the change too
+    assert res.details["baselines"]["raw_spectrum"]["F1"] >= 0.95
+    # and only what the pixels show: the same labels over dates that differ by noise alone give it nothing
+    t2 = t1 + g.normal(0, 0.05, t1.shape).astype(np.float32)
+    res = run_task(encoder, ChangeData(t1, t2, change, spectral()), cfg("change", steps=1, eval={"n_per_class": 40,
+                                                                                                  "test_max": 200}))
+    assert res.details["baselines"]["raw_spectrum"]["F1"] < 0.8
 
 
 def test_balanced_split_is_disjoint_and_balanced():
@@ -59,6 +66,7 @@ def test_pangaea_change_maps_the_scene_with_a_frozen_encoder(encoder):
     assert all(torch.equal(p, before[n]) for n, p in encoder.named_parameters())  # frozen though mode=finetune
     assert res.metrics["F1"] >= 0.8 and res.metrics["mIoU"] >= 0.7, res.metrics
     assert res.details["n_test"] == int((data.change[:, 32:] >= 0).sum())  # every labelled test pixel scored
+    assert res.details["baselines"]["raw_spectrum"]["mIoU"] >= 0.9  # the change is in the spectra: raw input sees it
     assert (res.arrays["pred"][:, :32] == -1).all()  # training columns are not scored
     head = task.build_head(encoder)
     assert isinstance(head, SiameseUperNet) and head.strategy == "concat" and not head.pixel_skip
