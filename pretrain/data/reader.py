@@ -455,7 +455,7 @@ class SampleReader:
         if bad:
             batch["_bad"] = bad
         if release is not None:
-            batch["_release"] = release
+            batch["_release"] = (release, os.getpid())  # the slot's flag, and whose slot (CopyOut's lending budget)
             # the small per-sample tensors go pickled inline as numpy arrays: as tensors, each took a fresh
             # shared-memory segment and a file-descriptor hand-over per batch; CopyOut makes tensors of them again
             for name in ("wavelengths", "fwhm", "sensor", "level", "gsd", "norm"):

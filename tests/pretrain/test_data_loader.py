@@ -1,5 +1,6 @@
 """pretrain.data end to end on real (tiny) Zarr stores: coverage, resume, normalisation, bad input."""
 
+import dataclasses
 import io
 import json
 import logging
@@ -397,3 +398,112 @@ def test_reused_batch_buffers_never_alias_a_batch_still_held(stores, kind, monke
     _, fresh, _ = run()
     for x, y in zip(copies, fresh, strict=True):
         _same(x, y)
+
+
+def _copy_out(loader):
+    from pretrain.data.loader import CopyOut
+
+    node = loader._loader.root
+    while not isinstance(node, CopyOut):
+        node = node.source
+    return node
+
+
+def test_process_worker_batches_are_lent_without_a_copy_and_their_slots_freed_only_when_dropped(stores):
+    """CopyOut lends a process worker's shared-memory slot to the consumer: the batch's tensors are the slot's own
+    memory, not a copy. A batch (or just a view of it) the consumer keeps is never written again while the other
+    slots cycle; once ``lend`` slots of the worker are lent, further batches are copied (never a wait, never an
+    overwrite); dropping the kept batches frees their slots, and batches are lent again."""
+    import gc
+
+    from pretrain.data.loader import SHARED_SLOTS_PER_WORKER, local_slots
+
+    lend = local_slots(0, 2)
+    cfg = _cfg(stores, sources=[SourceConfig(stores[0]["url"])], num_workers=1, prefetch=2)
+    n = 3 * (SHARED_SLOTS_PER_WORKER + lend)
+    ref = _take(build_loader(cfg), n)  # thread workers: no shared slots
+    process = dataclasses.replace(cfg, worker_type="process")
+
+    def taker(loader):
+        cp, it = _copy_out(loader), iter(loader)
+
+        def take(k):
+            b = next(it)
+            _same(b, ref[k])
+            held = list(cp._held)  # the slots' tensors as received from the worker
+            lent = b["pixels"].data_ptr() in {t.data_ptr() for _, t, _ in held}
+            assert lent == (b["valid"].data_ptr() in {v.data_ptr() for _, _, v in held})
+            return b, lent
+        return cp, take
+
+    # the pool cycles while a batch and a view of another are kept
+    loader = build_loader(process)
+    cp, take = taker(loader)
+    ptrs, lent = [], []
+    for k in range(n):
+        b, was_lent = take(k)
+        ptrs.append(b["pixels"].data_ptr())
+        lent.append(was_lent)
+        if k == 0:
+            kept = b
+        if k == 1:
+            view = b["pixels"][1:].numpy()  # a numpy view of the batch keeps its slot lent
+    del b
+    assert lent[0] and lent[1] and sum(lent) > n // 2  # handed out without a copy
+    assert ptrs[0] not in ptrs[1:] and ptrs[1] not in ptrs[2:]  # kept slots are not handed out again
+    assert len({p for p, was in zip(ptrs, lent, strict=True) if was}) < sum(lent)  # the other slots cycled
+    _same(kept, ref[0])  # never overwritten
+    assert np.array_equal(view, ref[1]["pixels"][1:].numpy())
+    loader.close()
+    del kept, view
+
+    # everything kept: batches are lent until `lend` slots of the worker are out, then copied
+    loader = build_loader(process)
+    cp, take = taker(loader)
+    held = [take(k) for k in range(lend + 4)]
+    assert [was for _, was in held] == [True] * lend + [False] * 4
+    assert cp.lent() == lend
+    for k, (b, _) in enumerate(held):
+        _same(b, ref[k])
+    del held, b
+    gc.collect()
+    assert cp.lent() < lend  # dropped: their slots are free (batches read ahead since may be lent already)
+    assert any(take(lend + 4 + k)[1] for k in range(6))  # and batches are lent again
+    loader.close()
+
+
+def test_copy_out_lends_a_slot_until_its_last_view_is_gone_and_copies_past_the_budget():
+    """CopyOut on its own (no workers, so every step is deterministic): a lent batch views its slot, and the
+    slot's busy flag is cleared only when the last tensor or view of both ``pixels`` and ``valid`` is gone; past
+    ``lend`` lent slots of one worker a batch is copied and its slot freed at once; budgets are per worker."""
+    import gc
+
+    from pretrain.data.loader import CopyOut
+
+    def slot(k):
+        return (torch.ones(1, dtype=torch.int8), torch.full((2, 3, 4, 4), float(k)), torch.rand(2, 4, 4) > 0.5)
+
+    slots = [slot(k) for k in range(5)]
+    workers = [7, 7, 7, 8, 7]
+    src = ({"pixels": px, "valid": va, "gsd": np.full(2, k, np.float32), "_release": (flag, w)}  # as received
+           for k, ((flag, px, va), w) in enumerate(zip(slots, workers, strict=True)))
+    cp = CopyOut(src, slots=2, lend=2)
+    b = [cp.next() for _ in range(4)]
+    flags = [int(f[0]) for f, _, _ in slots[:4]]
+    assert flags == [1, 1, 0, 1] and cp.lent() == 3  # worker 7: two lent, the third copied; worker 8: lent
+    for k, (_, px, va) in enumerate(slots[:4]):
+        assert (b[k]["pixels"].data_ptr() == px.data_ptr()) == (k != 2)  # lent: the slot itself, no copy
+        assert (b[k]["valid"].data_ptr() == va.data_ptr()) == (k != 2)
+        assert torch.equal(b[k]["pixels"], px) and torch.equal(b[k]["valid"], va)
+        assert isinstance(b[k]["gsd"], torch.Tensor) and "_release" not in b[k]
+    view = b[0]["pixels"][1].numpy()  # a view of a lent batch keeps its slot busy
+    valid1 = b[1]["valid"]
+    del b
+    gc.collect()
+    assert [int(f[0]) for f, _, _ in slots[:4]] == [1, 1, 0, 0] and cp.lent() == 2
+    del view
+    assert int(slots[0][0][0]) == 0 and cp.lent() == 1
+    del valid1
+    assert int(slots[1][0][0]) == 0 and cp.lent() == 0
+    b4 = cp.next()
+    assert b4["pixels"].data_ptr() == slots[4][1].data_ptr() and cp.lent() == 1  # lent again
