@@ -18,7 +18,8 @@ worker count (default 1, 2 and the number of CPUs):
   after a thread/2 loader was dropped), which slowed the ceiling and flattered the loader; and zarr's one decode
   thread per process (see ``pretrain.data.reader._make_zarr_executor``) had capped the thread ceilings too;
 - ``cpu_efficiency``: CPU seconds per sample of the ceiling / of the loader (this process and its worker processes;
-  robust to a loaded machine, where the wall-clock rates swing with what else runs);
+  robust to a loaded machine, where the wall-clock rates swing with what else runs); ``main_cpu_ms_per_sample``:
+  the training process's share alone (with process workers: receiving the batches, the pipeline's threads);
 - ``fraction_of_ceiling`` = loader / ceiling, measured back to back (loader, ceiling, loader, ceiling ...), the
   median over ``--repeats`` pairs; the spread is printed.
 - the same with ``normalise_on="workers"`` (CPU training: workers also normalise to float32) for thread workers.
@@ -174,15 +175,15 @@ def warmup_batches(cfg: DataConfig) -> int:
     return local_slots(cfg.num_workers, cfg.prefetch) + 1
 
 
-def run_loader(cfg: DataConfig, n_batches: int, warmup: int) -> tuple[float, float, list[dict]]:
+def run_loader(cfg: DataConfig, n_batches: int, warmup: int) -> tuple[float, float, list[dict], float]:
     """(samples/s and CPU s per sample over ``n_batches`` after ``warmup``, per-sample read descriptors of the
-    timed batches)."""
+    timed batches, CPU s per sample of this process alone: the training process's share, without the workers)."""
     loader = build_loader(cfg)
     it = loader.batches() if cfg.normalise_on == "device" else iter(loader)
     for _ in range(warmup):
         next(it)
     reads, ns = [], 0
-    c0, t0 = cpu_seconds(), time.perf_counter()
+    c0, m0, t0 = cpu_seconds(), time.process_time(), time.perf_counter()
     for _ in range(n_batches):
         b = next(it)
         px = b["raw"] if "raw" in b else b["pixels"]
@@ -191,9 +192,9 @@ def run_loader(cfg: DataConfig, n_batches: int, warmup: int) -> tuple[float, flo
         for j in range(px.shape[0]):
             reads.append({"index": m["index"][j], "y0": m["crop_y"][j], "x0": m["crop_x"][j], "w0": m["band_start"][j],
                           "wn": px.shape[1]})
-    dt, cpu = time.perf_counter() - t0, cpu_seconds() - c0
+    dt, cpu, main = time.perf_counter() - t0, cpu_seconds() - c0, time.process_time() - m0
     loader.close()  # its threads/processes would go on decoding ahead while the ceiling is timed
-    return ns / dt, cpu / ns, reads
+    return ns / dt, cpu / ns, reads, main / ns
 
 
 def amplification(reads: list[dict], good: np.ndarray, chunks: tuple[int, ...], crop: int) -> tuple[float, float]:
@@ -266,13 +267,13 @@ def main(argv: list[str] | None = None) -> int:
                         list(pools[w].map(_bare_chunk, [[] for _ in range(w)]))
                     modes = ["device"] + (["workers"] if kind == "thread" else [])
                     for mode in modes:
-                        fr, sp, cl, cf, cpl = [], [], [], [], []
+                        fr, sp, cl, cf, cpl, cpm = [], [], [], [], [], []
                         for _ in range(args.repeats):
                             cfg = DataConfig(sources=[SourceConfig(url)], batch_size=args.batch_size, crop=c,
                                              band_window=args.band_window, num_workers=w, worker_type=kind,
                                              sensor_dropout=0.1, prefetch=2, decoder=args.decoder,
                                              normalise_on=mode, seed=len(sp))
-                            sps, cpu_l, reads = run_loader(cfg, args.batches, warmup=warmup_batches(cfg))
+                            sps, cpu_l, reads, cpu_m = run_loader(cfg, args.batches, warmup=warmup_batches(cfg))
                             reads_all += reads
                             jobs = []
                             for r in reads:
@@ -283,6 +284,7 @@ def main(argv: list[str] | None = None) -> int:
                             fr.append(sps / ceil)
                             cf.append(cpu_c / cpu_l)
                             cpl.append(cpu_l)
+                            cpm.append(cpu_m)
                             sp.append(sps)
                             cl.append(ceil)
                         amp_seg, _ = amplification(reads, good, chunks, c)
@@ -295,13 +297,15 @@ def main(argv: list[str] | None = None) -> int:
                                         "fraction_of_ceiling": statistics.median(fr),
                                         "fraction_spread": [min(fr), max(fr)],
                                         "cpu_ms_per_sample": statistics.median(cpl) * 1e3,
+                                        "main_cpu_ms_per_sample": statistics.median(cpm) * 1e3,
                                         "cpu_efficiency": statistics.median(cf)}
                         r = results[key]
                         print(f"{key:34s} {r['samples_per_s']:7.1f} samples/s, decoded {dec_gb:.3f} GB/s, delivered "
                               f"{r['delivered_gb_per_s']:.3f} GB/s; ceiling {r['ceiling_samples_per_s']:7.1f} "
                               f"samples/s; fraction {r['fraction_of_ceiling']:.3f} "
                               f"(pairs {', '.join(f'{f:.3f}' for f in fr)}); CPU per sample: ceiling / loader "
-                              f"{r['cpu_efficiency']:.3f} (loader {r['cpu_ms_per_sample']:.1f} ms)", flush=True)
+                              f"{r['cpu_efficiency']:.3f} (loader {r['cpu_ms_per_sample']:.1f} ms, of which the training process "
+                              f"{r['main_cpu_ms_per_sample']:.2f} ms)", flush=True)
         finally:
             for p in pools.values():
                 p.shutdown()

@@ -17,9 +17,9 @@ copies, no stacking) and, with ``normalise_on="workers"``, normalises them there
 deliver the stored FP16 values and :class:`SpecLoader` normalises on the GPU. ``num_workers`` batches are in
 flight. No batch tensor is a fresh allocation (whose pages the kernel would fault in and zero every batch):
 thread workers decode into reused batch buffers, each written again only once nothing references it; process
-workers decode into a few reused shared-memory slots each, which :class:`CopyOut` copies out of (into reused
-buffers, or pinned memory on a GPU host) before the worker may write them again
-(:class:`pretrain.data.reader.BatchBuffers`). :meth:`SpecLoader.close` stops the threads and processes of a loader
+workers decode into a few reused shared-memory slots each, which :class:`CopyOut` lends to the consumer as they
+are (no copy; a slot is written again only once nothing references the consumer's tensors of it) or, on a GPU host
+with ``pin_memory``, copies into pinned memory (:class:`pretrain.data.reader.BatchBuffers`). :meth:`SpecLoader.close` stops the threads and processes of a loader
 that is no longer needed.
 
 Every node snapshots its source after each item, so the state of a mid-epoch loader is the exact
@@ -63,9 +63,11 @@ STATE_FORMAT = 2
 """Version of :meth:`SpecLoader.state_dict` (2: substitutes, per-store counts, Collate after Prefetcher)."""
 
 SHARED_SLOTS_PER_WORKER = 3
-"""Shared-memory batch slots each reader process reuses (:class:`pretrain.data.reader.BatchBuffers`): the
-mapper keeps ~2 batches per worker in flight, one more covers the copy; more only cost /dev/shm (26 MB a slot for
-8 x 100 x 128 x 128 FP16)."""
+"""Shared-memory batch slots each reader process reuses for the batches it decodes and sends
+(:class:`pretrain.data.reader.BatchBuffers`): the mapper keeps ~2 batches per worker in flight, one more covers the
+hand-over. A worker has ``local_slots(0, prefetch)`` more for the batches :class:`CopyOut` lends to the consumer
+(none when they are copied into pinned memory). Slots are made when first needed: more only cost /dev/shm
+(26 MB a slot for 8 x 100 x 128 x 128 FP16)."""
 
 
 def local_slots(num_workers: int, prefetch: int) -> int:
@@ -200,7 +202,7 @@ class CopyOut(BaseNode[dict]):
       the consumer must do) the slot's busy flag is cleared and the worker may write it again. At most ``lend``
       slots of one worker are lent at once; the worker has that many slots more than the
       :data:`SHARED_SLOTS_PER_WORKER` it decodes and sends in. Measured (process/1, 2-core box): the copy it
-      replaces cost ~5 ms of CPU per 26 MB batch (~0.6 ms of ~15 per sample) on the Prefetcher's thread.
+      replaces cost 4-6 ms of CPU per 26 MB batch (~0.6 ms of ~13 per sample) on the Prefetcher's thread.
     - *copied* (``pin``: into pinned memory, the copy a GPU host makes anyway; or when ``lend`` slots of its worker
       are already lent, e.g. batches the consumer keeps): into tensors of this process (reused buffers,
       :class:`pretrain.data.reader.BatchBuffers` ``shared=False``, unless pinned), and the flag is cleared at once.

@@ -14,7 +14,11 @@ Guarantees (measured by ``bench/loader.py``; figures in its docstring):
   Measured (2-core box, ``bench/loader.py`` ``cpu_efficiency``: CPU per sample of the bare decode of the same
   chunks / of the loader), median of 5 runs at load 1.4-6.5: 0.89-0.95 at 1 and 2 workers, threads and
   processes (0.83-0.90 before the reused buffers, median of 4; it was 12.5 ms against ~7 ms with threads and 16 ms
-  with processes before the band-table cache and the shared slots).
+  with processes before the band-table cache and the shared slots). Process workers' batches reach the consumer
+  without a copy (``pretrain.data.loader.CopyOut`` lends the slot): the training process's CPU per sample went
+  from 1.93 to 1.28 ms with a consumer that reads each batch (median of 8 interleaved runs of 48 batches,
+  process/1, load 4.0-4.9; 1.30 -> 0.65 ms when it does not, 6 runs at load 2.9-3.5), the workers' CPU and the samples/s did not
+  move beyond the noise (the worker, busy 99% of the time, sets the rate; the copy ran on another core).
 - A window's raw band indices are read as *segments* (:func:`window_segments`): maximal runs of adjacent band
   chunks holding at least one selected band. A chunk that holds only bad bands of the window is never decoded, and
   no chunk is decoded twice; a segment without bad bands inside decodes straight into its slot of the batch
@@ -206,10 +210,11 @@ class BatchBuffers:
       memory yet is copied into a fresh segment when the batch is pickled: for one such batch that fresh segment
       (create, fault and zero its pages, copy, unmap) cost ~30 ms of the worker's time on the 2-core box, ~3.5 ms
       per sample, a third of a sample's decode (``bench/loader.py`` process/1 was at 0.59-0.65 of the bare decode
-      rate). The batch carries the slot's busy flag (``_release``, a 1-element shared tensor): the training process
-      copies the tensors out (``pretrain.data.loader.CopyOut``) and clears the flag, and only then may the worker
-      write that slot again.
-    - ``shared=False`` (reader threads, and ``CopyOut``'s tensors in the training process): the slots are
+      rate). The batch carries the slot's busy flag (``_release``: a 1-element shared tensor, and the worker's
+      pid): the training process (``pretrain.data.loader.CopyOut``) lends the slot's tensors to the consumer and
+      clears the flag once nothing references them any more, or copies them out and clears it at once; only then
+      may the worker write that slot again.
+    - ``shared=False`` (reader threads, and ``CopyOut``'s copies in the training process): the slots are
       ordinary memory, owned by a numpy array each; a slot's tensors are ``torch.from_numpy`` views, so every
       tensor or view made from them keeps the owner referenced, and a slot is free again exactly when nothing
       but this pool references its owner (its reference count; no flag to clear, nothing the consumer must do).
