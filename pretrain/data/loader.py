@@ -178,7 +178,7 @@ class _Lease:
 
     __slots__ = ("flag", "worker", "lent", "lock", "alive")
 
-    def __init__(self, flag: torch.Tensor, worker: int, lent: dict[int, int], lock: threading.Lock):
+    def __init__(self, flag: torch.Tensor, worker: int, lent: dict[int, int], lock: threading.RLock):
         self.flag, self.worker, self.lent, self.lock, self.alive = flag, worker, lent, lock, 2
 
     def drop(self) -> None:
@@ -226,7 +226,9 @@ class CopyOut(BaseNode[dict]):
         # pages faulted in each time; pinned ones come from torch's caching host allocator
         self._out = BatchBuffers(slots, shared=False) if slots > 0 and not pin else None
         self._held: collections.deque = collections.deque(maxlen=max(hold, 1))
-        self._lock = threading.Lock()
+        # re-entrant: a lease may be dropped by the cyclic garbage collector, which an allocation on this very
+        # thread can start while it holds the lock
+        self._lock = threading.RLock()
         self._lent: dict[int, int] = {}  # worker pid -> its slots lent now (a new dict per reset)
 
     def reset(self, initial_state: dict | None = None) -> None:
@@ -241,11 +243,13 @@ class CopyOut(BaseNode[dict]):
             return sum(self._lent.values())
 
     def _lease(self, flag: torch.Tensor, worker: int) -> _Lease | None:
+        lease = _Lease(flag, worker, self._lent, self._lock)  # made first: no allocation between count and update
         with self._lock:
-            if self._lent.get(worker, 0) >= self.lend:
+            n = self._lent.get(worker, 0)
+            if n >= self.lend:
                 return None
-            self._lent[worker] = self._lent.get(worker, 0) + 1
-            return _Lease(flag, worker, self._lent, self._lock)
+            self._lent[worker] = n + 1
+        return lease
 
     def next(self) -> dict:
         batch = next(self.source)

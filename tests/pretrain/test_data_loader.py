@@ -507,3 +507,16 @@ def test_copy_out_lends_a_slot_until_its_last_view_is_gone_and_copies_past_the_b
     assert int(slots[1][0][0]) == 0 and cp.lent() == 0
     b4 = cp.next()
     assert b4["pixels"].data_ptr() == slots[4][1].data_ptr() and cp.lent() == 1  # lent again
+    cycle = {"batch": b4}
+    cycle["self"] = cycle  # freed only by the cyclic collector, which any allocation may start, lock held or not
+    del b4, cycle
+
+    def collect_holding_the_lock():
+        with cp._lock:
+            gc.collect()
+
+    t = threading.Thread(target=collect_holding_the_lock, daemon=True)
+    t.start()
+    t.join(30)
+    assert not t.is_alive()  # no deadlock
+    assert int(slots[4][0][0]) == 0 and cp.lent() == 0
