@@ -131,10 +131,15 @@ def main(argv: list[str] | None = None) -> int:
                          "gives it; the PANGAEA tasks keep their epochs). At 40 the fusion head (150 in the suite) "
                          "stays below bicubic upsampling on SAM")
     ap.add_argument("--seeds", type=int, default=3, help="runs per encoder (task seed, random-init seed)")
+    ap.add_argument("--first-seed", type=int, default=0,
+                    help="seed of the first run (runs are seeds first-seed .. first-seed + seeds - 1; a run depends on "
+                         "its seed alone, so runs split over invocations pool into one sample)")
     ap.add_argument("--threads", type=int, default=1, help="torch intra-op threads")
     ap.add_argument("--tasks", default=None, help="comma-separated task names of the suite to run (default: all)")
     ap.add_argument("--json", action="store_true", help="print one JSON object as the last line")
     args = ap.parse_args(argv)
+    if args.seeds < 1 or args.first_seed < 0:
+        ap.error(f"--seeds must be >= 1 and --first-seed >= 0; got {args.seeds} and {args.first_seed}")
     torch.set_num_threads(args.threads)
     suite = load_suite(args.suite)
     if args.tasks:
@@ -163,7 +168,7 @@ def main(argv: list[str] | None = None) -> int:
             ckpt = pretrain_briefly(tmp / "export", manifest)
             source = "pretrained here (debug MAE, 150 steps)"
         enc = load_encoder(ckpt)
-        for seed in range(args.seeds):
+        for seed in range(args.first_seed, args.first_seed + args.seeds):
             for t in suite.tasks:
                 t.train.seed = seed
             for label, e in (("pretrained", enc), ("random", random_twin(enc, seed=seed))):
@@ -182,7 +187,7 @@ def main(argv: list[str] | None = None) -> int:
     metric = {n: t["headline"] for n, t in rep["tasks"].items()}
     spread = {n: spread_of([r[n] for r in runs["pretrained"]], [r[n] for r in runs["random"]]) for n in metric}
     steps = f"{args.steps} steps per task" if args.steps is not None else "the suite's steps per task"
-    print(f"encoder: {ckpt} ({source}); {steps}; {args.seeds} seeds; held-out materials")
+    print(f"encoder: {ckpt} ({source}); {steps}; {args.seeds} seeds from {args.first_seed}; held-out materials")
     print(f"{'task':22s} {'metric':6s} {'pretrained':>17s} {'random':>17s} {'difference':>17s}")
     for n, sp in spread.items():
         print(f"{n:22s} {metric[n]:6s} {sp['pretrained']:9.4f} +/- {sp['pretrained_se']:.4f} "
@@ -198,7 +203,7 @@ def main(argv: list[str] | None = None) -> int:
         print(json.dumps({"pretrained": {n: sp["pretrained"] for n, sp in spread.items()}, "baselines": baselines,
                           "random": {n: sp["random"] for n, sp in spread.items()}, "spread": spread,
                           "runs": runs, "metric": metric, "checkpoint": str(ckpt), "source": source,
-                          "steps": args.steps, "seeds": args.seeds, "seconds": round(time.time() - t0, 1)}))
+                          "steps": args.steps, "seeds": args.seeds, "first_seed": args.first_seed, "seconds": round(time.time() - t0, 1)}))
     return 0
 
 

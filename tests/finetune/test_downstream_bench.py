@@ -65,6 +65,14 @@ def test_seeds_run_both_encoders_per_seed_on_held_out_materials(tmp_path, debug_
     sp = out["spread"]["scene_linear_probe"]
     assert math.isclose(sp["difference"], np.mean(np.subtract(pre, rnd)))
     assert math.isclose(out["pretrained"]["scene_linear_probe"], np.mean(pre))
+    # runs split over invocations pool: --first-seed 1 --seeds 1 is the second run above, both encoders
+    assert downstream.main(["--checkpoint", str(debug_export), "--suite", str(path), "--steps", "2", "--seeds", "1",
+                            "--first-seed", "1", "--json"]) == 0
+    second = json.loads(capsys.readouterr().out.strip().splitlines()[-1])["runs"]
+    assert second["pretrained"] == out["runs"]["pretrained"][1:] and second["random"] == out["runs"]["random"][1:]
+    with pytest.raises(SystemExit) as e:
+        downstream.main(["--checkpoint", str(debug_export), "--suite", str(path), "--first-seed", "-1"])
+    assert e.value.code == 2
 
 
 def test_tasks_picks_tasks_and_fusion_reports_its_baselines(tmp_path, debug_export, capsys):
