@@ -15,16 +15,17 @@ segmentation tasks: ``raw_spectrum``, a logistic regression fitted to convergenc
 mean}, "random": {task: mean}, "spread": {task: {...}}, "baselines": {task: {"<row> <metric>": {mean, se}}},
 ...}``.
 
-Measured (issue 11; ``--seeds 5`` at the suite's own steps, on the demo's last export, stage4_colocated_jepa of
-configs/pretrain/demo.yaml run by the README command at 863cf0e; paired difference pretrained - random +/- SE):
-scene_linear_probe OA +0.047 +/- 0.019, scene_finetune OA +0.015 +/- 0.025, segmentation mIoU +0.008 +/- 0.017,
-segmentation_pangaea mIoU +0.142 +/- 0.018, change F1 +0.091 +/- 0.013, change_pangaea F1 +0.155 +/- 0.036, fusion
-PSNR +0.12 +/- 0.17 dB, cross_sensor OA +0.26 +/- 0.07: ahead by >= 4 SE on the frozen-feature map tasks, both
-change tasks and cross-sensor transfer, 2.5 SE on the scene probe; inside the noise on scene fine-tuning,
-fine-tuned segmentation and fusion. The fusion head is ahead of its baselines as in the fusion papers (PSNR 30.64
-+/- 0.16 dB vs bicubic 26.98, SAM 1.29 +/- 0.01 deg vs 1.70). The quality_cpu.yaml export (bench/quality.py's)
-is ahead on scene fine-tuning too (+0.055 +/- 0.015, 10 seeds; fusion +0.27 +/- 0.13 dB), not on segmentation.
-914 s on a loaded 2-core box.
+Measured (issue 11, the README command's export stage4_colocated_jepa, 5 seeds, paired difference pretrained -
+random +/- SE; loaded 2-core box, 28.5 min at the suite's earlier 60 steps for the fine-tuned tasks):
+scene_linear_probe OA +0.045 +/- 0.019, segmentation_pangaea mIoU +0.153 +/- 0.020, change F1 +0.093 +/- 0.013,
+change_pangaea F1 +0.155 +/- 0.030, cross_sensor OA +0.28 +/- 0.06 (ahead); fusion PSNR +0.03 +/- 0.14 dB (level;
+also at 400 steps, 3 seeds: -0.02 +/- 0.19). At the suite's present steps for the fine-tuned tasks (300, 200):
+scene_finetune OA +0.017 +/- 0.002 (8 SE, every seed ahead), segmentation mIoU +0.049 +/- 0.015 (3.2 SE); at 60
+steps both were inside their noise (+0.020 +/- 0.023, +0.011 +/- 0.023). The raw-spectrum baseline beats both
+encoders on every task that has one except PANGAEA segmentation (level): scene OA 0.83 (pretrained probe 0.60),
+segmentation mIoU 0.47, change F1 0.98, PANGAEA change F1 0.94; the simulated materials are spectrally distinct.
+The fusion head is ahead of its baselines as in the fusion papers (PSNR 30.54 +/- 0.09 dB vs bicubic 26.98, SAM
+1.30 +/- 0.01 deg vs 1.70).
 """
 
 from __future__ import annotations
