@@ -108,7 +108,8 @@ class ChangeTask(Task):
         pred_map[te] = pred
         keys = ("OA", "Kappa", "F1", "precision", "recall")
         px = self.raw_pixels()
-        raw = M.change_metrics(self.flat[te], raw_linear(px[self.train_idx], self.flat[self.train_idx], px[te]))
+        raw = M.change_metrics(self.flat[te], raw_linear(px[self.train_idx], self.flat[self.train_idx], px[te],
+                                                               seed=self.cfg.train.seed))
         return self.result({k: m[k] for k in keys},
                            {"confusion": m["confusion"], "n_train": int(len(self.train_idx)), "n_test": int(len(te)),
                             "loss": losses[-1:], "baselines": {"raw_spectrum": {k: raw[k] for k in keys}}},
@@ -127,7 +128,8 @@ class ChangeTask(Task):
         keys = ("OA", "Kappa", "F1", "precision", "recall")
         h, w = self.test_lab.shape
         lab = self.windows.labels[:h, :w].numpy().reshape(-1)
-        raw_map = raw_linear(self.raw_pixels()[lab >= 0], lab[lab >= 0], self.raw_pixels()).reshape(h, w)
+        px = self.raw_pixels()
+        raw_map = raw_linear(px[lab >= 0], lab[lab >= 0], px, seed=self.cfg.train.seed).reshape(h, w)
         raw = M.change_metrics(self.test_lab[test], raw_map[test])
         raw_seg = M.segmentation_metrics(self.test_lab, raw_map, CLASSES, ignore_index=-1)
         return self.result({**{k: m[k] for k in keys}, "mIoU": seg["mIoU"]},

@@ -95,7 +95,7 @@ class SegmentationTask(Task):
         px = self.img.reshape(c, -1).T
         lab = self.windows.labels[:h, :w].numpy().reshape(-1)  # the training labels (limited ones included)
         train = lab >= 0
-        return raw_linear(px[train], lab[train], px, balanced=not self.pangaea).reshape(h, w)
+        return raw_linear(px[train], lab[train], px, balanced=not self.pangaea, seed=self.cfg.train.seed).reshape(h, w)
 
     @classmethod
     def draw(cls, result):
