@@ -158,7 +158,7 @@ def main(argv: list[str] | None = None) -> int:
         suite.simulate = {**suite.simulate, "materials": "heldout"}  # materials no pretraining corpus has
     runs: dict[str, list[dict[str, float]]] = {"pretrained": [], "random": []}
     # tasks against their encoder-free baselines, per run: fusion against the fusion papers' (bilinear, bicubic
-    # upsampling; PSNR and SAM), classification and segmentation against a linear model of the raw spectra
+    # upsampling; PSNR and SAM), classification, segmentation and change against a linear model of the raw spectra
     against: dict[str, dict[str, list[float]]] = {}
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)

@@ -154,28 +154,31 @@ class Task:
         return TaskResult(self.cfg.name, self.kind, metrics, details, arrays, dataset)
 
 
-def raw_linear(x_train: np.ndarray, y_train: np.ndarray, x_test: np.ndarray, balanced: bool = False,
-               max_train: int = 20000, seed: int = 0) -> np.ndarray:
-    """Predictions of a multinomial logistic regression on the raw input (``[N, C]`` features: a tile's mean
-    spectrum, a pixel's spectrum), standardised on the training rows: the baseline any encoder must beat.
-    ``balanced`` weights classes by inverse frequency (as the fine-tuning heads' class weights do). At most
-    ``max_train`` training rows are fitted (a seeded random draw: a whole-scene map has millions of labelled
-    pixels, and a linear model of a few dozen features is settled long before); the test rows are predicted in
-    blocks, so a large scene costs no float64 copy of itself."""
+def raw_linear(x: np.ndarray, y: np.ndarray, train: np.ndarray, test: np.ndarray | None = None,
+               balanced: bool = False, max_train: int = 20000, seed: int = 0) -> np.ndarray:
+    """Predictions for the rows ``test`` (default: every row) of ``x`` (``[N, C]`` raw-input features: a tile's
+    mean spectrum, a pixel's spectrum) by a multinomial logistic regression fitted on the rows ``train`` (labels
+    ``y[train]``), standardised on them: the baseline any encoder must beat. ``balanced`` weights classes by
+    inverse frequency (as the fine-tuning heads' class weights do). At most ``max_train`` training rows are fitted,
+    a seeded random draw made before any row is copied (a whole-scene map has millions of labelled pixels, and a
+    linear model of a few dozen features is settled long before); the test rows are predicted in blocks of ~16 M
+    values, so a large scene costs no float64 copy of itself."""
     from sklearn.linear_model import LogisticRegression
     from sklearn.pipeline import make_pipeline
     from sklearn.preprocessing import StandardScaler
 
-    if len(x_train) > max_train:
-        keep = np.sort(np.random.default_rng(seed).choice(len(x_train), max_train, replace=False))
-        x_train, y_train = x_train[keep], y_train[keep]
+    train = np.asarray(train)
+    if len(train) > max_train:
+        train = np.sort(np.random.default_rng(seed).choice(train, max_train, replace=False))
+    rows = np.arange(len(x)) if test is None else np.asarray(test)
+    y_train = y[train]
     if np.unique(y_train).size < 2:  # one class: nothing to fit, predict it
-        return np.full(len(x_test), y_train[0] if len(y_train) else 0, np.int64)
+        return np.full(len(rows), y_train[0] if len(y_train) else 0, np.int64)
     clf = make_pipeline(StandardScaler(), LogisticRegression(max_iter=1000, class_weight="balanced" if balanced else None))
-    clf.fit(np.asarray(x_train, np.float64), y_train)
-    block = 1 << 18
-    return np.concatenate([clf.predict(np.asarray(x_test[i:i + block], np.float64)).astype(np.int64)
-                           for i in range(0, len(x_test), block)] or [np.zeros(0, np.int64)])
+    clf.fit(np.asarray(x[train], np.float64), y_train)
+    block = max(1, (1 << 24) // max(1, x.shape[1]))
+    return np.concatenate([clf.predict(np.asarray(x[rows[i:i + block]], np.float64)).astype(np.int64)
+                           for i in range(0, len(rows), block)] or [np.zeros(0, np.int64)])
 
 
 def task_class(kind: str) -> type[Task]:

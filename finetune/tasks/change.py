@@ -107,8 +107,7 @@ class ChangeTask(Task):
         pred_map = np.full(h * w, -1, np.int64)
         pred_map[te] = pred
         keys = ("OA", "Kappa", "F1", "precision", "recall")
-        px = self.raw_pixels()
-        raw = M.change_metrics(self.flat[te], raw_linear(px[self.train_idx], self.flat[self.train_idx], px[te],
+        raw = M.change_metrics(self.flat[te], raw_linear(self.raw_pixels(), self.flat, self.train_idx, te,
                                                                seed=self.cfg.train.seed))
         return self.result({k: m[k] for k in keys},
                            {"confusion": m["confusion"], "n_train": int(len(self.train_idx)), "n_test": int(len(te)),
@@ -128,8 +127,7 @@ class ChangeTask(Task):
         keys = ("OA", "Kappa", "F1", "precision", "recall")
         h, w = self.test_lab.shape
         lab = self.windows.labels[:h, :w].numpy().reshape(-1)
-        px = self.raw_pixels()
-        raw_map = raw_linear(px[lab >= 0], lab[lab >= 0], px, seed=self.cfg.train.seed).reshape(h, w)
+        raw_map = raw_linear(self.raw_pixels(), lab, np.flatnonzero(lab >= 0), seed=self.cfg.train.seed).reshape(h, w)
         raw = M.change_metrics(self.test_lab[test], raw_map[test])
         raw_seg = M.segmentation_metrics(self.test_lab, raw_map, CLASSES, ignore_index=-1)
         return self.result({**{k: m[k] for k in keys}, "mIoU": seg["mIoU"]},

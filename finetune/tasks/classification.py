@@ -91,8 +91,7 @@ class ClassificationTask(Task):
             mean = (x * w).sum((2, 3)) / np.maximum(w.sum((2, 3)), 1)
         else:  # resized to the encoder's grid (or no mask): the plain mean
             mean = x.mean((2, 3))
-        return raw_linear(mean[self.train_idx], self.data.labels[self.train_idx], mean[self.test_idx],
-                          seed=self.cfg.train.seed)
+        return raw_linear(mean, self.data.labels, self.train_idx, self.test_idx, seed=self.cfg.train.seed)
 
     @classmethod
     def draw(cls, result):

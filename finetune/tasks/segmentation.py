@@ -94,8 +94,8 @@ class SegmentationTask(Task):
         c, h, w = self.img.shape
         px = self.img.reshape(c, -1).T
         lab = self.windows.labels[:h, :w].numpy().reshape(-1)  # the training labels (limited ones included)
-        train = lab >= 0
-        return raw_linear(px[train], lab[train], px, balanced=not self.pangaea, seed=self.cfg.train.seed).reshape(h, w)
+        return raw_linear(px, lab, np.flatnonzero(lab >= 0), balanced=not self.pangaea,
+                          seed=self.cfg.train.seed).reshape(h, w)
 
     @classmethod
     def draw(cls, result):
