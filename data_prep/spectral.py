@@ -138,19 +138,31 @@ def normalise_into(out: torch.Tensor, px: np.ndarray, valid: np.ndarray, lo: np.
 
     Clip each band to [lo, hi] (the p01/p99), then (x - mean) / std; 0 where not valid or NaN.
     The FP16 -> FP32 conversion is torch's (vectorised); the rest are in-place numpy ops on the same memory.
+    Done in blocks of bands of ~1 MB (:data:`NORMALISE_BLOCK`), each converted, clipped, standardised and
+    zeroed while it is in cache: over the whole crop at once each of the ~6 passes went through memory
+    (100 x 128 x 128: 5.1 -> ~2.0 ms on the 2-core box). The same operations on every element: the same values.
     """
     import torch  # a dict lookup once loaded; keeps torch out of data_prep's import
 
-    out.copy_(torch.from_numpy(np.ascontiguousarray(px)))
-    x = out.numpy()
-    b = (slice(None), None, None)
-    np.clip(x, lo[b], hi[b], out=x)
-    x -= mean[b]
-    x *= inv_std[b]
-    if np.isnan(x.sum()):  # one fast reduction (values are clipped: no overflow); rewrite only if a NaN is there
-        np.nan_to_num(x, copy=False, nan=0.0)
-    if not valid.all():
-        x[:, ~valid] = 0.0
+    src = torch.from_numpy(np.ascontiguousarray(px))
+    xs = out.numpy()
+    drop = None if valid.all() else ~valid
+    step = max(1, NORMALISE_BLOCK // max(1, xs[0].size)) if xs.shape[0] else 1
+    for s in range(0, xs.shape[0], step):
+        b = (slice(s, s + step), None, None)
+        out[s:s + step].copy_(src[s:s + step])
+        x = xs[s:s + step]
+        np.clip(x, lo[b], hi[b], out=x)
+        x -= mean[b]
+        x *= inv_std[b]
+        if x.size and np.isnan(x.max()):  # max propagates NaN (2.6x faster than a sum); rewrite only if one is there
+            np.nan_to_num(x, copy=False, nan=0.0)
+        if drop is not None:
+            x[:, drop] = 0.0
+
+
+NORMALISE_BLOCK = 1 << 18
+"""Elements (float32: 1 MB) :func:`normalise_into` works on at once (whole bands; at least one)."""
 
 
 def normalise(px: np.ndarray, valid: np.ndarray | None = None,

@@ -246,3 +246,66 @@ def test_one_lost_inner_chunk_is_found_by_the_per_chunk_probe(tmp_path):
     for t in (task(3, 16, 12, 2), task(2, 4, 12, 2), task(3, 4, 12, 16)):  # other rows / patch / bands
         ok = reader([t])
         assert "_fatal" not in ok and not ok.get("_bad") and not torch.isnan(ok["raw"]).any()
+
+
+def _task(key, i, y0, x0, w0, wn=20, step=0):
+    return {"key": key, "index": i, "epoch": 0, "step": step, "j": 0, "y0": y0, "x0": x0, "w0": w0, "wn": wn,
+            "ws": 1, "drop": False}
+
+
+@pytest.mark.parametrize("mode", ["device", "workers"])
+def test_a_sample_is_decoded_in_one_round_trip_to_zarrs_loop(store, monkeypatch, mode):
+    """The band segments and the valid mask of one sample are awaited in one coroutine (one ``sync``; they were one
+    ``get_basic_selection`` each, 3 here): the same batch as read by zarr's own calls, gathered band included."""
+    from data_prep.store import PatchStore
+    from pretrain.data import reader as rd
+
+    key = "0:emit_L2"
+    r = rd.SampleReader({key: rd.tables_from_store(PatchStore(store["url"]))}, 16, substitutes=None,
+                        normalise_on=mode)
+    # window at 8: raw bands 8..15 (in place) and 32..47 without 36 (decoded, then gathered); crops off the grid
+    tasks = [_task(key, i, y0, x0, 8) for i, y0, x0 in ((1, 0, 0), (5, 8, 16), (11, 16, 4))]
+    r.store(key)  # opened first (opening goes through zarr's loop too)
+    calls = []
+    real = rd.zarr_sync
+    monkeypatch.setattr(rd, "zarr_sync", lambda coro: calls.append(1) or real(coro))
+    got = r(tasks)
+    assert len(calls) == len(tasks) and "_bad" not in got
+    monkeypatch.setattr(rd, "ONE_ROUND_TRIP", False)  # zarr's calls, one per read
+    ref = r(tasks)
+    assert len(calls) == len(tasks)  # nothing more went through the one-trip path
+    px = "raw" if mode == "device" else "pixels"
+    assert torch.equal(got[px], ref[px]) and torch.equal(got["valid"], ref["valid"])
+    sel = np.flatnonzero(GOOD)[8:28]
+    for j, (i, y0, x0) in enumerate((t["index"], t["y0"], t["x0"]) for t in tasks):
+        np.testing.assert_array_equal(got["valid"][j].numpy(), store["valid"][i, y0:y0 + 16, x0:x0 + 16])
+        if mode == "device":
+            np.testing.assert_array_equal(got["raw"][j].numpy(), store["pixels"][i][sel][:, y0:y0 + 16, x0:x0 + 16])
+
+
+def test_a_lost_valid_chunk_is_found_and_its_fill_never_reaches_the_batch(tmp_path):
+    """valid is decoded straight into the batch's bool tensor: a patch whose valid shard is lost (it reads 255,
+    the fill value) is a failed read (MissingDataError) and is replaced; the batch's valid holds only 0/1, that of
+    the substitute."""
+    from pathlib import Path
+
+    from data_prep.store import PatchStore
+    from pretrain.data.reader import SampleReader, tables_from_store
+    from pretrain.data.sampling import StoreInfo, Substitutes
+
+    info = make_store(str(tmp_path / "emit_L2.zarr"), n=6, bands=48, good=GOOD)
+    Path(info["url"], "valid", "c", "2", "0", "0").unlink()
+    key = "0:emit_L2"
+    st = PatchStore(info["url"])
+    tab = tables_from_store(st)
+    subs = Substitutes({key: StoreInfo(key=key, url=info["url"], tag=0, n_patches=6, patch_size=32,
+                                       good_idx=tab.good_idx, spatial_chunk=8)},
+                       {key: np.array([4])}, seed=0, crop=16, crop_align=8, sensor_dropout=0.0)
+    reader = SampleReader({key: tab}, 16, substitutes=subs, normalise_on="device", max_batch_bad=0.5)
+    got = reader([_task(key, 1, 0, 0, 0), _task(key, 2, 8, 8, 0), _task(key, 3, 0, 8, 0)])
+    assert "_fatal" not in got and len(got["_bad"]) == 1
+    assert got["_bad"][0]["index"] == 2 and "'valid' reads 255" in got["_bad"][0]["error"]
+    assert got["meta"]["index"] == [1, 4, 3] and got["_bad"][0]["replaced_by"] == 4
+    assert set(got["valid"].numpy().view(np.uint8).ravel().tolist()) <= {0, 1}
+    y0, x0 = got["meta"]["crop_y"][1], got["meta"]["crop_x"][1]
+    np.testing.assert_array_equal(got["valid"][1].numpy(), info["valid"][4, y0:y0 + 16, x0:x0 + 16])

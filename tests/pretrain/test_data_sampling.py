@@ -148,3 +148,18 @@ def test_substitutes_seeded_from_the_store_pool_avoiding_the_batch(stores):
     # the exact fallback when nearly the whole pool is to be avoided
     last = int(pool[7])
     assert substitute_index(0, 1, 0, 0, 0, 0, pool, set(pool.tolist()) - {last}) == last
+
+
+def test_seeded_draws_are_those_of_the_list_entropy():
+    """_rng passes its key to SeedSequence as a uint32 array where every int fits one word (faster): the streams
+    must be exactly those of the list of ints it passed before (every crop, window and dropout of a resumed or
+    re-run plan depends on them), at the word boundaries and beyond them (large seeds take the list)."""
+    from pretrain.data.sampling import _rng
+
+    for key in [(0,), (0, 14, 0, 0, 0), (7, 13, 2**32 - 1, 3, 12345), (2**32, 14, 1, 0, 5), (2**40 + 3, 0, 9)]:
+        want = np.random.default_rng(np.random.SeedSequence([int(k) for k in key]))
+        got = _rng(*key)
+        np.testing.assert_array_equal(got.integers(1 << 30, size=8), want.integers(1 << 30, size=8))
+        assert got.random() == want.random()
+    assert crop_for(3, 2**32 - 1, 2, 17, 64, 16, 8) == tuple(
+        int(v) * 8 for v in np.random.default_rng(np.random.SeedSequence([3, 14, 2**32 - 1, 2, 17])).integers(7, size=2))
