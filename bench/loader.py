@@ -10,7 +10,10 @@ worker count (default 1, 2 and the number of CPUs):
 - the ceiling: the very same reads (same patches, windows, crops, the same band segments, so the same chunks, the
   same decoder, each segment decoded straight into new memory as the loader does) done by bare zarr calls in as
   many threads (or processes) as the loader has workers, no batching, no missing-chunk check, and for processes
-  no hand-over of the pixels to this process (the loader does all three on top);
+  no hand-over of the pixels to this process (the loader does all three on top). The bare reads make zarr's own
+  call per read (``get_basic_selection``: a round trip to zarr's event-loop thread each); the loader awaits a
+  sample's reads in one round trip (``pretrain.data.reader.decode_into``), ~1 ms of CPU per sample less, so its
+  CPU per sample can be below the ceiling's (``cpu_efficiency`` > 1);
 - steady state: each loader is timed after :func:`warmup_batches` batches (its start and the growth of its reused
   batch buffers are left out, as in a training run that reads thousands of batches);
 - fairness: each loader is closed (``SpecLoader.close``) before its ceiling is timed. Before, a dropped loader's
