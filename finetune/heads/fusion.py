@@ -33,15 +33,19 @@ BASES = ("bicubic", "bilinear")
 
 
 class FusionDecoder(nn.Module):
-    def __init__(self, encoder: nn.Module, features: int = 32, hidden: int = 64, window: int = 3,
+    def __init__(self, encoder: nn.Module | None, features: int = 32, hidden: int = 64, window: int = 3,
                  use_encoder: bool = True) -> None:
         super().__init__()
         if window % 2 == 0 or window < 1:
             raise ConfigError(f"head.window of the fusion decoder must be odd and >= 1, got {window}")
-        self.encoder, self.window, self.use_encoder = encoder, window, use_encoder
-        d, p = encoder.embed_dim, encoder.patch_size
+        if use_encoder and encoder is None:
+            raise ConfigError("the fusion decoder needs an encoder unless head.use_encoder is false")
+        # without the encoder branch the decoder holds no encoder (the task's no-encoder baseline)
+        self.encoder = encoder if use_encoder else None
+        self.window, self.use_encoder = window, use_encoder
         n_in = 3
         if use_encoder:
+            d, p = encoder.embed_dim, encoder.patch_size
             self.fuse = nn.Sequential(nn.Linear(2 * d, d), nn.GELU())
             self.unpatch = nn.Sequential(nn.Conv2d(d, features * p * p, 1), nn.PixelShuffle(p))
             n_in += 1

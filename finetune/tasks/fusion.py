@@ -4,7 +4,8 @@ Protocol (Wald's): both images degraded by the ratio (box filter + decimation; a
 all the pixels it averages are), the original hyperspectral image is the reference; training tiles from the leftmost ``eval.train_fraction`` of the columns; the whole
 scene predicted by overlapping tiles (``eval.tile``, ``eval.overlap`` at most half a tile; cross-faded by
 :mod:`finetune.windows`), scored on the other columns
-beside bilinear, bicubic and bilinear + unsharp-mask baselines: PSNR, SSIM, SAM, ERGAS, RMSE over the
+beside bilinear, bicubic and bilinear + unsharp-mask baselines and ``no_encoder`` (the same decoder without its
+encoder branch, trained the same way: what the encoder adds): PSNR, SSIM, SAM, ERGAS, RMSE over the
 reference's valid pixels (a nodata pixel is a zero spectrum: 90 degrees of SAM to anything). Training: L1 on
 per-band z-scores over valid pixels, tiles flipped and rotated (the 8 symmetries of the square).
 """
@@ -19,7 +20,7 @@ from finetune import metrics as M
 from finetune.datasets.base import DatasetError, FusionData
 from finetune.heads import FusionDecoder
 from finetune.heads.fusion import baseline, degrade
-from finetune.tasks.base import Task, spectral_tensors
+from finetune.tasks.base import Task, seed_everything, spectral_tensors, train_loop
 from finetune.windows import Axis, blend, check_tiling
 
 #: Weight of the mean spectral angle (radians) beside the L1 of z-scores in the training loss (measured on the
@@ -119,6 +120,18 @@ class FusionTask(Task):
         with torch.no_grad():
             return blend(fn, (H, W), tile, stride, batch_size=1)
 
+    def train_without_encoder(self, encoder) -> FusionDecoder:
+        """The baseline that says what the encoder adds: the same decoder without its encoder branch
+        (``use_encoder: false``), trained as the task's head was (seed, steps, learning rate, schedule, the same
+        batches). The encoder is left as it was (its frozen state restored)."""
+        frozen = encoder.frozen
+        seed_everything(self.cfg.train.seed)
+        head = FusionDecoder(None, **{**self.cfg.head, "use_encoder": False})
+        train_loop(head, encoder, self.cfg, self.batch, self.loss, False, self.lr_schedule, steps=self.n_steps())
+        if not frozen:
+            encoder.unfreeze()
+        return head
+
     def evaluate(self, model, losses):
         data, r = self.data, self.data.ratio
         h, w = self.size
@@ -127,6 +140,8 @@ class FusionTask(Task):
         truth = self.ref[:, :, test].numpy()
         valid = self.ref_valid[:, test].numpy()
         out = {"fused": fused[:, :, test].numpy()}
+        if model.use_encoder:
+            out["no_encoder"] = self.predict(self.train_without_encoder(model.encoder))[:, :, test].numpy()
         for kind in ("bilinear", "bicubic", "unsharp"):
             out[kind] = baseline(self.hs_lr[None], (h, w), kind)[0][:, :, test].numpy()
         table = {k: M.fusion_metrics(truth, v, r, valid) for k, v in out.items()}
