@@ -124,7 +124,7 @@ class FusionTask(Task):
         """The baseline that says what the encoder adds: the same decoder without its encoder branch
         (``use_encoder: false``), trained as the task's head was (seed, steps, learning rate, schedule, the same
         batches). The encoder is left as it was (its frozen state restored)."""
-        frozen = encoder.frozen
+        frozen = getattr(encoder, "frozen", False)
         seed_everything(self.cfg.train.seed)
         head = FusionDecoder(None, **{**self.cfg.head, "use_encoder": False})
         train_loop(head, encoder, self.cfg, self.batch, self.loss, False, self.lr_schedule, steps=self.n_steps())
