@@ -223,6 +223,12 @@ def test_zarrs_open_leaves_zarr_a_thread_pool_for_parallel_decodes(tmp_path):
     assert int(out[0]) == int(out[1]) >= 2, out
 
 
+def _task(key, i, y0, x0, w0):
+    """One read task of the reader: patch ``i``, crop corner ``(y0, x0)``, a 20-band window from raw band ``w0``."""
+    return {"key": key, "index": i, "epoch": 0, "step": 0, "j": 0, "y0": y0, "x0": x0, "w0": w0, "wn": 20,
+            "ws": 1, "drop": False}
+
+
 def test_one_lost_inner_chunk_is_found_by_the_per_chunk_probe(tmp_path):
     """The missing-chunk check looks at one element of every decoded chunk: an inner chunk lost from a shard (it
     reads as NaN in all its elements) that is neither the crop's first spatial chunk nor the window's first band
@@ -237,20 +243,11 @@ def test_one_lost_inner_chunk_is_found_by_the_per_chunk_probe(tmp_path):
     reader = SampleReader({key: tables_from_store(PatchStore(info["url"]))}, 16, substitutes=None,
                           normalise_on="device")
 
-    def task(i, y0, x0, w0):
-        return {"key": key, "index": i, "epoch": 0, "step": 0, "j": 0, "y0": y0, "x0": x0, "w0": w0, "wn": 20,
-                "ws": 1, "drop": False}
-
-    hit = reader([task(3, 4, 12, 2)])  # raw bands 2..15 + 32..37: band chunk 1 is its 2nd; (8, 16) its 2nd x 2nd
+    hit = reader([_task(key, 3, 4, 12, 2)])  # raw bands 2..15 + 32..37: band chunk 1 is its 2nd; (8, 16) its 2nd x 2nd
     assert "_fatal" in hit and "MissingDataError" in hit["_fatal"] and "patch 3" in hit["_fatal"], hit.get("_fatal")
-    for t in (task(3, 16, 12, 2), task(2, 4, 12, 2), task(3, 4, 12, 16)):  # other rows / patch / bands
+    for t in (_task(key, 3, 16, 12, 2), _task(key, 2, 4, 12, 2), _task(key, 3, 4, 12, 16)):  # other rows / patch / bands
         ok = reader([t])
         assert "_fatal" not in ok and not ok.get("_bad") and not torch.isnan(ok["raw"]).any()
-
-
-def _task(key, i, y0, x0, w0, wn=20, step=0):
-    return {"key": key, "index": i, "epoch": 0, "step": step, "j": 0, "y0": y0, "x0": x0, "w0": w0, "wn": wn,
-            "ws": 1, "drop": False}
 
 
 @pytest.mark.parametrize("mode", ["device", "workers"])
