@@ -39,7 +39,7 @@ def test_synthetic_suite_end_to_end(tmp_path, debug_export, tiny_corpus):
         assert (out / t["figure"]).stat().st_size > 1000, name
         assert all(isinstance(v, float) for v in t["metrics"].values())
     fusion = next(t for t in report["tasks"].values() if t["kind"] == "fusion")
-    assert set(fusion["details"]["baselines"]) == {"bilinear", "bicubic", "unsharp", "no_encoder"}
+    assert set(fusion["details"]["baselines"]) == {"unmix", "bilinear", "bicubic", "unsharp", "no_encoder"}
     rows = list(csv.DictReader(open(out / "report.csv")))
     assert {r["task"] for r in rows} == set(report["tasks"]) and "specaware_paper" in rows[0]
     for name in ("segmentation_pangaea", "change_pangaea"):  # the PANGAEA protocol runs in CI

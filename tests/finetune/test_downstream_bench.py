@@ -88,7 +88,7 @@ def test_tasks_picks_tasks_and_fusion_reports_its_baselines(tmp_path, debug_expo
     assert set(seg) == {"pretrained mIoU", "random mIoU", "raw_spectrum mIoU"}
     assert math.isclose(seg["random mIoU"]["mean"], out["random"]["segmentation"])
     rows = out["baselines"]["fusion"]  # PSNR and SAM of both encoders and of the upsampling baselines, per run
-    assert {"pretrained PSNR", "random SAM", "bilinear PSNR", "bicubic SAM", "no_encoder PSNR"} <= set(rows)
+    assert {"pretrained PSNR", "random SAM", "unmix PSNR", "bilinear PSNR", "bicubic SAM", "no_encoder PSNR"} <= set(rows)
     assert math.isclose(rows["pretrained PSNR"]["mean"], out["pretrained"]["fusion"])
     with pytest.raises(SystemExit) as e:
         downstream.main(["--checkpoint", str(debug_export), "--suite", str(path), "--tasks", "fusion,segmentaton"])
