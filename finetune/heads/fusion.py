@@ -19,17 +19,20 @@ low-resolution pixel is an extrapolation of its neighbours). ``head.start: bilin
 convex mix, ``softmax(log w_bilinear + d)``, starting as bilinear upsampling.
 
 Measured (the synthetic suite's EMIT + PlanetScope pair, ratio 3, demo export, 150 steps, 5 seeds; nodata filled
-with the nearest valid pixel): PSNR 43.15 +/- 0.07 dB, SAM 0.96 deg with the pretrained encoder; the unmixing alone
-42.79 / 0.98; bicubic 31.44 / 1.46, bilinear 29.82 / 1.63. The convex start reached 30.54 dB / 1.30 deg (against
+with the nearest valid pixel; gains fitted on the whole scene): PSNR 44.26 +/- 0.13 dB, SAM 0.93 deg with the
+pretrained encoder; the unmixing alone 44.39 / 0.95 (training keeps its PSNR and gains 0.02 deg of SAM; also at a
+fifth of the learning rate); bicubic 31.44 / 1.46, bilinear 29.82 / 1.63. With each tile's own gains the unmixing
+scored 43.09 (42.79 without leaving out the unexplained bands). The convex start reached 30.54 dB / 1.30 deg (against
 26.98 for bicubic with the nodata filled by band means, which cost every method near nodata: bicubic 31.9 vs 27.5
 dB on the whole pair): its guide never learned from the multispectral pixels what the unmixing solves for in
 closed form (the best mix of the 3 x 3 neighbours, by NNLS against the reference, scores ~47 dB). Before it, a free
 per-band residual (PanNet-style) gained PSNR but lost SAM to bilinear, and so did a learned share of bicubic's
 sharpening (SAM 14 deg).
 What the encoder branch adds (``use_encoder: false`` drops it; the fusion task reports that decoder as its
-``no_encoder`` baseline): on the synthetic suite nothing (43.15 +/- 0.07 pretrained, 43.13 +/- 0.04 random, 43.20
-+/- 0.02 without). Its tokens are one per patch (8 x 8 pixels of a 24-pixel tile with the debug encoder) while the
-decoder chooses per pixel. Tried with the convex start and not kept (each level with either encoder):
+``no_encoder`` baseline): on the synthetic suite nothing (44.26 +/- 0.13 pretrained, 44.44 +/- 0.09 random, 44.32
++/- 0.05 without; frozen encoders, 3 seeds, per-tile gains: 43.31 +/- 0.05, 43.36 +/- 0.08, 43.36 +/- 0.03). Its
+tokens are one per patch (8 x 8 pixels of a 24-pixel tile with the debug encoder) while the decoder chooses per
+pixel. Tried with the convex start and not kept (each level with either encoder):
 zero-initialising the branch's projection; freezing the encoder; each pixel's spectrum as a one-token image
 through the frozen encoder, its token feeding the guide and a dot-product attention between a high-resolution
 pixel and its neighbours (31.12 +/- 0.05 dB pretrained, 31.15 +/- 0.08 random, 5x the time).
@@ -90,12 +93,14 @@ class FusionDecoder(nn.Module):
     def forward(self, hs_lr: torch.Tensor, ms: torch.Tensor, hs_wl: torch.Tensor, hs_fwhm: torch.Tensor,
                 ms_wl: torch.Tensor, ms_fwhm: torch.Tensor, hs_sensor=None, ms_sensor=None, level=None,
                 hs_norm: tuple[torch.Tensor, torch.Tensor] | None = None,
-                ms_norm: tuple[torch.Tensor, torch.Tensor] | None = None, halo: int = 0) -> torch.Tensor:
+                ms_norm: tuple[torch.Tensor, torch.Tensor] | None = None, halo: int = 0,
+                ms_gain: torch.Tensor | None = None) -> torch.Tensor:
         """``hs_lr [B, Ch, h, w]`` and ``ms [B, Cm, H, W]`` (H = r h) in their physical units -> HR-HS
         ``[B, Ch, H, W]`` in the same units. ``hs_norm`` / ``ms_norm``: per-band ``(mean, std)`` ``[C]`` that
         standardise each image for the encoder, as pretraining did (default: the batch's own). ``halo``: ``hs_lr``
         carries that many more low-resolution pixels on each side than ``ms`` covers (``[B, Ch, h + 2 halo, ...]``),
-        the real neighbours of the tile's edge pixels (without, the edge is replicated)."""
+        the real neighbours of the tile's edge pixels (without, the edge is replicated). ``ms_gain``: per-band gain
+        of the unmixing (:func:`band_gains` of the whole scene; default: fitted on each input)."""
         b, _, H, W = ms.shape
         full, hs_lr = hs_lr, _core(hs_lr, halo)
         r = H // hs_lr.shape[-2]
@@ -114,7 +119,7 @@ class FusionDecoder(nn.Module):
             gh, gw = self.encoder.grid(H, W)
             feats.append(self.unpatch(self.fuse(torch.cat([th, tm], -1)).transpose(1, 2).reshape(b, -1, gh, gw)))
         if self.start == "unmix":
-            wts, res = unmix(full, ms, hs_wl, hs_fwhm, ms_wl, ms_fwhm, self.window, self.ridge, msd, halo)
+            wts, res = unmix(full, ms, hs_wl, hs_fwhm, ms_wl, ms_fwhm, self.window, self.ridge, msd, halo, ms_gain)
             feats.append(self.res_in(res / msd, ms_wl, ms_fwhm))
             g = self.guide(torch.cat(feats, 1))
             wts = wts + g[:, :-1]
@@ -138,15 +143,17 @@ def synth_matrix(hs_wl: torch.Tensor, hs_fwhm: torch.Tensor, ms_wl: torch.Tensor
 
 
 def unmix(hs_lr: torch.Tensor, ms: torch.Tensor, hs_wl, hs_fwhm, ms_wl, ms_fwhm, window: int = 3,
-          ridge: float = RIDGE, ms_scale: torch.Tensor | None = None, halo: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+          ridge: float = RIDGE, ms_scale: torch.Tensor | None = None, halo: int = 0,
+          gain: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Per high-resolution pixel, the weights of its ``window x window`` low-resolution neighbours (as
     :func:`neighbours` orders them) whose mix, seen through the multispectral bands, best matches its
     multispectral spectrum: ridge regression toward the bilinear weights,
 
         w(p) = w_bilinear(p) + (A^T A + ridge * tr(A^T A) / k I)^-1 A^T (m(p) - A w_bilinear(p)),
 
-    ``A [Cm, k]`` the neighbours' spectra resampled to the multispectral bands (:func:`synth_matrix`, one gain per
-    band and image fitted by least squares on the low-resolution grid), ``m(p)`` the pixel's multispectral spectrum,
+    ``A [Cm, k]`` the neighbours' spectra resampled to the multispectral bands (:func:`synth_matrix`) times one gain
+    per band (``gain [Cm]``, e.g. :func:`band_gains` of the whole scene; default: fitted on each image's
+    low-resolution grid, noisier on a small tile), ``m(p)`` the pixel's multispectral spectrum,
     both over ``ms_scale`` per band (default: the batch's std). Returns ``(weights [B, k, H, W], residual
     [B, Cm, H, W] = m - A w)``. Weights are not bound to [0, 1]: a mix may extrapolate beyond its neighbours
     (a material below the low-resolution pixel), which a convex mix cannot. A band outside the hyperspectral range
@@ -159,7 +166,10 @@ def unmix(hs_lr: torch.Tensor, ms: torch.Tensor, hs_wl, hs_fwhm, ms_wl, ms_fwhm,
     syn = torch.einsum("mc,bchw->bmhw", S, hs_lr)
     syn_core = _core(syn, halo)
     ms_lr = F.avg_pool2d(ms, r)
-    gain = (ms_lr * syn_core).sum((2, 3), keepdim=True) / (syn_core * syn_core).sum((2, 3), keepdim=True).clamp(min=1e-30)
+    if gain is None:
+        gain = _gains(syn_core, ms_lr, (2, 3))
+    else:
+        gain = torch.as_tensor(gain, dtype=ms.dtype, device=ms.device).reshape(1, cm, 1, 1)
     # a band the hyperspectral bands do not explain on the low-resolution grid (R^2 of the fit under FIT_MIN: another
     # response, date or registration) plays no part: a wrong band steers the mix worse than none
     dev = ms_lr - ms_lr.mean((2, 3), keepdim=True)
@@ -183,14 +193,33 @@ def unmix(hs_lr: torch.Tensor, ms: torch.Tensor, hs_wl, hs_fwhm, ms_wl, ms_fwhm,
 
 
 def unmix_fuse(hs_lr: torch.Tensor, ms: torch.Tensor, hs_wl, hs_fwhm, ms_wl, ms_fwhm, hs_sensor=None, ms_sensor=None,
-               level=None, hs_norm=None, ms_norm=None, halo: int = 0, *, window: int = 3,
+               level=None, hs_norm=None, ms_norm=None, halo: int = 0, ms_gain=None, *, window: int = 3,
                ridge: float = RIDGE) -> torch.Tensor:
     """The training-free baseline, called as the decoder is: the low-resolution neighbours mixed by :func:`unmix`'s
-    weights (``ms_norm``: per-band ``(mean, std)``, the std scales the bands; sensors and level unused)."""
+    weights (``ms_norm``: per-band ``(mean, std)``, the std scales the bands; ``ms_gain``: :func:`unmix`'s ``gain``;
+    sensors and level unused)."""
     r = ms.shape[-2] // _core(hs_lr, halo).shape[-2]
     scale = None if ms_norm is None else _norm(ms, ms_norm)[1]
-    w, _ = unmix(hs_lr, ms, hs_wl, hs_fwhm, ms_wl, ms_fwhm, window, ridge, scale, halo)
+    w, _ = unmix(hs_lr, ms, hs_wl, hs_fwhm, ms_wl, ms_fwhm, window, ridge, scale, halo, ms_gain)
     return (neighbours(hs_lr, r, window, halo) * w[:, None]).sum(2)
+
+
+def band_gains(hs_lr: torch.Tensor, ms: torch.Tensor, hs_wl, hs_fwhm, ms_wl, ms_fwhm,
+               valid: torch.Tensor | None = None) -> torch.Tensor:
+    """``[Cm]``: per multispectral band, the least-squares gain from the hyperspectral image resampled to it
+    (:func:`synth_matrix`) to the multispectral image averaged to the hyperspectral grid, over the ``valid [h, w]``
+    low-resolution pixels of ``hs_lr [Ch, h, w]`` and ``ms [Cm, r h, r w]`` (a whole scene: :func:`unmix`'s
+    ``gain``)."""
+    S = synth_matrix(*(torch.as_tensor(t, dtype=ms.dtype, device=ms.device) for t in (hs_wl, hs_fwhm, ms_wl, ms_fwhm)))
+    syn = torch.einsum("mc,chw->mhw", S, hs_lr)
+    ms_lr = F.avg_pool2d(ms[None], ms.shape[-2] // hs_lr.shape[-2])[0]
+    if valid is not None:
+        syn, ms_lr = syn[:, valid], ms_lr[:, valid]
+    return _gains(syn.reshape(syn.shape[0], -1), ms_lr.reshape(ms_lr.shape[0], -1), (1,)).flatten()
+
+
+def _gains(syn: torch.Tensor, ms_lr: torch.Tensor, dims: tuple[int, ...]) -> torch.Tensor:
+    return (ms_lr * syn).sum(dims, keepdim=True) / (syn * syn).sum(dims, keepdim=True).clamp(min=1e-30)
 
 
 def _core(x: torch.Tensor, halo: int) -> torch.Tensor:

@@ -9,7 +9,15 @@ import torch
 from finetune import metrics as M
 from finetune.datasets.base import FusionData, Spectral
 from finetune.heads import FusionDecoder
-from finetune.heads.fusion import bilinear_log_weights, neighbours, synth_matrix, unmix, unmix_fuse, upsample
+from finetune.heads.fusion import (
+    band_gains,
+    bilinear_log_weights,
+    neighbours,
+    synth_matrix,
+    unmix,
+    unmix_fuse,
+    upsample,
+)
 from finetune.tasks import run_task
 from finetune.tasks.fusion import FusionTask
 from tests.finetune.conftest import band_table
@@ -91,6 +99,39 @@ def test_unmixing_without_covered_multispectral_bands_is_bilinear():
     # a band inside the range keeps its row (normalised)
     S2 = synth_matrix(*_t(sh), torch.tensor([600.0, 2200.0]), torch.tensor([40.0, 50.0]))
     assert torch.allclose(S2[0].sum(), torch.tensor(1.0)) and torch.count_nonzero(S2[1]) == 0
+
+
+def test_unmixing_leaves_out_bands_the_hyperspectral_image_does_not_explain():
+    hr, hs, ms, sh, sm = subpixel_scene()
+    hs_t = torch.from_numpy(hs)[None]
+    noise = torch.from_numpy(np.random.default_rng(3).uniform(0.1, 0.5, ms.shape).astype(np.float32))[None]
+    # another date / registration: no band's low-resolution mean is explained -> no band steers the mix
+    assert torch.allclose(unmix_fuse(hs_t, noise, *_t(sh), *_t(sm)), upsample(hs_t, hr.shape[-2:], "bilinear"),
+                          atol=1e-5)
+    # one bad band among good ones is dropped: the mix is the one of the good bands alone
+    mixed = torch.from_numpy(ms)[None].clone()
+    mixed[:, 2] = noise[:, 2]
+    keep = [0, 1, 3, 4, 5]
+    sub = Spectral(sm.wavelengths[keep], sm.fwhm[keep], "planetscope", "L2")
+    assert torch.allclose(unmix_fuse(hs_t, mixed, *_t(sh), *_t(sm)),
+                          unmix_fuse(hs_t, mixed[:, keep], *_t(sh), *_t(sub)), atol=1e-4)
+
+
+def test_scene_gains_carry_the_multispectral_units():
+    hr, hs, ms, sh, sm = subpixel_scene()
+    hs_t, ms_t = torch.from_numpy(hs), torch.from_numpy(ms)
+    g1 = band_gains(hs_t, ms_t, *_t(sh), *_t(sm))
+    g = band_gains(hs_t, 2.5 * ms_t, *_t(sh), *_t(sm))  # e.g. a DN scale of the multispectral product
+    assert torch.allclose(g, 2.5 * g1, rtol=1e-5) and torch.allclose(g1, torch.ones(6), atol=0.05)
+    ref = unmix_fuse(hs_t[None], ms_t[None], *_t(sh), *_t(sm), ms_gain=g1)
+    assert torch.allclose(unmix_fuse(hs_t[None], 2.5 * ms_t[None], *_t(sh), *_t(sm), ms_gain=g), ref, atol=1e-5)
+    # the valid mask leaves nodata out of the fit
+    bad = ms_t.clone()
+    bad[:, :6] = 0.0
+    valid = torch.ones(hs.shape[1:], dtype=torch.bool)
+    valid[:2] = False
+    assert torch.allclose(band_gains(hs_t, bad, *_t(sh), *_t(sm), valid),
+                          band_gains(hs_t[:, 2:], ms_t[:, 6:], *_t(sh), *_t(sm)), rtol=1e-5)
 
 
 def test_halo_gives_a_tile_its_real_neighbours():
@@ -176,7 +217,7 @@ def test_no_encoder_baseline_is_the_decoder_trained_without_its_encoder(encoder)
     kw = dict(steps=30, lr=5e-3, eval={"tile": 24, "overlap": 12, "train_fraction": 0.5})
     a = run_task(encoder, data, cfg("fusion", head={"features": 8}, **kw))
     base = a.details["baselines"]["no_encoder"]
-    assert base["PSNR"] > a.details["baselines"]["bilinear"]["PSNR"]  # trained, not the bilinear start
+    assert base["PSNR"] > a.details["baselines"]["unmix"]["PSNR"]  # trained, not its start (the unmixing)
     # the same figures as the task run with the encoder branch off (same seed, batches, steps), which has no
     # such row of its own
     off = run_task(encoder, data, cfg("fusion", head={"features": 8, "use_encoder": False}, **kw))
@@ -203,9 +244,9 @@ def test_nodata_pixels_are_left_out_of_the_scores(encoder):
     res = run_task(encoder, data, cfg("fusion", steps=0, head={"features": 8},
                                       eval={"tile": 24, "overlap": 12, "train_fraction": 0.5}))
     assert 0 < res.details["valid_fraction"] < 1
-    # scored on valid pixels only, the untrained decoder equals its bilinear start; counting nodata pixels would
-    # add 90 degrees each to the spectral angle
-    assert abs(res.metrics["SAM"] - res.details["baselines"]["bilinear"]["SAM"]) < 0.5
+    # scored on valid pixels only, the untrained decoder equals its start (the unmixing); counting nodata pixels
+    # would add 90 degrees each to the spectral angle
+    assert abs(res.metrics["SAM"] - res.details["baselines"]["unmix"]["SAM"]) < 1e-3
     truth = res.arrays["truth"]
     v = np.isfinite(truth).all(0)
     all_px = M.sam(np.nan_to_num(truth), res.arrays["fused"])
