@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 import torch
 
+from data_prep.configtree import ConfigError
 from finetune import metrics as M
 from finetune.datasets.base import FusionData, Spectral
 from finetune.heads import FusionDecoder
@@ -257,3 +258,10 @@ def test_decoder_outputs_any_band_count(encoder):
     dec = FusionDecoder(encoder, features=8)
     out = dec(torch.rand(1, 9, 8, 8), torch.rand(1, 2, 16, 16), *band_table(9), *band_table(2))
     assert out.shape == (1, 9, 16, 16)
+
+
+def test_bad_start_or_ridge_is_a_config_error_naming_the_key(encoder):
+    with pytest.raises(ConfigError, match="head.start.*unmix, bilinear.*'nearest'"):
+        FusionDecoder(encoder, start="nearest")
+    with pytest.raises(ConfigError, match="head.ridge.*> 0, got 0"):
+        FusionDecoder(encoder, ridge=0)
