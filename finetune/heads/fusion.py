@@ -8,7 +8,8 @@ low-resolution spectra around it, times one brightness gain per pixel:
 
 ``w0`` (``head.start: unmix``, the default) is a training-free unmixing (:func:`unmix`): the neighbours' weights
 whose mix, seen through the multispectral bands (each a Gaussian response over the hyperspectral bands, one gain
-per band fitted on the low-resolution grid; a band the fit does not explain is left out), best matches the pixel's
+per band fitted on the low-resolution grid, of the whole scene in the fusion task; a band the fit does not explain
+is left out), best matches the pixel's
 multispectral spectrum, by ridge regression toward bilinear upsampling's weights. The correction ``d`` and the
 gain ``g`` come from a zero-initialised layer, so the untrained decoder is that unmixing (:func:`unmix_fuse`, also
 the fusion task's ``unmix`` baseline); training steers them with the multispectral image (its per-pixel features,
@@ -45,6 +46,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from data_prep.configtree import ConfigError
+from data_prep.simulate.srf import FWHM_TO_SIGMA
 from finetune.heads.spectral import HyperIn
 
 BASES = ("bicubic", "bilinear")
@@ -56,7 +58,6 @@ RIDGE = 0.01
 FIT_MIN = 0.8
 """A multispectral band takes part in :func:`unmix` where the hyperspectral bands resampled to it explain this
 share (R^2) of its variance over the low-resolution pixels of the image."""
-FWHM_TO_SIGMA = 1.0 / 2.3548200450309493
 
 
 class FusionDecoder(nn.Module):
