@@ -20,16 +20,16 @@ Measured (issue 11, the README command's export stage4_colocated_jepa, 5 seeds, 
 random +/- SE; loaded 2-core box, 28.5 min at the suite's earlier 60 steps for the fine-tuned tasks):
 scene_linear_probe OA +0.045 +/- 0.019, segmentation_pangaea mIoU +0.153 +/- 0.020, change F1 +0.093 +/- 0.013,
 change_pangaea F1 +0.155 +/- 0.030, cross_sensor OA +0.28 +/- 0.06 (ahead); fusion PSNR +0.03 +/- 0.14 dB (level;
-also at 400 steps, 3 seeds: -0.02 +/- 0.19; with the unmixing start -0.17 +/- 0.19). At the suite's present steps for the fine-tuned tasks (300, 200):
+also at 400 steps, 3 seeds: -0.02 +/- 0.19; with the unmixing start +0.16 +/- 0.15). At the suite's present steps for the fine-tuned tasks (300, 200):
 scene_finetune OA +0.017 +/- 0.002 (8 SE, every seed ahead), segmentation mIoU +0.049 +/- 0.015 (3.2 SE); at 60
 steps both were inside their noise (+0.020 +/- 0.023, +0.011 +/- 0.023). The raw-spectrum baseline beats both
 encoders on every task that has one except PANGAEA segmentation (level): scene OA 0.83 (pretrained probe 0.60),
 segmentation mIoU 0.47, change F1 0.98, PANGAEA change F1 0.94; the simulated materials are spectrally distinct.
 The fusion head (started from the training-free unmixing since; 5 seeds) is ahead of the fusion papers' baselines
-(PSNR 44.26 +/- 0.13 dB vs bicubic 31.44, SAM 0.93 deg vs 1.46), level in PSNR with its own training-free start (the
+(PSNR 44.08 +/- 0.09 dB vs bicubic 31.44, SAM 0.93 deg vs 1.46), level in PSNR with its own training-free start (the
 unmixing, 44.39 / 0.95), and not ahead of itself without the encoder: the same decoder with no encoder branch
-(``no_encoder``, trained the same way) reaches 44.32 +/- 0.05 dB (random encoder 44.44 +/- 0.09, paired difference
--0.17 +/- 0.19; with the earlier convex decoder 30.54 pretrained, 30.51 random, 30.77 without): on this suite the
+(``no_encoder``, trained the same way) reaches 44.04 +/- 0.05 dB (random encoder 43.93 +/- 0.10, paired difference
++0.16 +/- 0.15; with the earlier convex decoder 30.54 pretrained, 30.51 random, 30.77 without): on this suite the
 fusion task does not measure the encoder.
 """
 

@@ -176,6 +176,19 @@ def test_untrained_decoder_is_the_unmixing(encoder):
     assert torch.allclose(out, unmix_fuse(hs_t, ms_t, *_t(sh), *_t(sm)), atol=1e-5)
 
 
+def test_decoder_can_fall_back_from_the_unmixing_to_bilinear_weights(encoder):
+    # the guide's share-back channel (after the window^2 corrections) at 1 gives bilinear upsampling's weights: what
+    # training reaches for where a misregistered multispectral image misleads the unmixing
+    hr, hs, ms, sh, sm = subpixel_scene(h=8)
+    hs_t, ms_t = torch.from_numpy(hs)[None], torch.from_numpy(ms)[None]
+    dec = FusionDecoder(encoder, features=8)
+    with torch.no_grad():
+        dec.guide[-1].bias[9] = 1.0
+        out = dec(hs_t, ms_t, *_t(sh), *_t(sm))
+    assert torch.allclose(out, upsample(hs_t, hr.shape[-2:], "bilinear"), atol=1e-5)
+    assert not torch.allclose(out, unmix_fuse(hs_t, ms_t, *_t(sh), *_t(sm)), atol=1e-3)
+
+
 def test_untrained_bilinear_start_decoder_is_bilinear_upsampling(encoder):
     _, hs, ms = material_scene()
     hs_t, ms_t = torch.from_numpy(hs[None, :, :8, :8]), torch.from_numpy(ms[None, :, :24, :24])
