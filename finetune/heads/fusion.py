@@ -59,6 +59,8 @@ BASES = ("bicubic", "bilinear")
 """Plain upsampling baselines."""
 STARTS = ("unmix", "bilinear")
 """What the untrained decoder is (``head.start``): :func:`unmix_fuse`, or bilinear upsampling."""
+WINDOW = 3
+"""Low-resolution neighbours mixed per high-resolution pixel: ``WINDOW x WINDOW`` (``head.window``)."""
 RIDGE = 0.01
 """Ridge of :func:`unmix`, relative to the mean diagonal of ``A^T A`` (``head.ridge``)."""
 FIT_MIN = 0.8
@@ -67,7 +69,7 @@ share (R^2) of its variance over the low-resolution pixels of the image."""
 
 
 class FusionDecoder(nn.Module):
-    def __init__(self, encoder: nn.Module | None, features: int = 32, hidden: int = 64, window: int = 3,
+    def __init__(self, encoder: nn.Module | None, features: int = 32, hidden: int = 64, window: int = WINDOW,
                  use_encoder: bool = True, start: str = "unmix", ridge: float = RIDGE) -> None:
         super().__init__()
         if window % 2 == 0 or window < 1:
@@ -153,7 +155,7 @@ def synth_matrix(hs_wl: torch.Tensor, hs_fwhm: torch.Tensor, ms_wl: torch.Tensor
     return torch.where(covered[:, None], w / w.sum(1, keepdim=True).clamp(min=1e-30), torch.zeros_like(w))
 
 
-def unmix(hs_lr: torch.Tensor, ms: torch.Tensor, hs_wl, hs_fwhm, ms_wl, ms_fwhm, window: int = 3,
+def unmix(hs_lr: torch.Tensor, ms: torch.Tensor, hs_wl, hs_fwhm, ms_wl, ms_fwhm, window: int = WINDOW,
           ridge: float = RIDGE, ms_scale: torch.Tensor | None = None, halo: int = 0,
           gain: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Per high-resolution pixel, the weights of its ``window x window`` low-resolution neighbours (as
@@ -204,7 +206,7 @@ def unmix(hs_lr: torch.Tensor, ms: torch.Tensor, hs_wl, hs_fwhm, ms_wl, ms_fwhm,
 
 
 def unmix_fuse(hs_lr: torch.Tensor, ms: torch.Tensor, hs_wl, hs_fwhm, ms_wl, ms_fwhm, hs_sensor=None, ms_sensor=None,
-               level=None, hs_norm=None, ms_norm=None, halo: int = 0, ms_gain=None, *, window: int = 3,
+               level=None, hs_norm=None, ms_norm=None, halo: int = 0, ms_gain=None, *, window: int = WINDOW,
                ridge: float = RIDGE) -> torch.Tensor:
     """The training-free baseline, called as the decoder is: the low-resolution neighbours mixed by :func:`unmix`'s
     weights (``ms_norm``: per-band ``(mean, std)``, the std scales the bands; ``ms_gain``: :func:`unmix`'s ``gain``;

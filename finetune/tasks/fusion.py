@@ -24,7 +24,7 @@ from scipy.ndimage import distance_transform_edt
 from finetune import metrics as M
 from finetune.datasets.base import DatasetError, FusionData
 from finetune.heads import FusionDecoder
-from finetune.heads.fusion import RIDGE, band_gains, baseline, degrade, unmix_fuse
+from finetune.heads.fusion import WINDOW, band_gains, baseline, degrade, unmix_fuse
 from finetune.tasks.base import Task, seed_everything, spectral_tensors, train_loop
 from finetune.windows import Axis, blend, check_tiling
 
@@ -63,7 +63,7 @@ class FusionTask(Task):
         self.hs_lr = _fill_nearest(hs_in, hs_in_valid)
         self.ms_hr = _fill_nearest(ms_in, ms_in_valid)
         # tiles carry their neighbours' low-resolution pixels (the decoder's halo; the scene's own edge replicated)
-        self.halo = int(self.cfg.head.get("window", 3)) // 2
+        self.halo = int(self.cfg.head.get("window", WINDOW)) // 2
         self.hs_pad = F.pad(self.hs_lr[None], (self.halo,) * 4, mode="replicate")[0] if self.halo else self.hs_lr
         self.ref, self.ref_valid = ref, ref_valid
         self.norms = ((self.hmean.flatten(), self.hstd.flatten()), (mmean.flatten(), mstd.flatten()))
@@ -119,10 +119,9 @@ class FusionTask(Task):
         r, tile, stride, k = self.data.ratio, self.tile, self.stride, self.halo
         H, W = self.ref.shape[-2:]
         ph, pw = Axis(H, tile, stride).padded - H, Axis(W, tile, stride).padded - W
-        hs, ms = self.hs_lr[None], self.ms_hr[None]
-        if ph or pw or k:
-            hs = F.pad(hs, (k, pw // r + k, k, ph // r + k), mode="replicate")
+        hs, ms = self.hs_pad[None], self.ms_hr[None]  # hs_pad: the halo, the scene's edge replicated
         if ph or pw:
+            hs = F.pad(hs, (0, pw // r, 0, ph // r), mode="replicate")
             ms = F.pad(ms, (0, pw, 0, ph), mode="replicate")
 
         def fn(origins):
@@ -156,9 +155,7 @@ class FusionTask(Task):
         out = {"fused": fused[:, :, test].numpy()}
         if model.use_encoder:
             out["no_encoder"] = self.predict(self.train_without_encoder(model.encoder))[:, :, test].numpy()
-        hc = self.cfg.head
-        out["unmix"] = self.predict(partial(unmix_fuse, window=hc.get("window", 3), ridge=hc.get("ridge", RIDGE)))[
-            :, :, test].numpy()
+        out["unmix"] = self.predict(partial(unmix_fuse, window=model.window, ridge=model.ridge))[:, :, test].numpy()
         for kind in ("bilinear", "bicubic", "unsharp"):
             out[kind] = baseline(self.hs_lr[None], (h, w), kind)[0][:, :, test].numpy()
         table = {k: M.fusion_metrics(truth, v, r, valid) for k, v in out.items()}
